@@ -1,0 +1,26 @@
+"""Adversarial attacks: configure, then call `attack(model, x, y) -> x_adv`."""
+
+from tfadv.attacks import objectives
+from tfadv.attacks.apgd import APGD
+from tfadv.attacks.base import Attack
+from tfadv.attacks.cw import CarliniWagnerL2
+from tfadv.attacks.pgd import FGSM, PGD, InversePGD
+from tfadv.attacks.registry import deserialize, get, names, register, serialize
+
+CW = CarliniWagnerL2
+
+__all__ = [
+    "APGD",
+    "Attack",
+    "CW",
+    "CarliniWagnerL2",
+    "FGSM",
+    "InversePGD",
+    "PGD",
+    "deserialize",
+    "get",
+    "names",
+    "objectives",
+    "register",
+    "serialize",
+]

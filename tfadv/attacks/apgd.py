@@ -1,0 +1,191 @@
+"""Auto-PGD (Croce & Hein, ICML 2020): the step-size-free PGD that starts AutoAttack."""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from tfadv.attacks.base import Attack, _check_number, input_gradient
+from tfadv.ops import norms
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """Iterations at which APGD may halve its step size.
+
+    p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06);
+    checkpoints are ceil(p_j * steps) for p_j <= 1.
+    """
+    p = [0.0, 0.22]
+    while True:
+        nxt = p[-1] + max(p[-1] - p[-2] - 0.03, 0.06)
+        if nxt > 1:
+            break
+        p.append(nxt)
+    points = sorted({int(math.ceil(pj * steps)) for pj in p[1:]})
+    return [w for w in points if 0 < w < steps]
+
+
+class APGD(Attack):
+    """Auto-PGD with cross-entropy (APGD-CE) or DLR loss.
+
+    PGD with momentum (alpha = 0.75) whose step size starts at `2 * eps` and is
+    halved at checkpoints when progress stalls (fewer than `rho` of the steps
+    since the last checkpoint raised the loss, or the best loss and the step
+    size did not change), restarting from the best point found. No step size
+    to tune, which makes it a reliable evaluation attack.
+
+    Returns, per example, the first iterate the model misclassifies (for
+    targeted: classifies as the target), else the iterate of highest loss.
+
+    Args:
+        eps: budget; steps: iterations (100 in the paper).
+        norm: "inf" or "2".
+        objective: "ce" (APGD-CE, default) or "dlr" (APGD-DLR).
+        rho: checkpoint condition threshold (0.75).
+        alpha: weight of the new step against the previous one (0.75;
+            1.0 disables momentum).
+        random_start: start from a random point of the ball.
+        targeted, bounds: as PGD.
+
+    Example:
+        >>> x_adv = APGD(eps=0.3, steps=100)(model, x, y)
+    """
+
+    name = "apgd"
+
+    def __init__(
+        self,
+        *,
+        eps,
+        steps=100,
+        norm="inf",
+        objective="ce",
+        rho=0.75,
+        alpha=0.75,
+        random_start=True,
+        targeted=False,
+        bounds=(0.0, 1.0),
+    ):
+        super().__init__(eps=eps, norm=norm, bounds=bounds, targeted=targeted, objective=objective)
+        _check_number("steps", steps, minimum=1, integer=True)
+        _check_number("rho", rho, minimum=0)
+        _check_number("alpha", alpha, minimum=0)
+        if alpha > 1:
+            raise ValueError(f"Expected 0 <= alpha <= 1. Received: alpha={alpha}")
+        self.steps = int(steps)
+        self.rho = float(rho)
+        self.alpha = float(alpha)
+        self.random_start = bool(random_start)
+
+    def perturb(self, model, x, y, objective):
+        sign = -1.0 if self.targeted else 1.0
+
+        def f(x_in):
+            loss, out, grad = input_gradient(model, x_in, y, objective)
+            return sign * loss, out, sign * grad
+
+        dtype = x.dtype
+        eps = tf.constant(self.eps, dtype)
+        n = tf.shape(x)[0]
+        bshape = [-1] + [1] * (len(x.shape) - 1)
+        labels = tf.cast(y, tf.int64)
+
+        def success(out):
+            pred = tf.argmax(out, axis=-1, output_type=tf.int64)
+            return tf.equal(pred, labels) if self.targeted else tf.not_equal(pred, labels)
+
+        x0 = x
+        if self.random_start and self.eps > 0:
+            x0 = norms.clip_to_bounds(
+                x + norms.random_start(tf.shape(x), eps, self.norm, dtype), self.bounds
+            )
+        loss0, out0, grad0 = f(x0)
+        found0 = success(out0)
+
+        ckpts = apgd_checkpoints(self.steps)
+        is_ckpt = [False] * (self.steps + 1)
+        interval = [0.0] * (self.steps + 1)
+        prev = 0
+        for w in ckpts:
+            is_ckpt[w] = True
+            interval[w] = float(w - prev)
+            prev = w
+        is_ckpt_t = tf.constant(is_ckpt)
+        interval_t = tf.constant(interval, tf.float32)
+
+        state = dict(
+            k=tf.constant(0),
+            x_k=x0,
+            x_prev=x0,
+            loss_k=loss0,
+            grad_k=grad0,
+            eta=tf.fill([n], 2.0 * tf.cast(eps, tf.float32)),
+            x_best=x0,
+            loss_best=loss0,
+            grad_best=grad0,
+            count=tf.zeros([n], tf.float32),
+            loss_best_ckpt=loss0,
+            reduced_ckpt=tf.ones([n], tf.bool),
+            found=found0,
+            x_found=x0,
+        )
+
+        def body(s):
+            eta = tf.reshape(tf.cast(s["eta"], dtype), bshape)
+            step_dir = norms.normalize_gradient(s["grad_k"], self.norm)
+            z = self._project(s["x_k"] + eta * step_dir, x, eps)
+            # The first step has no history: a plain projected step.
+            a = tf.where(s["k"] > 0, tf.constant(self.alpha, dtype), tf.constant(1.0, dtype))
+            x_new = self._project(
+                s["x_k"] + a * (z - s["x_k"]) + (1 - a) * (s["x_k"] - s["x_prev"]), x, eps
+            )
+            loss_new, out_new, grad_new = f(x_new)
+            k1 = s["k"] + 1
+
+            newly = success(out_new) & ~s["found"]
+            x_found = tf.where(tf.reshape(newly, bshape), x_new, s["x_found"])
+            found = s["found"] | newly
+
+            count = s["count"] + tf.cast(loss_new > s["loss_k"], tf.float32)
+            better = loss_new > s["loss_best"]
+            bmask = tf.reshape(better, bshape)
+            x_best = tf.where(bmask, x_new, s["x_best"])
+            grad_best = tf.where(bmask, grad_new, s["grad_best"])
+            loss_best = tf.where(better, loss_new, s["loss_best"])
+
+            at_ckpt = is_ckpt_t[k1]
+            cond1 = count < self.rho * interval_t[k1]
+            cond2 = (~s["reduced_ckpt"]) & (s["loss_best_ckpt"] >= loss_best)
+            reduce = at_ckpt & (cond1 | cond2)
+            rmask = tf.reshape(reduce, bshape)
+            eta_new = tf.where(reduce, s["eta"] / 2.0, s["eta"])
+            x_k = tf.where(rmask, x_best, x_new)
+            grad_k = tf.where(rmask, grad_best, grad_new)
+            loss_k = tf.where(reduce, loss_best, loss_new)
+            return dict(
+                k=k1,
+                x_k=x_k,
+                x_prev=s["x_k"],
+                loss_k=loss_k,
+                grad_k=grad_k,
+                eta=eta_new,
+                x_best=x_best,
+                loss_best=loss_best,
+                grad_best=grad_best,
+                count=tf.where(at_ckpt, tf.zeros_like(count), count),
+                loss_best_ckpt=tf.where(at_ckpt, loss_best, s["loss_best_ckpt"]),
+                reduced_ckpt=tf.where(at_ckpt, reduce, s["reduced_ckpt"]),
+                found=found,
+                x_found=x_found,
+            )
+
+        (s,) = tf.while_loop(lambda s: s["k"] < self.steps, lambda s: (body(s),), [state])
+        return tf.where(tf.reshape(s["found"], bshape), s["x_found"], s["x_best"])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            steps=self.steps, rho=self.rho, alpha=self.alpha, random_start=self.random_start
+        )
+        return config

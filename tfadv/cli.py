@@ -1,0 +1,211 @@
+"""`tfadv` command line: parse, build a config, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _eps_list(text):
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0,0.1,0.2; got {text!r}"
+        ) from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative budgets; got {text!r}")
+    return values
+
+
+def _nonneg_float(text):
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0; got {text!r}")
+    return value
+
+
+def _pos_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tfadv", description="Adversarial training and evaluation.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="adversarially train a model")
+    t.add_argument("task", choices=["mnist"], help="what to train")
+    t.add_argument("--method", choices=["standard", "pgd", "trades"], default="pgd")
+    t.add_argument("--epochs", type=_pos_int, default=20)
+    t.add_argument("--eps", type=_nonneg_float, default=0.3)
+    t.add_argument("--steps", type=_pos_int, default=10)
+    t.add_argument("--step-size", type=_nonneg_float, default=0.04)
+    t.add_argument("--batch-size", type=_pos_int, default=50)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="output directory (re-use it to resume)")
+    t.add_argument("--data", choices=["embedded", "tfds", "full"], default="embedded")
+    t.add_argument("--data-dir", default=None, help="tfds data directory (--data tfds)")
+    t.add_argument("--lr", type=_nonneg_float, default=1e-3)
+    t.add_argument("--adv-ratio", type=float, default=1.0,
+                   help="weight of the adversarial loss (pgd); 0.5 = balanced clean/adversarial")
+    t.add_argument("--trades-beta", type=_nonneg_float, default=6.0)
+    t.add_argument("--eval-steps", type=_pos_int, default=20)
+    t.add_argument("--jit-compile", action="store_true", help="compile train steps with XLA")
+    t.add_argument("--mixed-precision", choices=["mixed_bfloat16", "mixed_float16"], default=None)
+    t.add_argument("--strategy", choices=["default", "mirrored", "multi-worker"], default="default")
+    t.add_argument("--limit", type=_pos_int, default=None, help="use only N examples per split")
+
+    def attack_args(sp):
+        sp.add_argument("--attack", action="append", choices=["fgsm", "pgd", "cw", "apgd"],
+                        help="repeat for a worst case over several attacks (default: pgd)")
+        sp.add_argument("--eps", type=_nonneg_float, default=0.3)
+        sp.add_argument("--steps", type=_pos_int, default=40)
+        sp.add_argument("--step-size", type=_nonneg_float, default=0.01)
+        sp.add_argument("--norm", choices=["inf", "2"], default="inf")
+        sp.add_argument("--restarts", type=_pos_int, default=1)
+        sp.add_argument("--data", choices=["embedded", "tfds", "full"], default="embedded")
+        sp.add_argument("--data-dir", default=None)
+        sp.add_argument("--limit", type=_pos_int, default=None)
+        sp.add_argument("--batch-size", type=_pos_int, default=250)
+        sp.add_argument("--seed", type=int, default=0)
+
+    e = sub.add_parser("eval", help="clean and robust accuracy of a saved classifier")
+    e.add_argument("model", help="a .keras classifier (inputs in [0, 1], logits out)")
+    attack_args(e)
+    e.add_argument("--json", action="store_true", help="print JSON only")
+    e.add_argument("--check", action="store_true", help="also run the gradient-masking checks")
+
+    c = sub.add_parser("curve", help="robustness curve: accuracy vs eps (JSON + PNG)")
+    c.add_argument("model")
+    c.add_argument("--eps", type=_eps_list, default=_eps_list("0,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4"))
+    c.add_argument("--out", required=True, help="output prefix: writes PREFIX.json, PREFIX.png")
+    c.add_argument("--steps", type=_pos_int, default=20)
+    c.add_argument("--norm", choices=["inf", "2"], default="inf")
+    c.add_argument("--restarts", type=_pos_int, default=1)
+    c.add_argument("--data", choices=["embedded", "tfds", "full"], default="embedded")
+    c.add_argument("--data-dir", default=None)
+    c.add_argument("--limit", type=_pos_int, default=None)
+    return p
+
+
+def _load_classifier(path):
+    import keras
+
+    import tfadv  # noqa: F401  (registers custom objects)
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No model at {path!r}. Train one with `tfadv train mnist --out DIR`.")
+    return keras.saving.load_model(path, safe_mode=True)
+
+
+def _eval_data(args):
+    from tfadv.data import load_mnist, subset
+
+    x, y = load_mnist(args.data, "test", args.data_dir)
+    return subset(x, y, args.limit)
+
+
+def _make_attacks(args):
+    from tfadv import attacks
+
+    out = []
+    for name in args.attack or ["pgd"]:
+        if name == "fgsm":
+            out.append(attacks.FGSM(eps=args.eps, norm=args.norm))
+        elif name == "pgd":
+            out.append(attacks.PGD(eps=args.eps, step_size=args.step_size, steps=args.steps,
+                                   norm=args.norm, random_start=True))
+        elif name == "apgd":
+            out.append(attacks.APGD(eps=args.eps, steps=args.steps, norm=args.norm))
+        elif name == "cw":
+            out.append(attacks.CarliniWagnerL2(eps=args.eps if args.norm == "2" else None,
+                                               max_iterations=args.steps))
+    return out
+
+
+def cmd_train(args):
+    from tfadv.recipes.mnist import MnistTrainConfig, make_strategy, train_mnist
+
+    cfg = MnistTrainConfig(
+        out=args.out, method=args.method, epochs=args.epochs, eps=args.eps, steps=args.steps,
+        step_size=args.step_size, batch_size=args.batch_size, seed=args.seed, data=args.data,
+        data_dir=args.data_dir, learning_rate=args.lr, adv_ratio=args.adv_ratio,
+        trades_beta=args.trades_beta, eval_steps=args.eval_steps, jit_compile=args.jit_compile,
+        mixed_precision=args.mixed_precision, strategy=args.strategy, limit=args.limit,
+    )
+    strategy = make_strategy(cfg.strategy)
+    metrics = train_mnist(cfg, strategy=strategy)
+    t = metrics["test"]
+    print(f"clean accuracy {t['clean_accuracy']:.4f}  robust accuracy {t['robust_accuracy']:.4f} "
+          f"({metrics['eval_attack']})")
+    print(f"wrote {os.path.join(args.out, 'model.keras')}, history.json, metrics.json")
+
+
+def cmd_eval(args):
+    import keras
+
+    from tfadv.evaluation import evaluate_robustness, gradient_masking_checks
+
+    keras.utils.set_random_seed(args.seed)
+    model = _load_classifier(args.model)
+    x, y = _eval_data(args)
+    attacks = _make_attacks(args)
+    res = evaluate_robustness(model, x, y, attacks, restarts=args.restarts,
+                              batch_size=args.batch_size, progress=not args.json)
+    out = res.to_dict()
+    out["attacks"] = [repr(a) for a in attacks]
+    if args.check:
+        out["checks"] = gradient_masking_checks(model, x[:500], y[:500], eps=args.eps,
+                                                warn=not args.json).to_dict()
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"examples         {res.n}")
+        print(f"clean accuracy   {res.clean_accuracy:.4f}")
+        for k, v in res.per_attack.items():
+            print(f"{k:<16} {v:.4f}")
+        print(f"robust accuracy  {res.robust_accuracy:.4f}  (worst case over attacks and restarts)")
+        if args.check:
+            print("gradient-masking checks:", "ok" if out["checks"]["ok"] else out["checks"]["problems"])
+
+
+def cmd_curve(args):
+    from tfadv import attacks
+    from tfadv.evaluation import robustness_curve, save_curve
+
+    model = _load_classifier(args.model)
+    x, y = _eval_data(args)
+
+    def attack_fn(eps):
+        return attacks.PGD(eps=eps, steps=args.steps, step_size=2.5 * eps / args.steps,
+                           norm=args.norm, random_start=True)
+
+    curve = robustness_curve(model, x, y, args.eps, attack_fn=attack_fn, restarts=args.restarts,
+                             progress=True)
+    paths = save_curve(curve, args.out, xlabel=f"eps (L{args.norm})")
+    for e, a in zip(curve["eps"], curve["accuracy"]):
+        print(f"eps {e:<6g} accuracy {a:.4f}")
+    print("wrote", *paths)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "curve": cmd_curve}
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"tfadv {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Robustness evaluation: accuracy under attack, curves and sanity checks."""
+
+from tfadv.evaluation.checks import CheckReport, gradient_masking_checks
+from tfadv.evaluation.robustness import (
+    RobustnessResult,
+    attack_batches,
+    evaluate_robustness,
+    plot_curve,
+    robustness_curve,
+    save_curve,
+)
+
+__all__ = [
+    "CheckReport",
+    "RobustnessResult",
+    "attack_batches",
+    "evaluate_robustness",
+    "gradient_masking_checks",
+    "plot_curve",
+    "robustness_curve",
+    "save_curve",
+]

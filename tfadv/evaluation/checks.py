@@ -1,0 +1,144 @@
+"""Sanity checks that catch gradient masking, the field's classic self-deception.
+
+A model whose robustness comes from broken gradients (saturated softmax,
+non-differentiable preprocessing, randomness) looks robust to gradient
+attacks without being robust. These checks look for the symptoms and warn
+loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+from tfadv.attacks import objectives
+from tfadv.attacks.base import call_model
+from tfadv.attacks.pgd import FGSM, PGD
+
+
+class GradientMaskingWarning(UserWarning):
+    """Evaluation results may overstate robustness."""
+
+
+@dataclasses.dataclass
+class CheckReport:
+    """Outcome of `gradient_masking_checks`: measurements and any problems found."""
+
+    measurements: dict
+    problems: list
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self):
+        return {"ok": self.ok, "problems": self.problems, "measurements": self.measurements}
+
+
+def _accuracy(model, x, y):
+    return float(np.mean(np.argmax(np.asarray(call_model(model, x)), -1) == y))
+
+
+def gradient_masking_checks(
+    model,
+    x,
+    y,
+    *,
+    eps: float,
+    steps: int = 10,
+    bounds=(0.0, 1.0),
+    large_eps: float | None = None,
+    tolerance: float = 0.03,
+    warn: bool = True,
+) -> CheckReport:
+    """Runs the standard gradient-masking checks on a batch.
+
+    1. Outputs should be logits, not probabilities (softmax saturates gradients).
+    2. Input gradients must be finite and, for most examples, non-zero.
+    3. More PGD steps must not raise accuracy.
+    4. Iterative PGD must not be weaker than one-step FGSM.
+    5. An unbounded-looking budget (`large_eps`, default half the input range)
+       must drive accuracy to near zero.
+
+    Args:
+        model: callable mapping x to logits.
+        x, y: a batch (a few hundred examples is plenty).
+        eps: the budget the model is evaluated at.
+        steps: PGD steps of the baseline attack (check 3 uses 4x).
+        bounds: valid input range.
+        large_eps: budget for check 5.
+        tolerance: accuracy slack for checks 3-5.
+        warn: emit a `GradientMaskingWarning` per problem.
+
+    Returns:
+        A `CheckReport`; `report.ok` is False if anything looks masked.
+    """
+    x = tf.convert_to_tensor(np.asarray(x, np.float32))
+    y_np = np.asarray(y, np.int64)
+    y_t = tf.convert_to_tensor(y_np)
+    problems, m = [], {}
+
+    out = np.asarray(call_model(model, x), np.float64)
+    looks_prob = bool(
+        out.min() >= 0 and out.max() <= 1 and np.allclose(out.sum(-1), 1.0, atol=1e-3)
+    )
+    m["outputs_look_like_probabilities"] = looks_prob
+    if looks_prob:
+        problems.append(
+            "Model outputs look like probabilities (rows in [0, 1] summing to 1). Attack the "
+            "logits: remove the final softmax, or gradients will vanish."
+        )
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = objectives.cross_entropy(call_model(model, x), y_t)
+    grad = tape.gradient(loss, x).numpy().reshape(len(y_np), -1)
+    finite = np.isfinite(grad).all(axis=1)
+    zero = np.abs(grad).max(axis=1) == 0
+    m["fraction_nonfinite_gradients"] = float(1 - finite.mean())
+    m["fraction_zero_gradients"] = float(zero.mean())
+    if not finite.all():
+        problems.append(f"{(~finite).sum()} examples have NaN/inf input gradients.")
+    if zero.mean() > 0.5:
+        problems.append(
+            f"{zero.mean():.0%} of examples have exactly zero input gradients: gradient attacks "
+            "cannot work here; use a margin objective, APGD-DLR or a black-box attack."
+        )
+
+    def pgd_acc(e, k):
+        a = PGD(eps=e, steps=k, step_size=2.5 * e / k, random_start=True, bounds=bounds)
+        return _accuracy(model, tf.function(lambda xx, yy: a(model, xx, yy))(x, y_t), y_np)
+
+    acc_k = pgd_acc(eps, steps)
+    acc_4k = pgd_acc(eps, 4 * steps)
+    acc_fgsm = _accuracy(model, FGSM(eps=eps, bounds=bounds)(model, x, y_t), y_np)
+    m.update({f"pgd{steps}_accuracy": acc_k, f"pgd{4 * steps}_accuracy": acc_4k,
+              "fgsm_accuracy": acc_fgsm})
+    if acc_4k > acc_k + tolerance:
+        problems.append(
+            f"More PGD steps raised accuracy ({acc_k:.3f} at {steps} steps, {acc_4k:.3f} at "
+            f"{4 * steps}): the loss surface is not being climbed; suspect masked gradients."
+        )
+    if acc_k > acc_fgsm + tolerance:
+        problems.append(
+            f"PGD ({acc_k:.3f}) is weaker than one-step FGSM ({acc_fgsm:.3f}): iterative attacks "
+            "should never lose to their first step; suspect masked gradients."
+        )
+    if large_eps is None:
+        large_eps = 0.5 * (bounds[1] - bounds[0]) if bounds is not None else 10 * eps
+    acc_large = pgd_acc(large_eps, 4 * steps)
+    m["large_eps"] = float(large_eps)
+    m["large_eps_accuracy"] = acc_large
+    if acc_large > 0.1 + tolerance:
+        problems.append(
+            f"Accuracy stays at {acc_large:.3f} under eps={large_eps:g}, a budget that should "
+            "break any classifier: gradients are likely masked."
+        )
+    report = CheckReport(measurements=m, problems=problems)
+    if warn:
+        for p in problems:
+            warnings.warn(p, GradientMaskingWarning, stacklevel=2)
+    return report

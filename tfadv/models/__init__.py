@@ -1,0 +1,5 @@
+"""Model builders."""
+
+from tfadv.models.small import mnist_cnn
+
+__all__ = ["mnist_cnn"]

@@ -1,0 +1,21 @@
+"""Pure TensorFlow operations shared by attacks and trainers."""
+
+from tfadv.ops.norms import (
+    NORMS,
+    canonical_norm,
+    clip_to_bounds,
+    lp_norm,
+    normalize_gradient,
+    project,
+    random_start,
+)
+
+__all__ = [
+    "NORMS",
+    "canonical_norm",
+    "clip_to_bounds",
+    "lp_norm",
+    "normalize_gradient",
+    "project",
+    "random_start",
+]

@@ -1,0 +1,1 @@
+"""End-to-end workflows behind the CLI; each is one library call a notebook can make."""

@@ -1,0 +1,6 @@
+"""Training models and callbacks."""
+
+from tfadv.trainers.adversarial import METHODS, AdversarialModel
+from tfadv.trainers.callbacks import JSONHistory
+
+__all__ = ["METHODS", "AdversarialModel", "JSONHistory"]

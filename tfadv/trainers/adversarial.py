@@ -1,0 +1,232 @@
+"""The adversarial training model: min-max training through plain `model.fit`.
+
+`AdversarialModel` wraps a base model (which maps inputs to logits) and an
+attack. Its `train_step` solves the inner maximisation with the attack (the
+base model in inference mode) and takes the outer minimisation step with the
+compiled optimizer; its `test_step` reports clean *and* robust metrics, so
+`history` carries both every epoch.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tfadv.attacks import objectives as objectives_lib
+from tfadv.attacks.base import Attack
+from tfadv.attacks.registry import deserialize, serialize
+
+METHODS = ("standard", "pgd", "trades")
+
+
+def scale_for_replicas(value):
+    """Divides a per-replica mean loss by the number of replicas in sync.
+
+    Keras' compiled losses do this themselves; extra terms added in a
+    `train_step` must do the same so that the all-reduced gradient is the
+    gradient of the global-batch mean.
+    """
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas > 1:
+        value = value * tf.cast(1.0 / replicas, value.dtype)
+    return value
+
+
+@keras.saving.register_keras_serializable(package="tfadv")
+class AdversarialModel(keras.Model):
+    """Adversarial training of a classifier with `compile` / `fit` / `evaluate`.
+
+    Methods:
+        - "pgd" (Madry et al., 2018): minimise the loss on `attack(x)`; with
+          `adv_ratio < 1`, on the mix `(1 - r) * L(x) + r * L(x_adv)` (a
+          "balanced" clean/adversarial batch, one forward pass over both).
+        - "trades" (Zhang et al., 2019): `CE(f(x), y) + beta * KL(f(x) || f(x_adv))`,
+          with `x_adv` maximising that KL inside the attack's ball.
+        - "standard": clean training (still reports robust validation metrics).
+
+    Args:
+        base: Keras model mapping inputs to logits. It is what you save and
+            deploy; this wrapper only trains it.
+        attack: the training attack (inner maximisation), e.g. `PGD(...)`.
+        method: one of "standard", "pgd", "trades".
+        adv_ratio: weight of the adversarial loss for "pgd", in [0, 1].
+        trades_beta: TRADES regularisation weight (6.0 in the paper).
+        eval_attack: attack for robust validation metrics; defaults to `attack`.
+            None-valued `attack` with method "standard" needs an `eval_attack`
+            to report robust metrics; without one only clean metrics are shown.
+
+    Example:
+        >>> base = tfadv.models.mnist_cnn()
+        >>> robust = AdversarialModel(base, attack=PGD(eps=0.3, step_size=0.04, steps=10))
+        >>> robust.compile(optimizer="adam",
+        ...     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        ...     metrics=["accuracy"])
+        >>> robust.fit(train_ds, validation_data=val_ds, epochs=20)
+        >>> base.save("model.keras")
+    """
+
+    def __init__(
+        self,
+        base,
+        attack=None,
+        *,
+        method="pgd",
+        adv_ratio=1.0,
+        trades_beta=6.0,
+        eval_attack=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(base, keras.Model):
+            raise ValueError(f"Expected base to be a keras.Model. Received: {type(base).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"Expected method to be one of {METHODS}. Received: method={method!r}")
+        attack = None if attack is None else deserialize(attack)
+        eval_attack = None if eval_attack is None else deserialize(eval_attack)
+        if method != "standard" and attack is None:
+            raise ValueError(
+                f'method="{method}" needs a training attack, e.g. '
+                "attack=tfadv.attacks.PGD(eps=0.3, step_size=0.04, steps=10)."
+            )
+        if not 0.0 <= float(adv_ratio) <= 1.0:
+            raise ValueError(f"Expected 0 <= adv_ratio <= 1. Received: adv_ratio={adv_ratio}")
+        if float(trades_beta) < 0:
+            raise ValueError(f"Expected trades_beta >= 0. Received: trades_beta={trades_beta}")
+        for name, value in (("attack", attack), ("eval_attack", eval_attack)):
+            if value is not None and not isinstance(value, Attack):
+                raise ValueError(f"Expected {name} to be a tfadv Attack. Received: {value!r}")
+        self.base = base
+        self.attack = attack
+        self.method = method
+        self.adv_ratio = float(adv_ratio)
+        self.trades_beta = float(trades_beta)
+        self.eval_attack = eval_attack if eval_attack is not None else attack
+        self.robust_accuracy = keras.metrics.SparseCategoricalAccuracy(name="robust_accuracy")
+        self.robust_loss = keras.metrics.Mean(name="robust_loss")
+
+    # Keras needs to know how to run the model for predict() and summary().
+    def call(self, inputs, training=False):
+        return self.base(inputs, training=training)
+
+    def build(self, input_shape):
+        if not self.base.built:
+            self.base.build(input_shape)
+        self.built = True
+
+    @property
+    def _eval_only(self):
+        return (self.robust_accuracy.name, self.robust_loss.name)
+
+    # -- training ----------------------------------------------------------
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if self.method == "trades":
+            return self._trades_step(x, y, sample_weight)
+
+        if self.method == "standard" or self.adv_ratio == 0.0:
+            inputs, targets, weights = x, y, sample_weight
+        else:
+            # The attack runs the base model with training=False.
+            x_adv = self.attack(self.base, x, y)
+            if self.adv_ratio == 1.0:
+                inputs, targets, weights = x_adv, y, sample_weight
+            else:
+                inputs = tf.concat([x, x_adv], axis=0)
+                targets = tf.concat([y, y], axis=0)
+                r = self.adv_ratio
+                n = tf.shape(x)[0]
+                # Mean over the 2N examples with weights 2(1-r) and 2r equals
+                # (1 - r) * mean L(x) + r * mean L(x_adv).
+                mix = tf.concat(
+                    [tf.fill([n], 2.0 * (1.0 - r)), tf.fill([n], 2.0 * r)], axis=0
+                )
+                if sample_weight is not None:
+                    sw = tf.cast(sample_weight, mix.dtype)
+                    mix = mix * tf.concat([sw, sw], axis=0)
+                weights = mix
+
+        with tf.GradientTape() as tape:
+            y_pred = self.base(inputs, training=True)
+            loss = self._compute_loss(
+                x=inputs, y=targets, y_pred=y_pred, sample_weight=weights, training=True
+            )
+            self._track_loss(loss, inputs)
+            scaled = self.optimizer.scale_loss(loss)
+        self._apply(tape, scaled)
+        return self._train_logs(inputs, targets, y_pred, weights)
+
+    def _trades_step(self, x, y, sample_weight):
+        clean_probs = tf.nn.softmax(tf.cast(self.base(x, training=False), tf.float32))
+        x_adv = self.attack(self.base, x, clean_probs, objective=objectives_lib.kl_divergence)
+        n = tf.shape(x)[0]
+        with tf.GradientTape() as tape:
+            both = self.base(tf.concat([x, x_adv], axis=0), training=True)
+            logits, logits_adv = both[:n], both[n:]
+            natural = self._compute_loss(
+                x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=True
+            )
+            p = tf.nn.softmax(tf.cast(logits, tf.float32))
+            kl = objectives_lib.kl_divergence(logits_adv, p)
+            robust = scale_for_replicas(tf.reduce_mean(kl))
+            loss = natural + tf.cast(self.trades_beta, natural.dtype) * robust
+            self._track_loss(loss, x)
+            scaled = self.optimizer.scale_loss(loss)
+        self._apply(tape, scaled)
+        return self._train_logs(x, y, logits, sample_weight)
+
+    def _track_loss(self, loss, inputs):
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        self._loss_tracker.update_state(
+            loss * tf.cast(replicas, loss.dtype), sample_weight=tf.shape(inputs)[0]
+        )
+
+    def _apply(self, tape, loss):
+        variables = self.trainable_variables
+        grads = tape.gradient(loss, variables)
+        self.optimizer.apply(grads, variables)
+
+    def _train_logs(self, x, y, y_pred, sample_weight):
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return {k: v for k, v in logs.items() if k not in self._eval_only}
+
+    # -- evaluation --------------------------------------------------------
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self.base(x, training=False)
+        loss = self._compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
+        )
+        self._track_loss(loss, x)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if self.eval_attack is None:
+            return {k: v for k, v in logs.items() if k not in self._eval_only}
+        x_adv = self.eval_attack(self.base, x, y)
+        adv_pred = self.base(x_adv, training=False)
+        self.robust_accuracy.update_state(y, adv_pred, sample_weight=sample_weight)
+        self.robust_loss.update_state(
+            objectives_lib.cross_entropy(adv_pred, y), sample_weight=sample_weight
+        )
+        logs[self.robust_accuracy.name] = self.robust_accuracy.result()
+        logs[self.robust_loss.name] = self.robust_loss.result()
+        return logs
+
+    # -- serialisation -----------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            base=keras.saving.serialize_keras_object(self.base),
+            attack=None if self.attack is None else serialize(self.attack),
+            method=self.method,
+            adv_ratio=self.adv_ratio,
+            trades_beta=self.trades_beta,
+            eval_attack=None if self.eval_attack is None else serialize(self.eval_attack),
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["base"] = keras.saving.deserialize_keras_object(
+            config["base"], custom_objects=custom_objects
+        )
+        return cls(**config)

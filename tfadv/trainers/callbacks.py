@@ -1,0 +1,69 @@
+"""Callbacks for long, resumable training runs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+
+
+def _to_builtin(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if hasattr(value, "numpy"):
+        return np.asarray(value).item()
+    return value
+
+
+class JSONHistory(keras.callbacks.Callback):
+    """Writes the per-epoch logs to a JSON file after every epoch.
+
+    Resume-safe: on a restarted run (after `BackupAndRestore` has restored the
+    epoch counter) rows of epochs that will be re-run are dropped, so the file
+    ends with exactly one row per finished epoch. The file is replaced
+    atomically, so a kill never leaves it half-written.
+
+    Args:
+        path: output file; its format is `{"epochs": [...], "<metric>": [...]}`.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = os.fspath(path)
+        self.rows: list[dict] = []
+
+    def _load(self):
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            data = json.load(f)
+        epochs = data.get("epoch", [])
+        keys = [k for k in data if k != "epoch"]
+        return [{"epoch": e, **{k: data[k][i] for k in keys}} for i, e in enumerate(epochs)]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # First epoch of this process: keep the rows of the epochs already done.
+        if not self.rows:
+            self.rows = [r for r in self._load() if r["epoch"] < epoch]
+        else:
+            self.rows = [r for r in self.rows if r["epoch"] < epoch]
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": int(epoch)}
+        row.update({k: _to_builtin(v) for k, v in (logs or {}).items()})
+        self.rows.append(row)
+        self.write()
+
+    def history(self) -> dict:
+        keys: list[str] = []
+        for r in self.rows:
+            keys.extend(k for k in r if k not in keys)
+        return {k: [r.get(k) for r in self.rows] for k in keys}
+
+    def write(self):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.history(), f, indent=1)
+        os.replace(tmp, self.path)
