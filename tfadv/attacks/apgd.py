@@ -22,7 +22,8 @@ def apgd_checkpoints(steps: int) -> list[int]:
         if nxt > 1:
             break
         p.append(nxt)
-    points = sorted({int(math.ceil(pj * steps)) for pj in p[1:]})
+    # round() first: 0.57 * 100 is 57.000000000000007 in floating point.
+    points = sorted({int(math.ceil(round(pj * steps, 6))) for pj in p[1:]})
     return [w for w in points if 0 < w < steps]
 
 

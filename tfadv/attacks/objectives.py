@@ -26,6 +26,7 @@ def cross_entropy(logits, target):
     (probabilities or one-hot).
     """
     logits = _f32(logits)
+    target = tf.convert_to_tensor(target)
     if target.dtype.is_integer or len(target.shape) == len(logits.shape) - 1:
         return tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=tf.cast(target, tf.int64), logits=logits

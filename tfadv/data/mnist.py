@@ -159,7 +159,7 @@ def subset(x, y, limit, seed=0):
     """
     if limit is None or limit >= len(x):
         return x, y
-    idx = np.sort(np.random.default_rng(seed).permutation(len(x))[: int(limit)])
+    idx = np.random.default_rng(seed).permutation(len(x))[: int(limit)]
     return x[idx], y[idx]
 
 

@@ -1,0 +1,63 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+def tiny_cnn(input_shape=(12, 12, 1), num_classes=4):
+    """A small, fast classifier used across tests."""
+    inputs = keras.Input(shape=input_shape)
+    h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(16, activation="relu")(h)
+    out = keras.layers.Dense(num_classes, dtype="float32")(h)
+    return keras.Model(inputs, out)
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_cnn()
+
+
+@pytest.fixture
+def batch():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.05, 0.95, size=(16, 12, 12, 1)).astype("float32")
+    y = rng.integers(0, 4, size=16).astype("int64")
+    return x, y
+
+
+@pytest.fixture(scope="session")
+def mnist_small():
+    """A class-balanced 600/200 slice of the embedded MNIST split."""
+    from tfadv.data import load_mnist, subset
+
+    x_tr, y_tr = subset(*load_mnist("embedded", "train"), 600)
+    x_te, y_te = subset(*load_mnist("embedded", "test"), 200)
+    return x_tr, y_tr, x_te, y_te
+
+
+@pytest.fixture(scope="session")
+def trained_mnist_model(mnist_small):
+    """A small CNN trained cleanly for a few epochs on 600 MNIST digits."""
+    keras.utils.set_random_seed(1)
+    x_tr, y_tr, _, _ = mnist_small
+    inputs = keras.Input(shape=(28, 28, 1))
+    h = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(32, activation="relu")(h)
+    out = keras.layers.Dense(10)(h)
+    model = keras.Model(inputs, out)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x_tr, y_tr, epochs=8, batch_size=32, verbose=0)
+    return model
