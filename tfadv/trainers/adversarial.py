@@ -103,6 +103,10 @@ class AdversarialModel(keras.Model):
         self.eval_attack = eval_attack if eval_attack is not None else attack
         self.robust_accuracy = keras.metrics.SparseCategoricalAccuracy(name="robust_accuracy")
         self.robust_loss = keras.metrics.Mean(name="robust_loss")
+        if base.built:
+            # The wrapper owns no weights of its own: built whenever its base is,
+            # so that saving and BackupAndRestore see every variable.
+            self.built = True
 
     # Keras needs to know how to run the model for predict() and summary().
     def call(self, inputs, training=False):
