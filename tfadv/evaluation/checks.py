@@ -95,7 +95,16 @@ def gradient_masking_checks(
     with tf.GradientTape() as tape:
         tape.watch(x)
         loss = objectives.cross_entropy(call_model(model, x), y_t)
-    grad = tape.gradient(loss, x).numpy().reshape(len(y_np), -1)
+    grad = tape.gradient(loss, x)
+    if grad is None:
+        problems.append(
+            "The loss has no gradient with respect to the input (a non-differentiable op such "
+            "as rounding, or stop_gradient, sits in the model). Gradient attacks report nothing "
+            "meaningful here: evaluate with BPDA or a black-box attack."
+        )
+        m["fraction_zero_gradients"] = 1.0
+        return _finish(CheckReport(measurements=m, problems=problems), warn)
+    grad = grad.numpy().reshape(len(y_np), -1)
     finite = np.isfinite(grad).all(axis=1)
     zero = np.abs(grad).max(axis=1) == 0
     m["fraction_nonfinite_gradients"] = float(1 - finite.mean())
@@ -137,8 +146,11 @@ def gradient_masking_checks(
             f"Accuracy stays at {acc_large:.3f} under eps={large_eps:g}, a budget that should "
             "break any classifier: gradients are likely masked."
         )
-    report = CheckReport(measurements=m, problems=problems)
+    return _finish(CheckReport(measurements=m, problems=problems), warn)
+
+
+def _finish(report, warn):
     if warn:
-        for p in problems:
-            warnings.warn(p, GradientMaskingWarning, stacklevel=2)
+        for p in report.problems:
+            warnings.warn(p, GradientMaskingWarning, stacklevel=3)
     return report

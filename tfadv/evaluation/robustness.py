@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import weakref
 from typing import Callable, Sequence
 
 import numpy as np
@@ -22,14 +23,34 @@ def _progress(iterable, enabled, desc, total=None):
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
+# Compiled functions per model, reused across calls: retracing costs seconds, and
+# a re-traced function would replay the same random starts on every restart.
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled(model, key, make):
+    try:
+        cache = _COMPILED.setdefault(model, {})
+    except TypeError:  # not weak-referenceable: compile without caching
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
 def _predict(model, x, batch_size):
-    fn = tf.function(lambda xb: tf.argmax(call_model(model, xb), axis=-1))
+    fn = _compiled(model, "predict",
+                   lambda: tf.function(lambda xb: tf.argmax(call_model(model, xb), axis=-1),
+                                       reduce_retracing=True))
     return np.concatenate([fn(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)])
 
 
 def attack_batches(model, attack: Attack, x, y, *, batch_size=256, progress=False, desc=None):
     """Runs an attack over NumPy arrays in compiled batches; returns x_adv (NumPy)."""
-    fn = tf.function(lambda xb, yb: attack(model, xb, yb))
+    # Keyed by identity: equal configs may still differ in state. The cached closure
+    # holds the attack, so its id cannot be reused while the entry lives.
+    fn = _compiled(model, ("attack", id(attack)),
+                   lambda: tf.function(lambda xb, yb: attack(model, xb, yb), reduce_retracing=True))
     out = []
     starts = range(0, len(x), batch_size)
     for i in _progress(starts, progress, desc or attack.name, total=len(starts)):

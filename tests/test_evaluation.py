@@ -1,0 +1,125 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfadv import attacks
+from tfadv.attacks.base import Attack
+from tfadv.evaluation import (evaluate_robustness, gradient_masking_checks, robustness_curve,
+                              save_curve)
+
+
+class FlipAttack(Attack):
+    """Test double: swaps the two features of the examples selected by a fixed mask."""
+
+    name = "flip"
+
+    def __init__(self, mask, p=None):
+        super().__init__(eps=0.0, bounds=None)
+        self.mask, self.p = tf.constant(mask), p
+
+    def perturb(self, model, x, y, objective):
+        mask = self.mask
+        if self.p is not None:
+            mask = tf.random.uniform([tf.shape(x)[0]]) < self.p
+        return tf.where(mask[:, None], tf.reverse(x, axis=[1]), x)
+
+
+def identity_model(x):
+    return x  # logits = features: class 0 iff x[:, 0] > x[:, 1]
+
+
+def test_worst_case_over_attacks():
+    x = np.array([[1, 0]] * 5 + [[0, 1]], np.float32)
+    y = np.zeros(6, np.int64)  # the last example is misclassified clean
+    a = FlipAttack([True, False, False, False, False, False])
+    b = FlipAttack([False, True, True, False, False, False])
+    res = evaluate_robustness(identity_model, x, y, [a, b])
+    assert res.clean_accuracy == pytest.approx(5 / 6)
+    assert res.per_attack == {"flip": pytest.approx(4 / 6), "flip_1": pytest.approx(3 / 6)}
+    assert res.robust_accuracy == pytest.approx(2 / 6)
+    np.testing.assert_array_equal(res.correct, [False, False, False, True, True, False])
+    assert json.loads(json.dumps(res.to_dict()))["n"] == 6
+
+
+def test_restarts_take_the_worst_case():
+    x = np.tile(np.array([[1, 0]], np.float32), (400, 1))
+    y = np.zeros(400, np.int64)
+    tf.random.set_seed(0)
+    one = evaluate_robustness(identity_model, x, y, FlipAttack([False] * 400, p=0.5), restarts=1)
+    four = evaluate_robustness(identity_model, x, y, FlipAttack([False] * 400, p=0.5), restarts=4)
+    assert 0.4 < one.robust_accuracy < 0.6
+    assert four.robust_accuracy < 0.15
+
+
+def test_bad_evaluation_input():
+    with pytest.raises(ValueError, match="restarts"):
+        evaluate_robustness(identity_model, np.zeros((2, 2), np.float32), np.zeros(2), [],
+                            restarts=0)
+    with pytest.raises(ValueError, match="float"):
+        evaluate_robustness(identity_model, np.zeros((2, 2), np.uint8), np.zeros(2), [])
+    with pytest.raises(ValueError, match="eps"):
+        robustness_curve(identity_model, np.zeros((2, 2), np.float32), np.zeros(2), [-0.1])
+
+
+def test_agrees_with_art_pgd(trained_mnist_model, mnist_small):
+    """Our robust accuracy under PGD and ART's on the same model, budget and data."""
+    from art.attacks.evasion import ProjectedGradientDescent
+    from art.estimators.classification import TensorFlowV2Classifier
+
+    _, _, x, y = mnist_small
+    clf = TensorFlowV2Classifier(
+        model=trained_mnist_model, nb_classes=10, input_shape=(28, 28, 1), clip_values=(0.0, 1.0),
+        loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    art_pgd = ProjectedGradientDescent(clf, norm=np.inf, eps=0.1, eps_step=0.01, max_iter=20,
+                                       num_random_init=1, batch_size=200, verbose=False)
+    art_acc = float(np.mean(clf.predict(art_pgd.generate(x, y=y)).argmax(1) == y))
+    ours = evaluate_robustness(trained_mnist_model, x, y,
+                               attacks.PGD(eps=0.1, step_size=0.01, steps=20)).robust_accuracy
+    clean = float(np.mean(trained_mnist_model(x).numpy().argmax(1) == y))
+    assert clean - ours > 0.2  # the budget really bites
+    assert abs(ours - art_acc) <= 0.05, (ours, art_acc)
+
+
+def test_curve_and_files(trained_mnist_model, mnist_small, tmp_path):
+    _, _, x, y = mnist_small
+    curve = robustness_curve(trained_mnist_model, x, y, [0.0, 0.05, 0.15, 0.3])
+    clean = float(np.mean(trained_mnist_model(x).numpy().argmax(1) == y))
+    assert curve["eps"] == [0.0, 0.05, 0.15, 0.3] and curve["n"] == len(y)
+    assert curve["accuracy"][0] == pytest.approx(clean)
+    assert curve["accuracy"][-1] < 0.1 < clean
+    assert curve["accuracy"][1] >= curve["accuracy"][3]
+    js, png = save_curve(curve, tmp_path / "sub" / "curve")
+    assert json.load(open(js))["accuracy"] == curve["accuracy"]
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checks_pass_on_healthy_model(trained_mnist_model, mnist_small):
+    _, _, x, y = mnist_small
+    report = gradient_masking_checks(trained_mnist_model, x, y, eps=0.1, steps=5, warn=False)
+    assert report.ok, report.problems
+    assert report.measurements["large_eps_accuracy"] <= 0.1
+
+
+def test_checks_flag_probability_outputs(trained_mnist_model, mnist_small):
+    _, _, x, y = mnist_small
+
+    def saturated(inp):
+        return tf.nn.softmax(1000.0 * trained_mnist_model(inp))
+
+    with pytest.warns(UserWarning, match="probabilities"):
+        report = gradient_masking_checks(saturated, x, y, eps=0.1, steps=5)
+    assert not report.ok
+
+
+def test_checks_flag_missing_gradients(mnist_small):
+    _, _, x, y = mnist_small
+    dense = keras.layers.Dense(10)
+
+    def no_grad(inp):
+        return dense(tf.reshape(tf.round(inp), [-1, 784]))
+
+    report = gradient_masking_checks(no_grad, x, y, eps=0.1, warn=False)
+    assert not report.ok and "no gradient" in report.problems[0]
