@@ -202,6 +202,8 @@ def main(argv=None) -> int:
     try:
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("TFADV_DEBUG"):
+            raise
         print(f"tfadv {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -117,6 +117,24 @@ class AdversarialModel(keras.Model):
             self.base.build(input_shape)
         self.built = True
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15 builds metrics from the first distributed batch by
+        # strategy.reduce(), which MultiWorkerMirroredStrategy cannot apply to a
+        # tuple of PerReplica values. Only shapes matter for the build, so use
+        # this worker's first replica's batch instead.
+        strategy = self._distribute_strategy
+        if iterator is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        for _, _, it in iterator:
+            data_batch = tf.nest.map_structure(
+                lambda v: strategy.experimental_local_results(v)[0]
+                if isinstance(v, tf.distribute.DistributedValues) else v,
+                next(it),
+            )
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
     @property
     def _eval_only(self):
         return (self.robust_accuracy.name, self.robust_loss.name)
@@ -191,7 +209,15 @@ class AdversarialModel(keras.Model):
 
     def _train_logs(self, x, y, y_pred, sample_weight):
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        return {k: v for k, v in logs.items() if k not in self._eval_only}
+        return self._for_strategy({k: v for k, v in logs.items() if k not in self._eval_only})
+
+    def _for_strategy(self, logs):
+        # Keras 3.15 reduces step outputs across workers with reduce(MEAN, axis=0),
+        # which fails on scalars (tensorflow/tensorflow#72388). Rank-1 logs
+        # reduce to the same scalars.
+        if isinstance(self._distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
 
     # -- evaluation --------------------------------------------------------
     def test_step(self, data):
@@ -203,7 +229,8 @@ class AdversarialModel(keras.Model):
         self._track_loss(loss, x)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         if self.eval_attack is None:
-            return {k: v for k, v in logs.items() if k not in self._eval_only}
+            return self._for_strategy(
+                {k: v for k, v in logs.items() if k not in self._eval_only})
         x_adv = self.eval_attack(self.base, x, y)
         adv_pred = self.base(x_adv, training=False)
         self.robust_accuracy.update_state(y, adv_pred, sample_weight=sample_weight)
@@ -212,7 +239,7 @@ class AdversarialModel(keras.Model):
         )
         logs[self.robust_accuracy.name] = self.robust_accuracy.result()
         logs[self.robust_loss.name] = self.robust_loss.result()
-        return logs
+        return self._for_strategy(logs)
 
     # -- serialisation -----------------------------------------------------
     def get_config(self):

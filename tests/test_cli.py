@@ -1,0 +1,147 @@
+"""The `tfadv` command line, end to end on tiny settings."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import pytest
+
+CLI = [sys.executable, "-m", "tfadv.cli"]
+TINY = ["--limit", "300", "--steps", "2", "--eval-steps", "2", "--batch-size", "50"]
+
+
+def run(args, timeout=600, env=None, check=True):
+    out = subprocess.run(CLI + args, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    run(["train", "mnist", "--epochs", "2", "--out", str(out), "--seed", "3", *TINY])
+    return out
+
+
+def test_train_writes_model_history_metrics(trained):
+    import tfadv  # noqa: F401
+
+    model = keras.saving.load_model(str(trained / "model.keras"), safe_mode=True)
+    assert model.input_shape == (None, 28, 28, 1) and model.output_shape == (None, 10)
+    hist = json.load(open(trained / "history.json"))
+    assert hist["epoch"] == [0, 1]
+    for key in ("accuracy", "loss", "val_accuracy", "val_robust_accuracy"):
+        assert len(hist[key]) == 2, key
+    metrics = json.load(open(trained / "metrics.json"))
+    t = metrics["test"]
+    assert t["n"] == 300 and 0 <= t["robust_accuracy"] <= t["clean_accuracy"] <= 1
+    assert metrics["config"]["method"] == "pgd"
+    assert not (trained / "backup").exists()  # removed after a finished run
+
+
+def test_eval_json_worst_case(trained):
+    out = run(["eval", str(trained / "model.keras"), "--attack", "pgd", "--attack", "fgsm",
+               "--eps", "0.1", "--steps", "5", "--step-size", "0.03", "--limit", "100", "--json"])
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(res["per_attack"]) == {"pgd", "fgsm"}
+    assert res["robust_accuracy"] <= min(res["per_attack"].values()) <= res["clean_accuracy"]
+    assert res["n"] == 100
+
+
+def test_eval_apgd_cw_and_checks(trained):
+    out = run(["eval", str(trained / "model.keras"), "--attack", "apgd", "--attack", "cw",
+               "--norm", "2", "--eps", "1.0", "--steps", "10", "--limit", "50", "--check"])
+    assert "robust accuracy" in out.stdout and "gradient-masking checks" in out.stdout
+
+
+def test_curve_writes_json_and_png(trained, tmp_path):
+    prefix = tmp_path / "c"
+    run(["curve", str(trained / "model.keras"), "--eps", "0,0.1,0.3", "--steps", "3",
+         "--limit", "100", "--out", str(prefix)])
+    curve = json.load(open(str(prefix) + ".json"))
+    assert curve["eps"] == [0, 0.1, 0.3] and len(curve["accuracy"]) == 3
+    assert open(str(prefix) + ".png", "rb").read(4) == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["train", "mnist", "--out", "x", "--eps", "-1"], "expected a number >= 0"),
+    (["train", "mnist", "--out", "x", "--epochs", "0"], "expected an integer >= 1"),
+    (["train", "mnist", "--out", "x", "--data", "tfds"], "data_dir"),
+    (["eval", "/nonexistent/model.keras"], "No model at"),
+    (["curve", "m.keras", "--out", "p", "--eps", "0,a"], "comma-separated"),
+    (["train", "cifar", "--out", "x"], "invalid choice"),
+])
+def test_bad_input_is_a_clear_error(args, msg):
+    out = run(args, check=False)
+    assert out.returncode == 2
+    assert msg in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_resume_after_kill(tmp_path):
+    """SIGKILL mid-run, start again with the same --out: no finished epoch is lost or repeated."""
+    out_dir = tmp_path / "run"
+    args = ["train", "mnist", "--epochs", "4", "--out", str(out_dir), *TINY]
+    proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    hist = out_dir / "history.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if hist.exists() and len(json.load(open(hist))["epoch"]) >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.load(open(hist))["epoch"]
+    assert 1 <= len(done) < 4
+    assert (out_dir / "backup").exists()
+
+    second = run(args)
+    final = json.load(open(hist))
+    assert final["epoch"] == [0, 1, 2, 3]
+    # The restarted run began after the last backed-up epoch, not from scratch.
+    assert "Epoch 1/4" not in second.stdout
+    assert (out_dir / "model.keras").exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multi_worker_strategy_two_processes(tmp_path):
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
+        procs.append(subprocess.Popen(
+            CLI + ["train", "mnist", "--epochs", "1", "--strategy", "multi-worker",
+                   "--out", str(tmp_path / f"w{i}"), *TINY],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (so, se) in zip(procs, outs):
+        assert p.returncode == 0, se[-3000:]
+    chief = json.load(open(tmp_path / "w0" / "metrics.json"))
+    assert chief["replicas"] == 2
+    assert (tmp_path / "w0" / "model.keras").exists()
+    assert not (tmp_path / "w1" / "model.keras").exists()  # only the chief writes
+
+
+def test_multi_worker_needs_tf_config(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    out = subprocess.run(CLI + ["train", "mnist", "--strategy", "multi-worker", "--out",
+                                str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 2 and "TF_CONFIG" in out.stderr

@@ -1,0 +1,140 @@
+"""Executes the example notebooks end to end, with tiny settings, and checks their results."""
+
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+PGD_NOTEBOOK = NOTEBOOKS / "01_pgd_adversarial_training.ipynb"
+
+# A few hundred digits, one epoch and a tiny evaluation: a smoke run of every cell.
+TINY = {
+    "TFADV_NB_EPOCHS": "1",
+    "TFADV_NB_LIMIT": "300",
+    "TFADV_NB_EVAL_LIMIT": "100",
+    "TFADV_NB_CHECK_LIMIT": "50",
+    "TFADV_NB_APGD_STEPS": "10",
+    "TFADV_NB_CURVE_EPS": "0,0.2,0.4",
+}
+PYTHON_NAMES = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
+
+
+def _use_this_python_for_kernel(tmp_path, monkeypatch):
+    """Makes the kernel named "python3" run `sys.executable` (this venv's interpreter).
+
+    ipykernel ships a "python3" spec in the venv whose argv[0] is "python", which
+    jupyter_client replaces with `sys.executable`. If that spec is not what
+    resolves (e.g. a user-level "python3" kernel points elsewhere), a spec for
+    this interpreter is put first on JUPYTER_PATH for this test only.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        argv0 = KernelSpecManager().get_kernel_spec("python3").argv[0]
+    except NoSuchKernel:
+        argv0 = None
+    if argv0 in PYTHON_NAMES or (argv0 and os.path.realpath(argv0) == os.path.realpath(sys.executable)):
+        return
+    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (tfadv tests)",
+        "language": "python",
+    }))
+    paths = [str(tmp_path / "jupyter")] + [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join(paths))
+    assert KernelSpecManager().get_kernel_spec("python3").argv[0] == sys.executable
+
+
+def _execute(path, out_dir, tmp_path, monkeypatch, env):
+    _use_this_python_for_kernel(tmp_path, monkeypatch)
+    # The kernel inherits this process's environment.
+    for key, value in {**env, "TFADV_NB_OUT": str(out_dir), "TF_CPP_MIN_LOG_LEVEL": "3",
+                       "MPLBACKEND": "module://matplotlib_inline.backend_inline"}.items():
+        monkeypatch.setenv(key, value)
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()
+    return nb
+
+
+def test_committed_notebooks_have_no_outputs():
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+        assert nb.metadata.kernelspec.name == "python3", path.name
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert cell.outputs == [] and cell.execution_count is None, (
+                    f"{path.name} has stored outputs; clear them before committing"
+                )
+
+
+@pytest.mark.slow
+def test_pgd_adversarial_training_notebook(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    nb = _execute(PGD_NOTEBOOK, out, tmp_path, monkeypatch, TINY)
+
+    # Two figures shown inline: the training history and the robustness curve.
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if "image/png" in o.get("data", {})]
+    assert len(images) == 2
+
+    for name in ("mnist_cnn_pgd.keras", "robustness_curve.png", "history.png", "summary.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for name in ("robustness_curve.png", "history.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    s = json.loads((out / "summary.json").read_text())
+    assert s["settings"]["epochs"] == 1 and s["settings"]["limit"] == 300
+
+    # Plain fit() recorded clean and robust validation metrics, one value per epoch.
+    hist = s["history"]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "val_robust_accuracy",
+                "val_robust_loss", "train_eps"):
+        assert len(hist[key]) == 1, key
+    for key in ("accuracy", "val_accuracy", "val_robust_accuracy"):
+        assert 0.0 <= hist[key][0] <= 1.0
+    assert all(np.isfinite(hist["loss"] + hist["val_loss"] + hist["val_robust_loss"]))
+    # One epoch with a 3-epoch warm-up trains at a third of the budget.
+    assert hist["train_eps"][0] == pytest.approx(0.1)
+
+    # Worst case over attacks: never above clean accuracy nor any single attack.
+    ev = s["evaluation"]
+    assert ev["n"] == 100
+    assert set(ev["per_attack"]) == {"pgd", "apgd"}
+    assert 0.0 <= ev["robust_accuracy"] <= min(ev["per_attack"].values()) <= ev["clean_accuracy"] <= 1.0
+
+    checks = s["checks"]
+    assert checks["ok"] == (checks["problems"] == [])
+    assert checks["measurements"]["fraction_nonfinite_gradients"] == 0.0
+    assert checks["measurements"]["outputs_look_like_probabilities"] is False
+
+    # The curve is evaluated on the same digits: at eps 0 it is the clean accuracy.
+    curve = s["curve"]
+    assert curve["eps"] == [0.0, 0.2, 0.4] and curve["n"] == 100
+    assert curve["accuracy"][0] == pytest.approx(ev["clean_accuracy"])
+    assert all(0.0 <= a <= 1.0 for a in curve["accuracy"])
+
+    # The saved base model reloads in safe mode, outside the notebook, and is the model evaluated.
+    assert s["reload"]["max_abs_logit_diff"] < 1e-5
+    import keras
+
+    from tfadv.data import load_mnist, subset
+
+    model = keras.saving.load_model(out / "mnist_cnn_pgd.keras", safe_mode=True)
+    x, y = subset(*load_mnist("embedded", "test"), 100, seed=0)
+    logits = model.predict(x, verbose=0)
+    assert logits.shape == (100, 10)
+    assert float(np.mean(np.argmax(logits, -1) == y)) == pytest.approx(ev["clean_accuracy"])
