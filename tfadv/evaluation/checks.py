@@ -17,6 +17,7 @@ import tensorflow as tf
 from tfadv.attacks import objectives
 from tfadv.attacks.base import call_model
 from tfadv.attacks.pgd import FGSM, PGD
+from tfadv.evaluation.robustness import attack_batches
 
 
 class GradientMaskingWarning(UserWarning):
@@ -117,13 +118,18 @@ def gradient_masking_checks(
             "cannot work here; use a margin objective, APGD-DLR or a black-box attack."
         )
 
+    x_np = x.numpy()
+
+    def attacked_accuracy(attack):
+        return _accuracy(model, attack_batches(model, attack, x_np, y_np), y_np)
+
     def pgd_acc(e, k):
-        a = PGD(eps=e, steps=k, step_size=2.5 * e / k, random_start=True, bounds=bounds)
-        return _accuracy(model, tf.function(lambda xx, yy: a(model, xx, yy))(x, y_t), y_np)
+        return attacked_accuracy(
+            PGD(eps=e, steps=k, step_size=2.5 * e / k, random_start=True, bounds=bounds))
 
     acc_k = pgd_acc(eps, steps)
     acc_4k = pgd_acc(eps, 4 * steps)
-    acc_fgsm = _accuracy(model, FGSM(eps=eps, bounds=bounds)(model, x, y_t), y_np)
+    acc_fgsm = attacked_accuracy(FGSM(eps=eps, bounds=bounds))
     m.update({f"pgd{steps}_accuracy": acc_k, f"pgd{4 * steps}_accuracy": acc_4k,
               "fgsm_accuracy": acc_fgsm})
     if acc_4k > acc_k + tolerance:
