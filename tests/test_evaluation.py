@@ -20,7 +20,7 @@ class FlipAttack(Attack):
         super().__init__(eps=0.0, bounds=None)
         self.mask, self.p = tf.constant(mask), p
 
-    def perturb(self, model, x, y, objective):
+    def perturb(self, model, x, y, objective, scale):
         mask = self.mask
         if self.p is not None:
             mask = tf.random.uniform([tf.shape(x)[0]]) < self.p

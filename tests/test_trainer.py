@@ -196,3 +196,34 @@ def test_mirrored_strategy_matches_single_device():
     assert result["replicas"] == 2
     assert result["max_weight_diff"] < 1e-5, result
     assert result["weights_moved"] > 1e-3, result
+
+
+def test_eps_scale_scales_the_training_attack():
+    """eps_scale = 0.5 trains on the FGSM point of half the budget (closed form)."""
+    base = linear_model()
+    model = tfadv.AdversarialModel(base, attack=ONE_STEP)
+    model.compile(optimizer=keras.optimizers.SGD(LR),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.eps_scale.assign(0.5)
+    model.fit(X, Y, batch_size=2, epochs=1, shuffle=False, verbose=0)
+    gx, _, _ = ce_grads(X, Y)
+    x_adv = np.clip(X + 0.5 * EPS * np.sign(gx), 0, 1)
+    _, gw, _ = ce_grads(x_adv, Y)
+    np.testing.assert_allclose(base.get_weights()[0], W - LR * gw, atol=1e-6)
+
+
+def test_epsilon_warmup_ramps_linearly(tiny_model, batch):
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_batch_end(self, b, logs=None):
+            seen.append(float(self.model.eps_scale.numpy()))
+
+    x, y = batch
+    model = _compiled(tiny_model, attack=PGD(eps=0.1, steps=1))
+    model.fit(x, y, batch_size=4, epochs=3, verbose=0,
+              callbacks=[tfadv.trainers.EpsilonWarmup(2), Spy()])
+    np.testing.assert_allclose(seen, [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0] + [1.0] * 4)
+    assert float(model.eps_scale.numpy()) == 1.0
+    with pytest.raises(ValueError, match="epochs"):
+        tfadv.trainers.EpsilonWarmup(-1)

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adv-ratio", type=float, default=1.0,
                    help="weight of the adversarial loss (pgd); 0.5 = balanced clean/adversarial")
     t.add_argument("--trades-beta", type=_nonneg_float, default=6.0)
+    t.add_argument("--eps-warmup-epochs", type=_nonneg_float, default=0.0,
+                   help="ramp the training budget from 0 to --eps over this many epochs")
     t.add_argument("--eval-steps", type=_pos_int, default=20)
     t.add_argument("--jit-compile", action="store_true", help="compile train steps with XLA")
     t.add_argument("--mixed-precision", choices=["mixed_bfloat16", "mixed_float16"], default=None)
@@ -135,7 +137,7 @@ def cmd_train(args):
         out=args.out, method=args.method, epochs=args.epochs, eps=args.eps, steps=args.steps,
         step_size=args.step_size, batch_size=args.batch_size, seed=args.seed, data=args.data,
         data_dir=args.data_dir, learning_rate=args.lr, adv_ratio=args.adv_ratio,
-        trades_beta=args.trades_beta, eval_steps=args.eval_steps, jit_compile=args.jit_compile,
+        trades_beta=args.trades_beta, eps_warmup_epochs=args.eps_warmup_epochs, eval_steps=args.eval_steps, jit_compile=args.jit_compile,
         mixed_precision=args.mixed_precision, strategy=args.strategy, limit=args.limit,
     )
     strategy = make_strategy(cfg.strategy)

@@ -79,7 +79,7 @@ class APGD(Attack):
         self.alpha = float(alpha)
         self.random_start = bool(random_start)
 
-    def perturb(self, model, x, y, objective):
+    def perturb(self, model, x, y, objective, scale):
         sign = -1.0 if self.targeted else 1.0
 
         def f(x_in):
@@ -87,7 +87,7 @@ class APGD(Attack):
             return sign * loss, out, sign * grad
 
         dtype = x.dtype
-        eps = tf.constant(self.eps, dtype)
+        eps = tf.constant(self.eps, dtype) * scale
         n = tf.shape(x)[0]
         bshape = [-1] + [1] * (len(x.shape) - 1)
         labels = tf.cast(y, tf.int64)

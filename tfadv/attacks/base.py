@@ -74,7 +74,8 @@ def input_gradient(model, x, target, objective):
 class Attack:
     """Base class: hold validated hyper-parameters, craft `x_adv` when called.
 
-    Subclasses implement `perturb(model, x, target, objective)` and list their
+    Subclasses implement `perturb(model, x, target, objective, scale)` (scale:
+    scalar tensor multiplying eps and step sizes) and list their
     constructor arguments in `get_config`.
 
     Args:
@@ -103,7 +104,7 @@ class Attack:
         self.objective = objective
 
     # -- calling -----------------------------------------------------------
-    def __call__(self, model, x, y, *, objective=None):
+    def __call__(self, model, x, y, *, objective=None, eps_scale=None):
         """Crafts adversarial examples.
 
         Args:
@@ -113,6 +114,9 @@ class Attack:
                 whatever target the objective expects (probabilities,
                 embeddings).
             objective: overrides the configured objective for this call.
+            eps_scale: optional scalar (float or tensor, e.g. a variable a
+                training schedule ramps from 0 to 1) multiplying the budget
+                and the step size for this call.
 
         Returns:
             `x_adv`, same shape and dtype as `x`, with no gradient attached.
@@ -125,10 +129,11 @@ class Attack:
             )
         y = tf.convert_to_tensor(y)
         objective = objectives_lib.get(self.objective if objective is None else objective)
-        x_adv = self.perturb(model, x, y, objective)
+        scale = tf.constant(1.0, x.dtype) if eps_scale is None else tf.cast(eps_scale, x.dtype)
+        x_adv = self.perturb(model, x, y, objective, scale)
         return tf.stop_gradient(x_adv)
 
-    def perturb(self, model, x, y, objective):  # pragma: no cover - abstract
+    def perturb(self, model, x, y, objective, scale):  # pragma: no cover - abstract
         raise NotImplementedError
 
     # -- shared geometry ---------------------------------------------------

@@ -73,7 +73,7 @@ class CarliniWagnerL2(Attack):
             return other - real + self.confidence
         return real - other + self.confidence
 
-    def perturb(self, model, x, y, objective):
+    def perturb(self, model, x, y, objective, scale):
         del objective  # C&W has its own objective
         dtype = x.dtype
         lo, hi = (tf.constant(b, dtype) for b in self.bounds)
@@ -135,7 +135,7 @@ class CarliniWagnerL2(Attack):
 
         found = tf.math.is_finite(best_l2)
         if self.eps is not None:
-            found = found & (tf.sqrt(best_l2) <= self.eps)
+            found = found & (tf.sqrt(best_l2) <= self.eps * tf.cast(scale, tf.float32))
         mask = tf.reshape(found, [-1] + [1] * len(axes))
         return tf.where(mask, best_x, x)
 

@@ -69,9 +69,9 @@ class PGD(Attack):
         up = self.ascend != self.targeted
         return 1.0 if up else -1.0
 
-    def perturb(self, model, x, y, objective):
-        eps = tf.constant(self.eps, x.dtype)
-        step = tf.constant(self.direction * self.step_size, x.dtype)
+    def perturb(self, model, x, y, objective, scale):
+        eps = tf.constant(self.eps, x.dtype) * scale
+        step = tf.constant(self.direction * self.step_size, x.dtype) * scale
         x_adv = x
         if self.random_start and self.eps > 0:
             x_adv = norms.clip_to_bounds(

@@ -15,7 +15,7 @@ from tfadv import models
 from tfadv.attacks import FGSM, PGD
 from tfadv.data import mnist as mnist_data
 from tfadv.evaluation import evaluate_robustness
-from tfadv.trainers import METHODS, AdversarialModel, JSONHistory
+from tfadv.trainers import METHODS, AdversarialModel, EpsilonWarmup, JSONHistory
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
@@ -41,6 +41,7 @@ class MnistTrainConfig:
     learning_rate: float = 1e-3
     adv_ratio: float = 1.0
     trades_beta: float = 6.0
+    eps_warmup_epochs: float = 0.0
     eval_steps: int = 20
     eval_step_size: float | None = None
     jit_compile: bool = False
@@ -160,6 +161,8 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
         # Non-chief workers must write their backups elsewhere (TF's rule).
         backup_dir = os.path.join(cfg.out, "backup") if chief else tempfile.mkdtemp()
         callbacks = [keras.callbacks.BackupAndRestore(backup_dir)]
+        if cfg.eps_warmup_epochs > 0 and cfg.method != "standard":
+            callbacks.append(EpsilonWarmup(cfg.eps_warmup_epochs))
         history_cb = JSONHistory(os.path.join(cfg.out, "history.json")) if chief else None
         if history_cb:
             callbacks.append(history_cb)

@@ -1,6 +1,6 @@
 """Training models and callbacks."""
 
 from tfadv.trainers.adversarial import METHODS, AdversarialModel
-from tfadv.trainers.callbacks import JSONHistory
+from tfadv.trainers.callbacks import EpsilonWarmup, JSONHistory
 
-__all__ = ["METHODS", "AdversarialModel", "JSONHistory"]
+__all__ = ["METHODS", "AdversarialModel", "EpsilonWarmup", "JSONHistory"]

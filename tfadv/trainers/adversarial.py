@@ -103,6 +103,10 @@ class AdversarialModel(keras.Model):
         self.eval_attack = eval_attack if eval_attack is not None else attack
         self.robust_accuracy = keras.metrics.SparseCategoricalAccuracy(name="robust_accuracy")
         self.robust_loss = keras.metrics.Mean(name="robust_loss")
+        # Fraction of the training attack's budget in use; EpsilonWarmup ramps it.
+        self.eps_scale = self.add_weight(
+            shape=(), initializer="ones", trainable=False, name="eps_scale", dtype="float32"
+        )
         if base.built:
             # The wrapper owns no weights of its own: built whenever its base is,
             # so that saving and BackupAndRestore see every variable.
@@ -149,7 +153,7 @@ class AdversarialModel(keras.Model):
             inputs, targets, weights = x, y, sample_weight
         else:
             # The attack runs the base model with training=False.
-            x_adv = self.attack(self.base, x, y)
+            x_adv = self.attack(self.base, x, y, eps_scale=self.eps_scale)
             if self.adv_ratio == 1.0:
                 inputs, targets, weights = x_adv, y, sample_weight
             else:
@@ -179,7 +183,8 @@ class AdversarialModel(keras.Model):
 
     def _trades_step(self, x, y, sample_weight):
         clean_probs = tf.nn.softmax(tf.cast(self.base(x, training=False), tf.float32))
-        x_adv = self.attack(self.base, x, clean_probs, objective=objectives_lib.kl_divergence)
+        x_adv = self.attack(self.base, x, clean_probs, objective=objectives_lib.kl_divergence,
+                            eps_scale=self.eps_scale)
         n = tf.shape(x)[0]
         with tf.GradientTape() as tape:
             both = self.base(tf.concat([x, x_adv], axis=0), training=True)

@@ -67,3 +67,39 @@ class JSONHistory(keras.callbacks.Callback):
         with open(tmp, "w") as f:
             json.dump(self.history(), f, indent=1)
         os.replace(tmp, self.path)
+
+
+class EpsilonWarmup(keras.callbacks.Callback):
+    """Ramps the training attack's budget linearly from 0 to eps over the first epochs.
+
+    PGD training at the full budget from random initialisation can collapse to
+    a constant prediction (the adversarial loss is flat at log(classes) and the
+    model never leaves it); a short ramp of the budget avoids it. Validation
+    attacks always use the full budget.
+
+    Args:
+        epochs: length of the ramp in epochs (may be fractional); 0 disables.
+    """
+
+    def __init__(self, epochs: float):
+        super().__init__()
+        if epochs < 0:
+            raise ValueError(f"Expected epochs >= 0. Received: epochs={epochs}")
+        self.epochs = float(epochs)
+        self._epoch = 0
+
+    def _set(self, fraction):
+        self.model.eps_scale.assign(float(min(1.0, max(0.0, fraction))))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.epochs <= 0:
+            self._set(1.0)
+            return
+        steps = self.params.get("steps") or 1
+        self._set((self._epoch + (batch + 1) / steps) / self.epochs)
+
+    def on_train_end(self, logs=None):
+        self._set(1.0)
