@@ -39,9 +39,14 @@ def _compiled(model, key, make):
 
 
 def _predict(model, x, batch_size):
-    fn = _compiled(model, "predict",
-                   lambda: tf.function(lambda xb: tf.argmax(call_model(model, xb), axis=-1),
-                                       reduce_retracing=True))
+    def make():
+        def predict(xb):
+            return tf.argmax(call_model(model, xb), axis=-1)
+
+        # Attacks use explicit tf.while_loop: no AutoGraph conversion needed.
+        return tf.function(predict, reduce_retracing=True, autograph=False)
+
+    fn = _compiled(model, "predict", make)
     return np.concatenate([fn(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)])
 
 
@@ -49,8 +54,13 @@ def attack_batches(model, attack: Attack, x, y, *, batch_size=256, progress=Fals
     """Runs an attack over NumPy arrays in compiled batches; returns x_adv (NumPy)."""
     # Keyed by identity: equal configs may still differ in state. The cached closure
     # holds the attack, so its id cannot be reused while the entry lives.
-    fn = _compiled(model, ("attack", id(attack)),
-                   lambda: tf.function(lambda xb, yb: attack(model, xb, yb), reduce_retracing=True))
+    def make():
+        def run(xb, yb):
+            return attack(model, xb, yb)
+
+        return tf.function(run, reduce_retracing=True, autograph=False)
+
+    fn = _compiled(model, ("attack", id(attack)), make)
     out = []
     starts = range(0, len(x), batch_size)
     for i in _progress(starts, progress, desc or attack.name, total=len(starts)):
