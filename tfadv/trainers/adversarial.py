@@ -14,7 +14,12 @@ import tensorflow as tf
 
 from tfadv.attacks import objectives as objectives_lib
 from tfadv.attacks.base import Attack
+from tfadv.attacks.pgd import InversePGD
 from tfadv.attacks.registry import deserialize, serialize
+from tfadv.config import CenterLossConfig
+from tfadv.layers.centers import ClassCenters
+from tfadv.losses.center_loss import center_loss as center_loss_fn
+from tfadv.models.features import logits_and_features
 
 METHODS = ("standard", "pgd", "trades")
 
@@ -54,6 +59,9 @@ class AdversarialModel(keras.Model):
         eval_attack: attack for robust validation metrics; defaults to `attack`.
             None-valued `attack` with method "standard" needs an `eval_attack`
             to report robust metrics; without one only clean metrics are shown.
+        center_loss: a `CenterLossConfig` (or its dict) to add center loss on
+            the base model's feature layer; the centres are a non-trainable
+            `ClassCenters` layer of this model, saved with it.
 
     Example:
         >>> base = tfadv.models.mnist_cnn()
@@ -74,6 +82,7 @@ class AdversarialModel(keras.Model):
         adv_ratio=1.0,
         trades_beta=6.0,
         eval_attack=None,
+        center_loss=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -103,6 +112,19 @@ class AdversarialModel(keras.Model):
         self.eval_attack = eval_attack if eval_attack is not None else attack
         self.robust_accuracy = keras.metrics.SparseCategoricalAccuracy(name="robust_accuracy")
         self.robust_loss = keras.metrics.Mean(name="robust_loss")
+        self.center_cfg = None if center_loss is None else CenterLossConfig.from_dict(center_loss)
+        if self.center_cfg is not None:
+            both = logits_and_features(base, self.center_cfg.feature_layer)
+            # Not tracked as a sublayer: it shares base's variables, and tracking
+            # would list them twice.
+            object.__setattr__(self, "_logits_features", both)
+            dim = int(both.outputs[1].shape[-1])
+            self.centers = ClassCenters(self.center_cfg.num_classes, dim,
+                                        alpha=self.center_cfg.alpha, name="class_centers")
+            self.center_loss_tracker = keras.metrics.Mean(name="center_loss")
+            self.inverse_attack = InversePGD(
+                eps=self.center_cfg.inverse_eps, step_size=self.center_cfg.inverse_step_size,
+                steps=self.center_cfg.inverse_steps)
         # Fraction of the training attack's budget in use; EpsilonWarmup ramps it.
         self.eps_scale = self.add_weight(
             shape=(), initializer="ones", trainable=False, name="eps_scale", dtype="float32"
@@ -148,46 +170,103 @@ class AdversarialModel(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if self.method == "trades":
             return self._trades_step(x, y, sample_weight)
-
-        if self.method == "standard" or self.adv_ratio == 0.0:
-            inputs, targets, weights = x, y, sample_weight
+        cfg = self.center_cfg
+        attacked = self.method != "standard" and self.adv_ratio > 0.0
+        x_adv = self.attack(self.base, x, y, eps_scale=self.eps_scale) if attacked else None
+        n = tf.shape(x)[0]
+        need_clean_features = cfg is not None and cfg.on in ("clean", "both")
+        if not attacked:
+            inputs, targets, weights, parts = x, y, sample_weight, ("clean",)
+        elif self.adv_ratio == 1.0 and not need_clean_features:
+            inputs, targets, weights, parts = x_adv, y, sample_weight, ("adversarial",)
         else:
-            # The attack runs the base model with training=False.
-            x_adv = self.attack(self.base, x, y, eps_scale=self.eps_scale)
-            if self.adv_ratio == 1.0:
-                inputs, targets, weights = x_adv, y, sample_weight
-            else:
-                inputs = tf.concat([x, x_adv], axis=0)
-                targets = tf.concat([y, y], axis=0)
-                r = self.adv_ratio
-                n = tf.shape(x)[0]
-                # Mean over the 2N examples with weights 2(1-r) and 2r equals
-                # (1 - r) * mean L(x) + r * mean L(x_adv).
-                mix = tf.concat(
-                    [tf.fill([n], 2.0 * (1.0 - r)), tf.fill([n], 2.0 * r)], axis=0
-                )
-                if sample_weight is not None:
-                    sw = tf.cast(sample_weight, mix.dtype)
-                    mix = mix * tf.concat([sw, sw], axis=0)
-                weights = mix
+            # One forward pass over [x, x_adv]. The mean over the 2N examples with
+            # weights 2(1-r) and 2r equals (1 - r) * mean L(x) + r * mean L(x_adv).
+            inputs = tf.concat([x, x_adv], axis=0)
+            targets = tf.concat([y, y], axis=0)
+            r = self.adv_ratio
+            weights = tf.concat([tf.fill([n], 2.0 * (1.0 - r)), tf.fill([n], 2.0 * r)], axis=0)
+            if sample_weight is not None:
+                sw = tf.cast(sample_weight, weights.dtype)
+                weights = weights * tf.concat([sw, sw], axis=0)
+            parts = ("clean", "adversarial")
+        centers_y = self._batch_centers(x, y) if cfg is not None else None
 
         with tf.GradientTape() as tape:
-            y_pred = self.base(inputs, training=True)
+            if cfg is None:
+                y_pred = self.base(inputs, training=True)
+            else:
+                y_pred, features = self._logits_features(inputs, training=True)
             loss = self._compute_loss(
                 x=inputs, y=targets, y_pred=y_pred, sample_weight=weights, training=True
             )
+            if cfg is not None:
+                loss = loss + self._center_term(features, y, centers_y, parts)
             self._track_loss(loss, inputs)
             scaled = self.optimizer.scale_loss(loss)
         self._apply(tape, scaled)
+        if len(parts) == 2 and self.adv_ratio < 1.0:
+            return self._train_logs(inputs, targets, y_pred, weights)
+        # Training accuracy is reported on the examples the loss is about.
+        if len(parts) == 2:
+            return self._train_logs(x_adv, y, y_pred[n:], sample_weight)
         return self._train_logs(inputs, targets, y_pred, weights)
+
+    def _selected(self, features, parts):
+        """Features (and how many copies of the labels) the center loss applies to."""
+        on = self.center_cfg.on
+        if len(parts) == 1:
+            return features, 1
+        n = tf.shape(features)[0] // 2
+        if on == "clean":
+            return features[:n], 1
+        if on == "adversarial":
+            return features[n:], 1
+        return features, 2
+
+    def _center_term(self, features, y, centers_y, parts):
+        feats, copies = self._selected(features, parts)
+        labels = tf.concat([y] * copies, axis=0) if copies > 1 else y
+        centers = tf.concat([centers_y] * copies, axis=0) if copies > 1 else centers_y
+        per_example = center_loss_fn(feats, centers)
+        self.center_loss_tracker.update_state(per_example)
+        if self.center_cfg.centers == "learned":
+            self.centers.update(feats, labels)
+        term = scale_for_replicas(tf.reduce_mean(per_example))
+        return tf.cast(self.center_cfg.weight, term.dtype) * term
+
+    def _batch_centers(self, x, y):
+        """The centre of each example's class, before this step's update."""
+        if self.center_cfg.centers == "learned":
+            return self.centers(y)
+        # Inverse-adversary centres of this (global) batch: per-class means of
+        # the features of the inverse adversaries.
+        x_inv = self.inverse_attack(self.base, x, y)
+        _, f_inv = self._logits_features(x_inv, training=False)
+        f_inv = tf.cast(f_inv, tf.float32)
+        k = self.center_cfg.num_classes
+        labels = tf.cast(y, tf.int32)
+        sums = tf.math.unsorted_segment_sum(f_inv, labels, k)
+        counts = tf.math.unsorted_segment_sum(tf.ones_like(labels, tf.float32), labels, k)
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            sums, counts = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [sums, counts])
+        means = sums / tf.maximum(counts, 1.0)[:, None]
+        return tf.stop_gradient(tf.gather(means, labels))
 
     def _trades_step(self, x, y, sample_weight):
         clean_probs = tf.nn.softmax(tf.cast(self.base(x, training=False), tf.float32))
         x_adv = self.attack(self.base, x, clean_probs, objective=objectives_lib.kl_divergence,
                             eps_scale=self.eps_scale)
         n = tf.shape(x)[0]
+        cfg = self.center_cfg
+        centers_y = self._batch_centers(x, y) if cfg is not None else None
         with tf.GradientTape() as tape:
-            both = self.base(tf.concat([x, x_adv], axis=0), training=True)
+            inputs = tf.concat([x, x_adv], axis=0)
+            if cfg is None:
+                both = self.base(inputs, training=True)
+            else:
+                both, features = self._logits_features(inputs, training=True)
             logits, logits_adv = both[:n], both[n:]
             natural = self._compute_loss(
                 x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=True
@@ -196,6 +275,8 @@ class AdversarialModel(keras.Model):
             kl = objectives_lib.kl_divergence(logits_adv, p)
             robust = scale_for_replicas(tf.reduce_mean(kl))
             loss = natural + tf.cast(self.trades_beta, natural.dtype) * robust
+            if cfg is not None:
+                loss = loss + self._center_term(features, y, centers_y, ("clean", "adversarial"))
             self._track_loss(loss, x)
             scaled = self.optimizer.scale_loss(loss)
         self._apply(tape, scaled)
@@ -227,7 +308,13 @@ class AdversarialModel(keras.Model):
     # -- evaluation --------------------------------------------------------
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred = self.base(x, training=False)
+        if self.center_cfg is not None:
+            y_pred, features = self._logits_features(x, training=False)
+            # Validation center loss against the learned centres (no update).
+            if self.center_cfg.centers == "learned":
+                self.center_loss_tracker.update_state(center_loss_fn(features, self.centers(y)))
+        else:
+            y_pred = self.base(x, training=False)
         loss = self._compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
         )
@@ -256,6 +343,7 @@ class AdversarialModel(keras.Model):
             adv_ratio=self.adv_ratio,
             trades_beta=self.trades_beta,
             eval_attack=None if self.eval_attack is None else serialize(self.eval_attack),
+            center_loss=None if self.center_cfg is None else self.center_cfg.to_dict(),
         )
         return config
 

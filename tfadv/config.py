@@ -1,0 +1,61 @@
+"""Validated, frozen configuration objects."""
+
+from __future__ import annotations
+
+import dataclasses
+
+CENTER_TARGETS = ("clean", "adversarial", "both")
+CENTER_SOURCES = ("learned", "inverse_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class CenterLossConfig:
+    """Center loss inside adversarial training (Wen et al., ECCV 2016).
+
+    Attributes:
+        weight: lambda in `L = CE + lambda * L_C`, with L_C = 1/2 mean ||x_i - c_{y_i}||^2.
+        alpha: centre learning rate of the update rule (0.5 in the paper).
+        on: which features are pulled to the centres: "clean", "adversarial" or "both".
+        centers: "learned" (centre variables updated by the paper's rule) or
+            "inverse_batch" (per batch, the mean feature of each class's inverse
+            adversaries: Dong et al. 2023 as centres).
+        feature_layer: name of the base model's feature layer.
+        num_classes: classes (the centre table's rows).
+        inverse_eps, inverse_step_size, inverse_steps: InversePGD settings for
+            `centers="inverse_batch"` (defaults: 4/255, 2/255, 5).
+    """
+
+    weight: float = 0.01
+    alpha: float = 0.5
+    on: str = "clean"
+    centers: str = "learned"
+    feature_layer: str = "features"
+    num_classes: int = 10
+    inverse_eps: float = 4 / 255
+    inverse_step_size: float = 2 / 255
+    inverse_steps: int = 5
+
+    def __post_init__(self):
+        if self.weight < 0:
+            raise ValueError(f"Expected weight >= 0. Received: weight={self.weight}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"Expected 0 <= alpha <= 1. Received: alpha={self.alpha}")
+        if self.on not in CENTER_TARGETS:
+            raise ValueError(f"Expected on to be one of {CENTER_TARGETS}. Received: {self.on!r}")
+        if self.centers not in CENTER_SOURCES:
+            raise ValueError(
+                f"Expected centers to be one of {CENTER_SOURCES}. Received: {self.centers!r}"
+            )
+        if int(self.num_classes) < 1:
+            raise ValueError(f"Expected num_classes >= 1. Received: {self.num_classes}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "CenterLossConfig":
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, dict):
+            raise ValueError(f"Expected a CenterLossConfig or dict. Received: {d!r}")
+        return cls(**d)

@@ -1,0 +1,5 @@
+"""Keras layers."""
+
+from tfadv.layers.centers import ClassCenters
+
+__all__ = ["ClassCenters"]
