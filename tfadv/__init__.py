@@ -1,15 +1,19 @@
 """tfadv: adversarial training and robustness evaluation for Keras models."""
 
-from tfadv import attacks, data, evaluation, models, ops, trainers
+from tfadv import attacks, data, evaluation, layers, losses, models, ops, trainers
+from tfadv.config import CenterLossConfig
 from tfadv.trainers import AdversarialModel
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdversarialModel",
+    "CenterLossConfig",
     "attacks",
     "data",
     "evaluation",
+    "layers",
+    "losses",
     "models",
     "ops",
     "trainers",

@@ -1,5 +1,6 @@
 """Robustness evaluation: accuracy under attack, curves and sanity checks."""
 
+from tfadv.evaluation import centers
 from tfadv.evaluation.checks import CheckReport, gradient_masking_checks
 from tfadv.evaluation.robustness import (
     RobustnessResult,
@@ -14,6 +15,7 @@ __all__ = [
     "CheckReport",
     "RobustnessResult",
     "attack_batches",
+    "centers",
     "evaluate_robustness",
     "gradient_masking_checks",
     "plot_curve",

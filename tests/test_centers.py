@@ -1,0 +1,91 @@
+"""Centre extraction and comparison functions."""
+
+import numpy as np
+import pytest
+
+import tfadv
+from tfadv.attacks import InversePGD
+from tfadv.evaluation import centers as C
+
+
+def test_cosine_and_mse_on_hand_made_vectors():
+    a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    b = np.array([[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]])
+    np.testing.assert_allclose(C.cosine_per_class(a, b), [1.0, -1.0, 0.0])
+    np.testing.assert_allclose(C.mse_per_class(a, b), [0.5, 4.0, 0.5])
+    m = C.cosine_matrix(a[:2], b[:2])
+    np.testing.assert_allclose(m, [[1.0, -np.sqrt(0.5)], [np.sqrt(0.5), -1.0]], atol=1e-12)
+    with pytest.raises(ValueError, match="one shape"):
+        C.cosine_per_class(a, b[:2])
+
+
+def test_compare_centers_pairs_and_stats():
+    kinds = {"a": np.eye(3), "b": np.eye(3) * 2, "c": -np.eye(3)}
+    out = C.compare_centers(kinds)
+    assert set(out) == {"a vs b", "a vs c", "b vs c"}
+    assert out["a vs b"]["cosine_mean"] == pytest.approx(1.0)
+    assert out["a vs c"]["cosine_mean"] == pytest.approx(-1.0)
+    assert out["a vs b"]["mse_mean"] == pytest.approx(1 / 3)
+    assert out["a vs b"]["cosine_std"] == pytest.approx(0.0)
+
+
+def test_variance_and_separation():
+    f = np.array([[0.0, 1.0], [0.0, -1.0], [3.0, 0.0]])
+    y = np.array([0, 0, 1])
+    c = np.array([[0.0, 0.0], [4.0, 0.0]])
+    assert C.intra_class_variance(f, y, c) == pytest.approx((1 + 1 + 1) / 3)
+    sep = C.inter_class_separation(np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]]))
+    assert sep["min"] == pytest.approx(1.0)
+    assert sep["mean"] == pytest.approx((5 + 1 + np.sqrt(9 + 9)) / 3)
+
+
+@pytest.fixture(scope="module")
+def feature_net(mnist_small):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    x, y, _, _ = mnist_small
+    model = tfadv.models.mnist_feature_net(feature_dim=4, arch="small")
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=3, batch_size=32, verbose=0)
+    return model
+
+
+def test_extraction_matches_eager_numpy_mean(feature_net, mnist_small):
+    _, _, x, y = mnist_small
+    x, y = x[:120], y[:120]
+    clean, counts = C.extract_centers(feature_net, (x, y), batch_size=50)
+    f = C.features_of(feature_net, x)
+    ref = np.stack([f[y == k].mean(0) if (y == k).any() else np.zeros(4) for k in range(10)])
+    np.testing.assert_allclose(clean, ref, atol=1e-5)
+    np.testing.assert_array_equal(counts, np.bincount(y, minlength=10))
+
+    attack = InversePGD(random_start=False)
+    inv, _ = C.extract_centers(feature_net, (x, y), attack=attack, batch_size=50)
+    f_inv = C.features_of(feature_net, np.concatenate(
+        [attack(feature_net, x[i:i + 50], y[i:i + 50]).numpy() for i in range(0, 120, 50)]))
+    ref_inv = np.stack([f_inv[y == k].mean(0) for k in range(10)])
+    np.testing.assert_allclose(inv, ref_inv, atol=1e-4)
+    assert not np.allclose(inv, clean)
+
+
+def test_uiat_perturbations_lower_the_loss_inside_the_ball(feature_net, mnist_small):
+    import tensorflow as tf
+    from tfadv.attacks.objectives import cross_entropy
+
+    _, _, x, y = mnist_small
+    deltas = C.universal_inverse_perturbations(feature_net, (x, y), epochs=3, batch_size=100)
+    assert deltas.shape == (10, 28, 28, 1)
+    assert np.abs(deltas).max() <= 4 / 255 + 1e-7
+    x_inv = np.clip(x + deltas[y], 0, 1)
+    before = float(tf.reduce_mean(cross_entropy(feature_net(x), y)))
+    after = float(tf.reduce_mean(cross_entropy(feature_net(x_inv), y)))
+    assert after < before
+    uiat, _ = C.extract_centers(feature_net, (x, y), deltas=deltas)
+    assert uiat.shape == (10, 4)
+
+
+def test_classifier_weights_shape(feature_net):
+    w = C.classifier_weights(feature_net)
+    assert w.shape == (10, 4)
+    np.testing.assert_array_equal(w[3], feature_net.get_layer("classifier").kernel.numpy()[:, 3])

@@ -1,0 +1,187 @@
+"""Class centres from features, inverse adversaries and classifier weights, and their comparison.
+
+The question behind it: can inverse adversaries (Dong et al., CVPR 2023) stand
+in for the learned centres of center loss (Wen et al., ECCV 2016)? The kinds of
+per-class vectors compared are:
+
+- inverse-adversary centres: mean feature of each class's inverse adversaries
+  (`extract_centers(..., attack=InversePGD())`), or of its universal
+  class-wise inverse perturbation (UIAT: `universal_inverse_perturbations`);
+- clean centres: mean feature of each class's clean images;
+- center-loss centres: the `ClassCenters` variables of a center-loss model;
+- classifier weights: the columns of the last Dense kernel.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import tensorflow as tf
+
+from tfadv.attacks.base import Attack, input_gradient
+from tfadv.attacks import objectives
+from tfadv.models.features import CLASSIFIER_LAYER, FEATURE_LAYER, feature_model
+from tfadv.ops import norms
+
+
+def _as_dataset(data, batch_size):
+    if isinstance(data, tf.data.Dataset):
+        return data
+    x, y = data
+    return tf.data.Dataset.from_tensor_slices((np.asarray(x, np.float32),
+                                               np.asarray(y, np.int64))).batch(batch_size)
+
+
+def extract_centers(model, data, *, num_classes=10, attack: Attack | None = None,
+                    deltas=None, feature_layer=FEATURE_LAYER, batch_size=500):
+    """Per-class mean features over a dataset, in one compiled pass.
+
+    Args:
+        model: classifier (logits) with a feature layer.
+        data: a `tf.data.Dataset` of (x, y) batches, or a pair of arrays.
+        attack: if given (e.g. `InversePGD()`), features are taken at
+            `attack(model, x, y)`: inverse-adversary centres.
+        deltas: alternatively, class-wise perturbations [K, ...] added to each
+            image of the class (UIAT centres).
+        feature_layer: name of the feature layer.
+
+    Returns:
+        (centers [K, D] float32 NumPy, counts [K]); a class with no example has
+        a zero centre and count 0.
+    """
+    feats = feature_model(model, feature_layer)
+    dim = int(feats.outputs[0].shape[-1])
+    ds = _as_dataset(data, batch_size)
+    delta_t = None if deltas is None else tf.constant(np.asarray(deltas, np.float32))
+
+    @tf.function
+    def run(ds):
+        sums = tf.zeros([num_classes, dim], tf.float32)
+        counts = tf.zeros([num_classes], tf.float32)
+        for xb, yb in ds:
+            xb = tf.cast(xb, tf.float32)
+            if attack is not None:
+                xb = attack(model, xb, yb)
+            if delta_t is not None:
+                xb = tf.clip_by_value(xb + tf.gather(delta_t, tf.cast(yb, tf.int32)), 0.0, 1.0)
+            f = tf.cast(feats(xb, training=False), tf.float32)
+            labels = tf.cast(yb, tf.int32)
+            sums += tf.math.unsorted_segment_sum(f, labels, num_classes)
+            counts += tf.math.unsorted_segment_sum(tf.ones_like(labels, tf.float32), labels,
+                                                   num_classes)
+        return sums / tf.maximum(counts, 1.0)[:, None], counts
+
+    centers, counts = run(ds)
+    return centers.numpy(), counts.numpy().astype(np.int64)
+
+
+def universal_inverse_perturbations(model, data, *, num_classes=10, eps=4 / 255,
+                                    step_size=2 / 255, epochs=5, norm="inf", bounds=(0.0, 1.0),
+                                    batch_size=500):
+    """UIAT's class-wise universal inverse perturbations (Dong et al., 2023).
+
+    One perturbation per class, shared by all its images, descending the
+    class's summed loss: each epoch, for every batch,
+    `delta_k <- Proj_eps(delta_k - step * dir(sum_{i: y_i = k} grad L(x_i + delta_k, k)))`.
+
+    Returns:
+        deltas [K, H, W, C] float32 NumPy.
+    """
+    ds = _as_dataset(data, batch_size)
+    shape = tuple(int(d) for d in ds.element_spec[0].shape[1:])
+    deltas = tf.Variable(tf.zeros((num_classes,) + shape, tf.float32), trainable=False)
+    obj = objectives.cross_entropy
+
+    @tf.function
+    def epoch(ds):
+        for xb, yb in ds:
+            labels = tf.cast(yb, tf.int32)
+            xb = tf.cast(xb, tf.float32)
+            x_in = norms.clip_to_bounds(xb + tf.gather(deltas, labels), bounds)
+            _, _, grad = input_gradient(model, x_in, yb, obj)
+            class_grad = tf.math.unsorted_segment_sum(grad, labels, num_classes)
+            step = norms.normalize_gradient(class_grad, norm)
+            deltas.assign(norms.project(deltas - step_size * step, eps, norm))
+
+    for _ in range(int(epochs)):
+        epoch(ds)
+    return deltas.numpy()
+
+
+def classifier_weights(model, layer=CLASSIFIER_LAYER):
+    """Rows = classes: the transposed kernel [K, D] of the final Dense layer."""
+    return np.asarray(model.get_layer(layer).kernel).T
+
+
+def features_of(model, x, feature_layer=FEATURE_LAYER, batch_size=500):
+    feats = feature_model(model, feature_layer)
+    return np.concatenate([np.asarray(feats(x[i:i + batch_size], training=False))
+                           for i in range(0, len(x), batch_size)])
+
+
+# -- comparisons ---------------------------------------------------------------
+
+
+def _pair(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"Expected two [K, D] arrays of one shape. Received {a.shape}, {b.shape}.")
+    return a, b
+
+
+def cosine_per_class(a, b):
+    """cos(a_k, b_k) for every class k ([K]); 0 where a vector is zero."""
+    a, b = _pair(a, b)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(den > 0, np.sum(a * b, axis=1) / np.where(den > 0, den, 1), 0.0)
+
+
+def mse_per_class(a, b):
+    """mean_d (a_kd - b_kd)^2 for every class k ([K])."""
+    a, b = _pair(a, b)
+    return np.mean((a - b) ** 2, axis=1)
+
+
+def cosine_matrix(a, b):
+    """cos(a_i, b_j) for all class pairs ([K, K])."""
+    a, b = _pair(a, b)
+    an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return an @ bn.T
+
+
+def intra_class_variance(features, labels, centers):
+    """Mean squared distance of each feature to its own class centre."""
+    features = np.asarray(features, np.float64)
+    centers = np.asarray(centers, np.float64)
+    return float(np.mean(np.sum((features - centers[np.asarray(labels)]) ** 2, axis=1)))
+
+
+def inter_class_separation(centers):
+    """Pairwise Euclidean distances between centres: {"mean": ..., "min": ...}."""
+    c = np.asarray(centers, np.float64)
+    d = [np.linalg.norm(c[i] - c[j]) for i, j in itertools.combinations(range(len(c)), 2)]
+    return {"mean": float(np.mean(d)), "min": float(np.min(d))}
+
+
+def compare_centers(kinds: dict) -> dict:
+    """All pairwise comparisons of centre kinds.
+
+    Args:
+        kinds: {name: [K, D] array}.
+
+    Returns:
+        {"a vs b": {"cosine": [K], "mse": [K], "cosine_mean", "cosine_std",
+        "mse_mean", "mse_std"}} for every pair of names.
+    """
+    out = {}
+    for (na, a), (nb, b) in itertools.combinations(kinds.items(), 2):
+        cos, mse = cosine_per_class(a, b), mse_per_class(a, b)
+        out[f"{na} vs {nb}"] = {
+            "cosine": cos.tolist(), "mse": mse.tolist(),
+            "cosine_mean": float(cos.mean()), "cosine_std": float(cos.std()),
+            "mse_mean": float(mse.mean()), "mse_std": float(mse.std()),
+        }
+    return out
