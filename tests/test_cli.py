@@ -145,3 +145,30 @@ def test_multi_worker_needs_tf_config(tmp_path):
                                 str(tmp_path)], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.returncode == 2 and "TF_CONFIG" in out.stderr
+
+
+@pytest.mark.slow
+def test_centers_quick_writes_the_whole_report(tmp_path):
+    out = tmp_path / "study"
+    run(["centers", "--quick", "--out", str(out), "--epochs", "1", "--limit", "300",
+         "--eval-limit", "100"], timeout=900)
+    results = json.load(open(out / "results.json"))
+    assert set(results["models"]) == {"A", "B", "C", "D", "_n"}
+    a = results["models"]["A"]
+    assert {"inverse vs learned", "inverse vs clean", "inverse vs weights",
+            "clean vs learned", "inverse vs uiat"} <= set(a["comparisons"])
+    assert "learned" not in results["models"]["B"]["centers"]
+    for name in ("features.png", "cosine_heatmaps.png", "report.md"):
+        assert (out / name).stat().st_size > 0
+    report = open(out / "report.md").read()
+    assert "Answer:" in report and "| A |" in report
+    for m in "ABCD":
+        assert (out / f"model_{m}.keras").exists()
+
+
+def test_centers_script_rejects_unknown_models(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "training", "center_loss_inverse.py")
+    out = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--models", "A,Z"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 2 and "Expected models" in out.stderr

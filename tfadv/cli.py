@@ -92,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", choices=["embedded", "tfds", "full"], default="embedded")
     c.add_argument("--data-dir", default=None)
     c.add_argument("--limit", type=_pos_int, default=None)
+    s = sub.add_parser("centers", help="the centres study: inverse adversaries vs center loss")
+    s.add_argument("--out", required=True, help="output directory (report.md, results.json, PNGs)")
+    s.add_argument("--quick", action="store_true", help="small settings: a few minutes on 2 cores")
+    s.add_argument("--models", default="A,B,C,D", help="subset of A,B,C,D")
+    s.add_argument("--epochs", type=_pos_int, default=None)
+    s.add_argument("--arch", choices=["lenetpp", "small"], default=None)
+    s.add_argument("--feature-dim", type=_pos_int, default=None)
+    s.add_argument("--data", choices=["embedded", "tfds", "full"], default=None)
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--limit", type=_pos_int, default=None)
+    s.add_argument("--eval-limit", type=_pos_int, default=None)
+    s.add_argument("--center-weight", type=_nonneg_float, default=None)
+    s.add_argument("--max-lr", type=_nonneg_float, default=None)
+    s.add_argument("--no-uiat", action="store_true", help="skip the UIAT centres")
+    s.add_argument("--seed", type=int, default=None)
     return p
 
 
@@ -195,12 +210,42 @@ def cmd_curve(args):
     print("wrote", *paths)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "curve": cmd_curve}
+def centers_config(args):
+    """The study config from CLI arguments (shared with training/center_loss_inverse.py)."""
+    from tfadv.recipes.centers import CentersStudyConfig
+
+    overrides = {k: v for k, v in dict(
+        epochs=args.epochs, arch=args.arch, feature_dim=args.feature_dim, data=args.data,
+        data_dir=args.data_dir, limit=args.limit, eval_limit=args.eval_limit,
+        center_weight=args.center_weight, max_lr=args.max_lr, seed=args.seed).items()
+        if v is not None}
+    models = tuple(m.strip().upper() for m in args.models.split(",") if m.strip())
+    overrides["models"] = models
+    if args.no_uiat:
+        overrides["uiat"] = False
+    if args.quick:
+        return CentersStudyConfig.quick(args.out, **overrides)
+    return CentersStudyConfig(out=args.out, **overrides)
+
+
+def cmd_centers(args):
+    from tfadv.recipes.centers import run_centers_study
+
+    results = run_centers_study(centers_config(args))
+    print("\n".join(results["verdict"]))
+    print(f"wrote {os.path.join(args.out, 'report.md')}, results.json and figures")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "curve": cmd_curve, "centers": cmd_centers}
 
 
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    import tensorflow as tf
+
+    # Retracing notices are expected here: each evaluation compiles its attacks once.
+    tf.get_logger().setLevel("ERROR")
     try:
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as err:

@@ -1,0 +1,350 @@
+"""The centres study: can inverse adversaries stand in for center-loss centres?
+
+Four models of one architecture on MNIST:
+
+- A: softmax + center loss (learned centres, Wen et al. 2016);
+- B: softmax only;
+- C: softmax + center loss toward inverse-adversary centres (per batch,
+  the mean feature of each class's inverse adversaries: Dong et al. 2023);
+- D: PGD adversarial training + center loss.
+
+For each model it extracts the per-class vectors (inverse-adversary centres,
+UIAT centres, clean centres, learned centres, classifier weights), compares
+every pair by cosine similarity and MSE, measures intra-class variance and
+inter-class separation, clean and robust accuracy, and writes `results.json`,
+`report.md` and figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+MODELS = {
+    "A": "softmax + center loss (learned centres)",
+    "B": "softmax only",
+    "C": "softmax + center loss toward inverse-adversary centres",
+    "D": "PGD adversarial training + center loss",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CentersStudyConfig:
+    """Settings of the study. Defaults are the full setting of the seed study."""
+
+    out: str
+    models: tuple = ("A", "B", "C", "D")
+    epochs: int = 25
+    arch: str = "lenetpp"
+    feature_dim: int = 2
+    data: str = "embedded"
+    data_dir: str | None = None
+    limit: int | None = None
+    eval_limit: int | None = None
+    batch_size: int = 128
+    max_lr: float = 0.01
+    lr_mode: str = "one_cycle"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    center_weight: float = 0.1
+    center_alpha: float = 0.5
+    inverse_eps: float = 4 / 255
+    inverse_step_size: float = 2 / 255
+    inverse_steps: int = 5
+    uiat: bool = True
+    uiat_epochs: int = 3
+    adv_eps: float = 0.3
+    adv_steps: int = 10
+    adv_step_size: float = 0.04
+    adv_warmup_epochs: float = 2.0
+    robust_eps: float = 0.3
+    robust_steps: int = 40
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = set(self.models) - set(MODELS)
+        if unknown or not self.models:
+            raise ValueError(f"Expected models from {sorted(MODELS)}. Received: {self.models}")
+        if int(self.epochs) < 1 or int(self.batch_size) < 1:
+            raise ValueError("Expected epochs >= 1 and batch_size >= 1.")
+
+    @classmethod
+    def quick(cls, out, **overrides):
+        """Settings that finish in a few minutes on 2 CPU cores."""
+        # A higher peak LR than the study's 0.01: a few epochs must still learn.
+        base = dict(out=out, epochs=4, arch="small", limit=1500, eval_limit=300, batch_size=64,
+                    max_lr=0.05,
+                    adv_steps=3, adv_step_size=0.12, adv_warmup_epochs=1.0, robust_steps=10,
+                    uiat_epochs=1)
+        base.update(overrides)
+        return cls(**base)
+
+
+def _compile(model, cfg, steps_per_epoch):
+    import keras
+
+    from tfadv.trainers.schedules import CyclicLR, sgd_nesterov
+
+    schedule = CyclicLR(cfg.max_lr, total_steps=max(1, steps_per_epoch * cfg.epochs),
+                        mode=cfg.lr_mode)
+    model.compile(
+        optimizer=sgd_nesterov(schedule, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+
+
+def build_study_model(name, cfg):
+    """The training model of study model `name` ("A".."D"), not yet compiled."""
+    import tfadv
+    from tfadv.attacks import PGD
+    from tfadv.config import CenterLossConfig
+
+    base = tfadv.models.mnist_feature_net(feature_dim=cfg.feature_dim, arch=cfg.arch,
+                                          name=f"model_{name}")
+    center = dict(weight=cfg.center_weight, alpha=cfg.center_alpha,
+                  inverse_eps=cfg.inverse_eps, inverse_step_size=cfg.inverse_step_size,
+                  inverse_steps=cfg.inverse_steps)
+    eval_attack = PGD(eps=cfg.robust_eps, steps=10, step_size=2.5 * cfg.robust_eps / 10)
+    if name == "A":
+        return tfadv.AdversarialModel(base, method="standard", eval_attack=eval_attack,
+                                      center_loss=CenterLossConfig(**center))
+    if name == "B":
+        return tfadv.AdversarialModel(base, method="standard", eval_attack=eval_attack)
+    if name == "C":
+        return tfadv.AdversarialModel(
+            base, method="standard", eval_attack=eval_attack,
+            center_loss=CenterLossConfig(centers="inverse_batch", **center))
+    attack = PGD(eps=cfg.adv_eps, steps=cfg.adv_steps, step_size=cfg.adv_step_size)
+    return tfadv.AdversarialModel(base, attack=attack, method="pgd", eval_attack=eval_attack,
+                                  center_loss=CenterLossConfig(on="both", **center))
+
+
+def analyse_model(model, base, x_tr, y_tr, x_te, y_te, cfg) -> tuple[dict, dict, np.ndarray]:
+    """Centres of every kind, their comparison, geometry and accuracy of one model.
+
+    Returns:
+        (results dict, {kind: [K, D] centres}, test features).
+    """
+    from tfadv.attacks import APGD, PGD, InversePGD
+    from tfadv.evaluation import centers as C
+    from tfadv.evaluation import evaluate_robustness
+
+    inverse = InversePGD(eps=cfg.inverse_eps, step_size=cfg.inverse_step_size,
+                         steps=cfg.inverse_steps)
+    kinds = {
+        "inverse": C.extract_centers(base, (x_tr, y_tr), attack=inverse)[0],
+        "clean": C.extract_centers(base, (x_tr, y_tr))[0],
+        "weights": C.classifier_weights(base),
+    }
+    if cfg.uiat:
+        deltas = C.universal_inverse_perturbations(
+            base, (x_tr, y_tr), eps=cfg.inverse_eps, step_size=cfg.inverse_step_size,
+            epochs=cfg.uiat_epochs)
+        kinds["uiat"] = C.extract_centers(base, (x_tr, y_tr), deltas=deltas)[0]
+    if getattr(model, "center_cfg", None) is not None and model.center_cfg.centers == "learned":
+        kinds["learned"] = model.centers.centers.numpy()
+
+    f_te = C.features_of(base, x_te)
+    test_clean = C.extract_centers(base, (x_te, y_te))[0]
+    sep = C.inter_class_separation(test_clean)
+    intra = C.intra_class_variance(f_te, y_te, test_clean)
+    attacks = [PGD(eps=cfg.robust_eps, step_size=2.5 * cfg.robust_eps / cfg.robust_steps,
+                   steps=cfg.robust_steps),
+               APGD(eps=cfg.robust_eps, steps=cfg.robust_steps)]
+    rob = evaluate_robustness(base, x_te, y_te, attacks)
+    results = {
+        "clean_accuracy": rob.clean_accuracy,
+        "robust_accuracy": rob.robust_accuracy,
+        "per_attack": rob.per_attack,
+        "intra_class_variance": intra,
+        "inter_class_separation": sep,
+        # Scale-free compactness: center loss shrinks features, softmax grows them.
+        "variance_to_separation": intra / max(sep["mean"] ** 2, 1e-12),
+        "comparisons": C.compare_centers(kinds),
+        "centers": {k: v.tolist() for k, v in kinds.items()},
+    }
+    return results, kinds, f_te
+
+
+def _figures(out, per_model, feats, kinds_by_model, y_te):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tfadv.evaluation import centers as C
+
+    paths = {}
+    names = list(per_model)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), dpi=110)
+    axes = np.atleast_1d(axes)
+    markers = {"clean": "o", "inverse": "*", "uiat": "P", "learned": "X", "weights": "^"}
+    for ax, name in zip(axes, names):
+        f = feats[name]
+        proj = None
+        if f.shape[1] > 2:  # PCA to the plane for the drawing only
+            mu = f.mean(0)
+            _, _, vt = np.linalg.svd(f - mu, full_matrices=False)
+            proj = lambda v, mu=mu, vt=vt: (np.asarray(v) - mu) @ vt[:2].T  # noqa: E731
+        p = proj or (lambda v: np.asarray(v))
+        pts = p(f)
+        ax.scatter(pts[:, 0], pts[:, 1], c=y_te, cmap="tab10", s=4, alpha=0.5)
+        for kind, vec in kinds_by_model[name].items():
+            v = p(vec)
+            if kind == "weights":  # directions: scale to the feature cloud
+                scale = np.abs(pts).max() / max(np.abs(v).max(), 1e-12)
+                v = v * scale
+            ax.scatter(v[:, 0], v[:, 1], marker=markers.get(kind, "s"), s=90,
+                       edgecolors="k", c=np.arange(len(v)), cmap="tab10", label=kind)
+        ax.set_title(f"Model {name}: {MODELS[name]}", fontsize=8)
+        ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    paths["features"] = os.path.join(out, "features.png")
+    fig.savefig(paths["features"])
+    plt.close(fig)
+
+    pairs = [("inverse", "learned"), ("inverse", "clean"), ("inverse", "weights")]
+    rows = [(n, a, b) for n in names for a, b in pairs if b in kinds_by_model[n]]
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 2.8), dpi=110)
+    axes = np.atleast_1d(axes)
+    for ax, (n, a, b) in zip(axes, rows):
+        m = C.cosine_matrix(kinds_by_model[n][a], kinds_by_model[n][b])
+        im = ax.imshow(m, vmin=-1, vmax=1, cmap="coolwarm")
+        ax.set_title(f"{n}: {a} vs {b}", fontsize=7)
+        ax.set_xlabel(b, fontsize=6)
+        ax.set_ylabel(a, fontsize=6)
+        ax.tick_params(labelsize=5)
+    fig.colorbar(im, ax=list(axes), shrink=0.7)
+    paths["cosine_heatmaps"] = os.path.join(out, "cosine_heatmaps.png")
+    fig.savefig(paths["cosine_heatmaps"])
+    plt.close(fig)
+    return paths
+
+
+def _verdict(per_model) -> list[str]:
+    """Statements that follow from the measured numbers (nothing else)."""
+    lines = []
+    if "A" in per_model:
+        comp = per_model["A"]["comparisons"]
+        il = comp.get("inverse vs learned")
+        ic = comp.get("inverse vs clean")
+        cl = comp.get("clean vs learned")
+        if il and ic and cl:
+            lines.append(
+                f"In Model A, inverse-adversary centres point where the learned centres do "
+                f"(mean cosine {il['cosine_mean']:.3f}, MSE {il['mse_mean']:.4g}); but so do "
+                f"the plain clean centres (clean vs learned: cosine {cl['cosine_mean']:.3f}, "
+                f"MSE {cl['mse_mean']:.4g}), and inverse vs clean is {ic['cosine_mean']:.3f}.")
+            if il["mse_mean"] < cl["mse_mean"]:
+                lines.append("Inverse-adversary centres are closer to the learned centres than "
+                             "the clean centres are (lower MSE).")
+            else:
+                lines.append("Inverse-adversary centres are no closer to the learned centres "
+                             "than the clean centres are (MSE not lower).")
+    if "A" in per_model and "C" in per_model:
+        a, c = per_model["A"], per_model["C"]
+        dacc = c["clean_accuracy"] - a["clean_accuracy"]
+        dvar = c["variance_to_separation"] / max(a["variance_to_separation"], 1e-12)
+        can = dacc >= -0.01 and dvar <= 1.25
+        lines.append(
+            f"Model C (inverse centres in the loss) vs Model A (learned centres): clean accuracy "
+            f"{c['clean_accuracy']:.3f} vs {a['clean_accuracy']:.3f}, variance/separation "
+            f"{c['variance_to_separation']:.4f} vs {a['variance_to_separation']:.4f} "
+            f"({dvar:.2f}x), robust accuracy {c['robust_accuracy']:.3f} vs "
+            f"{a['robust_accuracy']:.3f}.")
+        lines.append(
+            "Answer: on this evidence inverse adversaries CAN replace the learned centres "
+            "(accuracy within 1 point, compactness within 25%)." if can else
+            "Answer: on this evidence inverse adversaries can NOT simply replace the learned "
+            "centres (accuracy more than 1 point lower or compactness more than 25% worse).")
+    if "D" in per_model and "A" in per_model:
+        lines.append(
+            f"Model D (PGD + center loss) buys robust accuracy {per_model['D']['robust_accuracy']:.3f} "
+            f"(A: {per_model['A']['robust_accuracy']:.3f}) at clean accuracy "
+            f"{per_model['D']['clean_accuracy']:.3f}.")
+    return lines
+
+
+def _report(cfg, per_model, figures, seconds) -> str:
+    lines = ["# Inverse-adversary centres vs center-loss centres: results", ""]
+    lines += [f"Data: MNIST `{cfg.data}` (train {per_model['_n']['train']}, test "
+              f"{per_model['_n']['test']}); architecture `{cfg.arch}`, {cfg.feature_dim}-d "
+              f"features; {cfg.epochs} epochs of SGD (Nesterov {cfg.momentum}, weight decay "
+              f"{cfg.weight_decay}, {cfg.lr_mode} LR, max {cfg.max_lr}); center loss lambda "
+              f"{cfg.center_weight}, alpha {cfg.center_alpha}; InversePGD eps' "
+              f"{cfg.inverse_eps:.4f}, {cfg.inverse_steps} steps of {cfg.inverse_step_size:.4f}. "
+              f"Robust accuracy: worst case of PGD-{cfg.robust_steps} and APGD-CE-"
+              f"{cfg.robust_steps} at Linf eps {cfg.robust_eps}. Wall time {seconds:.0f} s.", ""]
+    models = [m for m in per_model if not m.startswith("_")]
+    lines += ["## Models", "", "| model | training | clean acc | robust acc | intra-class var | "
+              "mean centre distance | var / dist^2 |", "|---|---|---|---|---|---|---|"]
+    for m in models:
+        r = per_model[m]
+        lines.append(f"| {m} | {MODELS[m]} | {r['clean_accuracy']:.3f} | {r['robust_accuracy']:.3f}"
+                     f" | {r['intra_class_variance']:.4g} | {r['inter_class_separation']['mean']:.4g}"
+                     f" | {r['variance_to_separation']:.4f} |")
+    lines.append("")
+    for m in models:
+        lines += [f"## Model {m}: centre comparisons (mean ± std over classes)", "",
+                  "| pair | cosine | MSE |", "|---|---|---|"]
+        for pair, v in per_model[m]["comparisons"].items():
+            lines.append(f"| {pair} | {v['cosine_mean']:.3f} ± {v['cosine_std']:.3f} | "
+                         f"{v['mse_mean']:.4g} ± {v['mse_std']:.2g} |")
+        lines.append("")
+    lines += ["## What the numbers say", ""] + [f"- {s}" for s in _verdict(per_model)] + [""]
+    lines += ["## Figures", ""] + [f"![{k}]({os.path.basename(p)})" for k, p in figures.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_centers_study(cfg: CentersStudyConfig, progress=True) -> dict:
+    """Trains the study's models, analyses them and writes the report. Returns results."""
+    import keras
+
+    from tfadv.data import mnist as mnist_data
+    from tfadv.trainers import EpsilonWarmup
+
+    t0 = time.perf_counter()
+    os.makedirs(cfg.out, exist_ok=True)
+    x_tr, y_tr = mnist_data.load_mnist(cfg.data, "train", cfg.data_dir)
+    x_te, y_te = mnist_data.load_mnist(cfg.data, "test", cfg.data_dir)
+    x_tr, y_tr = mnist_data.subset(x_tr, y_tr, cfg.limit, cfg.seed)
+    x_te, y_te = mnist_data.subset(x_te, y_te, cfg.eval_limit, cfg.seed)
+    train_ds = mnist_data.to_dataset(x_tr, y_tr, batch_size=cfg.batch_size, shuffle=True,
+                                     seed=cfg.seed)
+    val_ds = mnist_data.to_dataset(x_te, y_te, batch_size=500)
+    steps = int(np.ceil(len(x_tr) / cfg.batch_size))
+    per_model, feats, kinds_by_model = {"_n": {"train": len(x_tr), "test": len(x_te)}}, {}, {}
+    for name in cfg.models:
+        if progress:
+            print(f"\n== Model {name}: {MODELS[name]} ==", flush=True)
+        keras.utils.set_random_seed(cfg.seed)
+        model = build_study_model(name, cfg)
+        _compile(model, cfg, steps)
+        callbacks = [EpsilonWarmup(cfg.adv_warmup_epochs)] if name == "D" else []
+        t = time.perf_counter()
+        hist = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
+                         verbose="auto" if progress else 0)
+        train_s = time.perf_counter() - t
+        model.base.save(os.path.join(cfg.out, f"model_{name}.keras"))
+        res, kinds, f_te = analyse_model(model, model.base, x_tr, y_tr, x_te, y_te, cfg)
+        res["train_seconds"] = train_s
+        res["history"] = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+        per_model[name], feats[name], kinds_by_model[name] = res, f_te, kinds
+        if progress:
+            print(f"Model {name}: clean {res['clean_accuracy']:.3f}, robust "
+                  f"{res['robust_accuracy']:.3f}, var/dist^2 {res['variance_to_separation']:.4f}")
+    figures = _figures(cfg.out, {k: v for k, v in per_model.items() if k != "_n"}, feats,
+                       kinds_by_model, y_te)
+    seconds = time.perf_counter() - t0
+    results = {"config": dataclasses.asdict(cfg), "models": per_model, "figures": figures,
+               "verdict": _verdict(per_model), "seconds": seconds}
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(cfg.out, "report.md"), "w") as f:
+        f.write(_report(cfg, per_model, figures, seconds))
+    return results
