@@ -46,6 +46,11 @@ def mnist_feature_net(feature_dim=2, num_classes=10, arch="lenetpp", input_shape
     return keras.Model(inputs, logits, name=name or f"mnist_{arch}_{feature_dim}d")
 
 
+def _single_input(model):
+    # A bare input (not a one-element list) so the derived model accepts a tensor.
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
+
+
 def feature_model(model, layer=FEATURE_LAYER) -> keras.Model:
     """A model sharing `model`'s weights that returns its features."""
     try:
@@ -55,11 +60,11 @@ def feature_model(model, layer=FEATURE_LAYER) -> keras.Model:
             f"Model {model.name!r} has no layer named {layer!r}; build it with "
             "tfadv.models.mnist_feature_net or name its feature layer."
         ) from None
-    return keras.Model(model.inputs, out, name=f"{model.name}_features")
+    return keras.Model(_single_input(model), out, name=f"{model.name}_features")
 
 
 def logits_and_features(model, layer=FEATURE_LAYER) -> keras.Model:
     """A two-output model (logits, features) sharing `model`'s weights."""
     feature_model(model, layer)  # validates the layer name
-    return keras.Model(model.inputs, [model.outputs[0], model.get_layer(layer).output],
+    return keras.Model(_single_input(model), [model.outputs[0], model.get_layer(layer).output],
                        name=f"{model.name}_logits_features")

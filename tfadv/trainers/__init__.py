@@ -1,6 +1,17 @@
-"""Training models and callbacks."""
+"""Training models, callbacks and schedules."""
+
+from tfadv.trainers import schedules
 
 from tfadv.trainers.adversarial import METHODS, AdversarialModel
 from tfadv.trainers.callbacks import EpsilonWarmup, JSONHistory
+from tfadv.trainers.schedules import CyclicLR, sgd_nesterov
 
-__all__ = ["METHODS", "AdversarialModel", "EpsilonWarmup", "JSONHistory"]
+__all__ = [
+    "METHODS",
+    "AdversarialModel",
+    "CyclicLR",
+    "EpsilonWarmup",
+    "JSONHistory",
+    "schedules",
+    "sgd_nesterov",
+]
