@@ -24,7 +24,8 @@ TINY = {
     "TFADV_NB_APGD_STEPS": "10",
     "TFADV_NB_CURVE_EPS": "0,0.2,0.4",
 }
-PYTHON_NAMES = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
+PYTHON_NAMES = {"python", "python{}".format(*sys.version_info),
+                "python{}.{}".format(*sys.version_info)}
 
 
 def _use_this_python_for_kernel(tmp_path, monkeypatch):
@@ -41,7 +42,9 @@ def _use_this_python_for_kernel(tmp_path, monkeypatch):
         argv0 = KernelSpecManager().get_kernel_spec("python3").argv[0]
     except NoSuchKernel:
         argv0 = None
-    if argv0 in PYTHON_NAMES or (argv0 and os.path.realpath(argv0) == os.path.realpath(sys.executable)):
+    if argv0 in PYTHON_NAMES:  # jupyter_client runs sys.executable for these
+        return
+    if argv0 and os.path.realpath(argv0) == os.path.realpath(sys.executable):
         return
     spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
     spec_dir.mkdir(parents=True)
@@ -50,7 +53,8 @@ def _use_this_python_for_kernel(tmp_path, monkeypatch):
         "display_name": "Python 3 (tfadv tests)",
         "language": "python",
     }))
-    paths = [str(tmp_path / "jupyter")] + [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    old = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    paths = [str(tmp_path / "jupyter")] + old
     monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join(paths))
     assert KernelSpecManager().get_kernel_spec("python3").argv[0] == sys.executable
 
@@ -114,7 +118,8 @@ def test_pgd_adversarial_training_notebook(tmp_path, monkeypatch):
     ev = s["evaluation"]
     assert ev["n"] == 100
     assert set(ev["per_attack"]) == {"pgd", "apgd"}
-    assert 0.0 <= ev["robust_accuracy"] <= min(ev["per_attack"].values()) <= ev["clean_accuracy"] <= 1.0
+    worst_single = min(ev["per_attack"].values())
+    assert 0.0 <= ev["robust_accuracy"] <= worst_single <= ev["clean_accuracy"] <= 1.0
 
     checks = s["checks"]
     assert checks["ok"] == (checks["problems"] == [])
@@ -137,4 +142,6 @@ def test_pgd_adversarial_training_notebook(tmp_path, monkeypatch):
     x, y = subset(*load_mnist("embedded", "test"), 100, seed=0)
     logits = model.predict(x, verbose=0)
     assert logits.shape == (100, 10)
-    assert float(np.mean(np.argmax(logits, -1) == y)) == pytest.approx(ev["clean_accuracy"])
+    # Other batch sizes than the notebook's may flip a near-tie: allow one digit of 100.
+    clean = float(np.mean(np.argmax(logits, -1) == y))
+    assert clean == pytest.approx(ev["clean_accuracy"], abs=0.0101)
