@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adv-ratio", type=float, default=1.0,
                    help="weight of the adversarial loss (pgd); 0.5 = balanced clean/adversarial")
     t.add_argument("--trades-beta", type=_nonneg_float, default=6.0)
-    t.add_argument("--eps-warmup-epochs", type=_nonneg_float, default=0.0,
-                   help="ramp the training budget from 0 to --eps over this many epochs")
+    t.add_argument("--eps-warmup-epochs", type=_nonneg_float, default=2.0,
+                   help="ramp the training budget linearly from 0 to --eps over this many "
+                        "epochs (0: full budget from the start)")
     t.add_argument("--eval-steps", type=_pos_int, default=20)
     t.add_argument("--jit-compile", action="store_true", help="compile train steps with XLA")
     t.add_argument("--mixed-precision", choices=["mixed_bfloat16", "mixed_float16"], default=None)

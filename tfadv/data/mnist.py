@@ -180,7 +180,8 @@ def mnist_datasets(source="embedded", *, batch_size=50, seed=0, data_dir=None, l
         source, data_dir: as `load_mnist`.
         batch_size: batch size of both pipelines.
         seed: shuffling seed.
-        limit: keep only the first `limit` examples of each split (quick runs).
+        limit: keep a random sample of `limit` examples of each split (quick
+            runs; the sources are sorted by class, so not the first ones).
     """
     x_tr, y_tr = load_mnist(source, "train", data_dir)
     x_te, y_te = load_mnist(source, "test", data_dir)

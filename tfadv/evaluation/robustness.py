@@ -208,14 +208,13 @@ def robustness_curve(
 
 def plot_curve(curves: dict | list, path, *, title="Robustness curve", xlabel="eps (Linf)"):
     """Plots one curve dict (or a list of `(label, curve)` pairs) to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure without pyplot: no global backend switch, safe inside notebooks.
+    from matplotlib.figure import Figure
 
     if isinstance(curves, dict):
         curves = [("model", curves)]
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    fig = Figure(figsize=(5, 3.5), dpi=120)
+    ax = fig.subplots()
     for label, c in curves:
         ax.plot(c["eps"], c["accuracy"], marker="o", label=label)
     ax.set_xlabel(xlabel)
@@ -227,7 +226,6 @@ def plot_curve(curves: dict | list, path, *, title="Robustness curve", xlabel="e
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

@@ -172,17 +172,14 @@ def analyse_model(model, base, x_tr, y_tr, x_te, y_te, cfg) -> tuple[dict, dict,
 
 
 def _figures(out, per_model, feats, kinds_by_model, y_te):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from tfadv.evaluation import centers as C
 
     paths = {}
     names = list(per_model)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), dpi=110)
-    axes = np.atleast_1d(axes)
+    fig = Figure(figsize=(4.2 * len(names), 4), dpi=110)
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
     markers = {"clean": "o", "inverse": "*", "uiat": "P", "learned": "X", "weights": "^"}
     for ax, name in zip(axes, names):
         f = feats[name]
@@ -206,12 +203,11 @@ def _figures(out, per_model, feats, kinds_by_model, y_te):
     fig.tight_layout()
     paths["features"] = os.path.join(out, "features.png")
     fig.savefig(paths["features"])
-    plt.close(fig)
 
     pairs = [("inverse", "learned"), ("inverse", "clean"), ("inverse", "weights")]
     rows = [(n, a, b) for n in names for a, b in pairs if b in kinds_by_model[n]]
-    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 2.8), dpi=110)
-    axes = np.atleast_1d(axes)
+    fig = Figure(figsize=(2.6 * len(rows), 2.8), dpi=110)
+    axes = np.atleast_1d(fig.subplots(1, len(rows)))
     for ax, (n, a, b) in zip(axes, rows):
         m = C.cosine_matrix(kinds_by_model[n][a], kinds_by_model[n][b])
         im = ax.imshow(m, vmin=-1, vmax=1, cmap="coolwarm")
@@ -222,7 +218,6 @@ def _figures(out, per_model, feats, kinds_by_model, y_te):
     fig.colorbar(im, ax=list(axes), shrink=0.7)
     paths["cosine_heatmaps"] = os.path.join(out, "cosine_heatmaps.png")
     fig.savefig(paths["cosine_heatmaps"])
-    plt.close(fig)
     return paths
 
 
