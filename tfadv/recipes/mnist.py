@@ -170,6 +170,7 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
             callbacks.append(history_cb)
         t0 = time.perf_counter()
         model.fit(train_ds, validation_data=test_ds, epochs=cfg.epochs, callbacks=callbacks,
+                  shuffle=False,  # the pipeline shuffles
                   verbose=cfg.verbose)
         train_seconds = time.perf_counter() - t0
 
