@@ -145,3 +145,104 @@ def test_pgd_adversarial_training_notebook(tmp_path, monkeypatch):
     # Other batch sizes than the notebook's may flip a near-tie: allow one digit of 100.
     clean = float(np.mean(np.argmax(logits, -1) == y))
     assert clean == pytest.approx(ev["clean_accuracy"], abs=0.0101)
+
+
+CENTERS_NOTEBOOK = NOTEBOOKS / "02_center_loss_inverse_adversaries.ipynb"
+
+# One epoch on a few hundred digits for Models A and B, and a one-epoch study of all four models.
+CENTERS_TINY = {
+    "TFADV_NB_EPOCHS": "1",
+    "TFADV_NB_LIMIT": "300",
+    "TFADV_NB_EVAL_LIMIT": "100",
+    "TFADV_NB_UIAT_EPOCHS": "1",
+    "TFADV_NB_STUDY_EPOCHS": "1",
+    "TFADV_NB_STUDY_LIMIT": "200",
+    "TFADV_NB_STUDY_EVAL_LIMIT": "50",
+    "TFADV_NB_STUDY_ROBUST_STEPS": "5",
+}
+
+
+@pytest.mark.slow
+def test_center_loss_inverse_adversaries_notebook(tmp_path, monkeypatch):
+    from tfadv.evaluation import centers as C
+
+    out = tmp_path / "out"
+    nb = _execute(CENTERS_NOTEBOOK, out, tmp_path, monkeypatch, CENTERS_TINY)
+
+    # Shown inline: feature scatter, cosine heat-maps, and the study's two figures; the study's report.
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 4
+    reports = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    assert len(reports) == 1 and "## What the numbers say" in reports[0]
+    assert not [o for o in outputs if o.output_type == "error"]
+
+    for name in ("summary.json", "features.png", "cosine_heatmaps.png", "study/report.md",
+                 "study/results.json", "study/features.png", "study/cosine_heatmaps.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for name in ("features.png", "cosine_heatmaps.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    s = json.loads((out / "summary.json").read_text())
+    st = s["settings"]
+    assert (st["epochs"], st["limit"], st["eval_limit"], st["n_train"], st["n_test"]) == (1, 300, 100, 300, 100)
+    assert st["inverse"] == {"eps": pytest.approx(4 / 255), "step_size": pytest.approx(2 / 255), "steps": 5}
+
+    assert set(s["models"]) == {"A", "B"}
+    expected_kinds = {"A": ["inverse", "clean", "uiat", "learned", "weights"],
+                      "B": ["inverse", "clean", "uiat", "weights"]}
+    for name, m in s["models"].items():
+        assert m["kinds"] == expected_kinds[name]
+        assert len(m["counts"]) == 10 and sum(m["counts"]) == 300 and min(m["counts"]) > 0
+        assert 0.0 <= m["clean_accuracy"] <= 1.0
+        assert m["clean_accuracy"] == m["history"]["val_accuracy"][-1]
+        assert len(m["history"]["loss"]) == 1 and np.isfinite(m["history"]["loss"][0])
+        assert ("center_loss" in m["history"]) == (name == "A")
+        centres = {k: np.asarray(v) for k, v in m["centres"].items()}
+        assert all(v.shape == (10, 2) and np.all(np.isfinite(v)) for v in centres.values())
+
+        # Every pair of kinds, each compared class by class; the stored numbers match the centres.
+        k = len(m["kinds"])
+        assert len(m["comparisons"]) == k * (k - 1) // 2
+        recomputed = C.compare_centers(centres)
+        assert set(recomputed) == set(m["comparisons"])
+        for pair, v in m["comparisons"].items():
+            assert len(v["cosine"]) == 10 and len(v["mse"]) == 10
+            assert all(-1.0 - 1e-9 <= c <= 1.0 + 1e-9 for c in v["cosine"] + [v["cosine_mean"]]), pair
+            assert all(e >= 0.0 for e in v["mse"]) and v["mse_mean"] >= 0.0
+            np.testing.assert_allclose(v["cosine"], recomputed[pair]["cosine"], atol=1e-9)
+            np.testing.assert_allclose(v["mse"], recomputed[pair]["mse"], rtol=1e-9, atol=1e-12)
+
+        g = m["geometry"]
+        assert g["reference_centre"] == ("learned" if name == "A" else "clean")
+        assert 0.0 <= g["fraction_features_closer_to_centre"] <= 1.0
+        assert g["intra_class_variance"] >= 0.0 and g["centre_distance_mean"] >= g["centre_distance_min"] >= 0.0
+        assert (g["cos_shift_vs_toward_ref"] is None) == (name == "B")
+        assert -1.0 - 1e-9 <= g["cos_shift_vs_weights"] <= 1.0 + 1e-9
+
+    # The learned centres are Model A's, and the inverse centres differ from the clean ones.
+    a = {k: np.asarray(v) for k, v in s["models"]["A"]["centres"].items()}
+    assert not np.allclose(a["inverse"], a["clean"])
+
+    assert len(s["heatmaps"]) == 5
+    for key, m in s["heatmaps"].items():
+        m = np.asarray(m)
+        assert m.shape == (10, 10) and np.all(np.abs(m) <= 1.0 + 1e-9), key
+    np.testing.assert_allclose(np.diag(s["heatmaps"]["A: inverse vs learned"]),
+                               s["models"]["A"]["comparisons"]["inverse vs learned"]["cosine"], atol=1e-9)
+
+    assert s["conclusions"] and all(isinstance(c, str) and c for c in s["conclusions"])
+
+    # The packaged study ran all four models with the overrides, from the quick config.
+    study = s["study"]
+    assert study["n"] == {"train": 200, "test": 50}
+    assert study["config"]["epochs"] == 1 and study["config"]["robust_steps"] == 5
+    assert study["config"]["arch"] == "small"
+    assert set(study["models"]) == {"A", "B", "C", "D"}
+    for m in study["models"].values():
+        assert 0.0 <= m["robust_accuracy"] <= m["clean_accuracy"] <= 1.0
+        assert all(-1.0 - 1e-9 <= c <= 1.0 + 1e-9 for c in m["cosine_means"].values())
+    assert "inverse vs learned" in study["models"]["A"]["cosine_means"]
+    assert "inverse vs learned" not in study["models"]["C"]["cosine_means"]
+    assert study["verdict"] and any(v.startswith("Answer:") for v in study["verdict"])
+    results = json.loads((out / "study" / "results.json").read_text())
+    assert results["verdict"] == study["verdict"]
