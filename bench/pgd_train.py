@@ -255,7 +255,7 @@ def speed_section(args, x, y):
     from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
 
     from tfadv import models
-    from tfadv.data import to_dataset
+    from tfadv.data import subset, to_dataset
 
     ds = to_dataset(x, y, batch_size=BATCH)  # unshuffled: the same batches in every pass
     batches = list(ds)
@@ -342,8 +342,8 @@ def speed_section(args, x, y):
     runners["cleverhans_eager"] = ch_runner(ch_pgd)
     runners["cleverhans_function"] = ch_runner(tf.function(ch_pgd))
 
-    # ART.
-    art_x, art_y = x[: art_batches * BATCH], y[: art_batches * BATCH]
+    # ART, on a random sample of the batches' images (timing is data-independent).
+    art_x, art_y = subset(x, y, art_batches * BATCH, seed=args.seed)
     for name, attack_batch in (("art", None), ("art_attack_batch50", BATCH)):
         trainer = art_trainer(attack_batch)
         runners[name] = art_runner(trainer, art_x, art_y, n_batches / art_batches)
@@ -632,6 +632,7 @@ def main(argv=None):
 
     from tfadv.data import load_mnist, subset
 
+    tf.get_logger().setLevel("ERROR")  # tf.function retracing notices from the evaluation
     keras.utils.set_random_seed(args.seed)
     x, y = load_mnist("embedded", "train")
     if args.batches is not None:
