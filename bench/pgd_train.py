@@ -26,9 +26,10 @@ speed -- interleaved rounds; each round times one pass over the same batches of:
     epoch; the output says so. ART's PGD crafts in its own default batches of
     32 (the trainer does not expose it); "art_attack_batch50" sets it to 50
     with `trainer.attack.set_params(batch_size=50)`. Target: tfadv >= 3x faster.
-  - probe: tfadv with the PGD step loop unrolled into the graph instead of a
-    `tf.while_loop` (a monkeypatch of `tfadv.attacks.pgd.tf` inside this
-    script only; checked to give the same x_adv as the stock loop).
+  - probe: tfadv with PGD's steps as a `tf.while_loop` instead of unrolled
+    (tfadv unrolls up to `UNROLL_MAX_STEPS` = 10 steps; the probe sets it to 0
+    inside this script only, and checks the traced graphs and that both give
+    the same x_adv).
   Ratios are taken within each round, then the median over rounds is reported.
 
 precision -- `compile(jit_compile=False/True)` x dtype policy float32 /
@@ -160,64 +161,48 @@ def dtype_policy(name):
         keras.mixed_precision.set_dtype_policy("float32")
 
 
-# -- the probe: PGD's step loop unrolled ------------------------------------
-class _UnrollingTF:
-    """Stands in for the `tensorflow` module inside `tfadv.attacks.pgd`.
-
-    Forwards every attribute to TensorFlow, except `while_loop`: a loop whose
-    counter starts at a value known when tracing and whose condition then
-    evaluates to a Python bool (PGD's `i < self.steps`) is unrolled into the
-    graph; any other loop goes to the real `tf.while_loop`.
-    """
-
-    def __init__(self, tf_module):
-        self._tf = tf_module
-        self.unrolled = 0
-
-    def __getattr__(self, name):
-        return getattr(self._tf, name)
-
-    def while_loop(self, cond, body, loop_vars, **kwargs):
-        tf = self._tf
-        state = list(loop_vars)
-        start = tf.get_static_value(state[0])
-        if start is None or not isinstance(cond(int(start), *state[1:]), (bool, np.bool_)):
-            return tf.while_loop(cond, body, loop_vars, **kwargs)
-        state[0] = int(start)
-        while cond(*state):
-            state = list(body(*state))
-        state[0] = tf.constant(state[0])
-        self.unrolled += 1
-        return state
-
-
+# -- the probe: PGD's step loop as a tf.while_loop vs unrolled ---------------
 @contextlib.contextmanager
-def unrolled_pgd_loop():
-    """Within the block, PGD (and subclasses) trace with their step loop unrolled."""
-    import tensorflow as tf
+def pgd_while_loop():
+    """Within the block, PGD (and subclasses) trace their steps as a tf.while_loop.
 
+    tfadv unrolls loops of up to `tfadv.attacks.pgd.UNROLL_MAX_STEPS` steps;
+    setting it to 0 restores the while loop (a monkeypatch of this script only).
+    """
     from tfadv.attacks import pgd as pgd_module
 
-    proxy = _UnrollingTF(tf)
-    original = pgd_module.tf
-    pgd_module.tf = proxy
+    if not hasattr(pgd_module, "UNROLL_MAX_STEPS"):
+        raise RuntimeError("tfadv.attacks.pgd.UNROLL_MAX_STEPS is gone; update the probe")
+    original = pgd_module.UNROLL_MAX_STEPS
+    pgd_module.UNROLL_MAX_STEPS = 0
     try:
-        yield proxy
+        yield
     finally:
-        pgd_module.tf = original
+        pgd_module.UNROLL_MAX_STEPS = original
 
 
-def unrolled_equivalence(base, x, y):
-    """Max |x_adv(stock) - x_adv(unrolled)| for PGD-10 without random start."""
+def loop_probe_check(base, x, y):
+    """Checks the probe: while-loop ops in each traced PGD-10, and max |x_adv difference|.
+
+    Without random start, so both forms must give the same x_adv.
+    """
     import tensorflow as tf
 
     from tfadv.attacks import PGD
 
     attack = PGD(eps=EPS, step_size=STEP, steps=STEPS, random_start=False)
-    stock = tf.function(lambda a, b: attack(base, a, b))(x, y)
-    with unrolled_pgd_loop() as proxy:
-        unrolled = tf.function(lambda a, b: attack(base, a, b))(x, y)
-    return float(tf.reduce_max(tf.abs(stock - unrolled))), proxy.unrolled
+
+    def trace():
+        fn = tf.function(lambda a, b: attack(base, a, b))
+        graph = fn.get_concrete_function(x, y).graph
+        loops = sum(op.type in ("While", "StatelessWhile") for op in graph.get_operations())
+        return fn(x, y), loops
+
+    stock, stock_loops = trace()
+    with pgd_while_loop():
+        looped, probe_loops = trace()
+    return {"while_ops_stock": stock_loops, "while_ops_probe": probe_loops,
+            "max_abs_diff": float(tf.reduce_max(tf.abs(stock - looped)))}
 
 
 # -- builders ---------------------------------------------------------------
@@ -263,29 +248,27 @@ def speed_section(args, x, y):
     art_batches = min(args.art_batches, n_batches)
     runners = {}
     fit_overhead = []
-    loops_unrolled = []  # by the probe's patch, per fit call (0 would mean it did nothing)
 
-    # tfadv, stock and with the PGD loop unrolled (probe).
-    def fit_runner(model, name, patch):
+    # tfadv, stock and with PGD's steps as a tf.while_loop (probe). The patch
+    # stays on for every fit of the probe model, in case Keras retraces.
+    def fit_runner(model, patch, overhead=None):
         timer = make_epoch_timer()
 
         def run():
             calls = []
-            with patch() as proxy, clock(calls):
+            with patch(), clock(calls):
                 model.fit(ds, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
-            if proxy is not None:
-                loops_unrolled.append(proxy.unrolled)
-            if name == "tfadv":
-                fit_overhead.append(calls[0].wall - timer.samples[-1].wall)
+            if overhead is not None:
+                overhead.append(calls[0].wall - timer.samples[-1].wall)
             return timer.samples[-1]
 
         return run
 
     keras.utils.set_random_seed(args.seed)
-    runners["tfadv"] = fit_runner(tfadv_model(), "tfadv", contextlib.nullcontext)
+    stock_model = tfadv_model()
+    runners["tfadv"] = fit_runner(stock_model, contextlib.nullcontext, fit_overhead)
     keras.utils.set_random_seed(args.seed)
-    unrolled_model = tfadv_model()
-    runners["tfadv_unrolled"] = fit_runner(unrolled_model, "tfadv_unrolled", unrolled_pgd_loop)
+    runners["tfadv_while"] = fit_runner(tfadv_model(), pgd_while_loop)
 
     # The limit: 10 input-gradient passes + 1 clean training pass.
     ref = models.mnist_cnn()
@@ -355,10 +338,9 @@ def speed_section(args, x, y):
         else:
             run()
     fit_overhead.clear()
-    if loops_unrolled[0] == 0:
-        raise RuntimeError("the unrolling probe did not apply: tfadv.attacks.pgd no longer "
-                           "calls tf.while_loop with a static trip count; update the probe")
-    unroll_diff, _ = unrolled_equivalence(unrolled_model.base, batches[0][0], batches[0][1])
+    probe = loop_probe_check(stock_model.base, batches[0][0], batches[0][1])
+    if probe["while_ops_probe"] == probe["while_ops_stock"]:
+        raise RuntimeError(f"the loop probe changed nothing ({probe}); update the probe")
 
     names = list(runners)
     samples = {name: [] for name in names}
@@ -383,10 +365,10 @@ def speed_section(args, x, y):
         "art_speedup": ratio_summary(samples["art"], samples["tfadv"], TARGETS["art_speedup"]),
         "art_attack_batch50_speedup": ratio_summary(samples["art_attack_batch50"],
                                                     samples["tfadv"], TARGETS["art_speedup"]),
-        "probe_unrolled_limit_ratio": ratio_summary(samples["tfadv_unrolled"], limit,
-                                                    TARGETS["limit_ratio"],
-                                                    higher_is_better=False),
-        "probe_unrolled_speedup": ratio_summary(samples["tfadv"], samples["tfadv_unrolled"]),
+        "probe_while_limit_ratio": ratio_summary(samples["tfadv_while"], limit,
+                                                 TARGETS["limit_ratio"],
+                                                 higher_is_better=False),
+        "probe_while_over_stock": ratio_summary(samples["tfadv_while"], samples["tfadv"]),
     }
     return {
         "batches_per_epoch": n_batches,
@@ -398,8 +380,7 @@ def speed_section(args, x, y):
         "seconds_per_epoch": seconds,
         "ratios": ratios,
         "fit_call_overhead_wall": fit_overhead,
-        "unrolled_probe": {"max_abs_diff_vs_stock": unroll_diff,
-                           "loops_unrolled_when_tracing": loops_unrolled[0]},
+        "loop_probe": probe,
     }
 
 
@@ -538,7 +519,7 @@ def format_report(result):
                             ("cleverhans_function", "cleverhans PGD tf.function + step"),
                             ("art", "ART MadryPGD (scaled)"),
                             ("art_attack_batch50", "ART MadryPGD, attack batch 50 (scaled)"),
-                            ("tfadv_unrolled", "probe: tfadv, PGD loop unrolled")):
+                            ("tfadv_while", "probe: tfadv, PGD as tf.while_loop")):
             lines.append(f"{label:<34} {sec[name]['wall_median']:>8.2f} "
                          f"{sec[name]['cpu_median']:>8.2f}")
         lines.append(f"  ({s['art_note']})")
@@ -549,8 +530,8 @@ def format_report(result):
                             ("cleverhans_function_speedup", "cleverhans tf.function / tfadv"),
                             ("art_speedup", "ART / tfadv"),
                             ("art_attack_batch50_speedup", "ART (attack batch 50) / tfadv"),
-                            ("probe_unrolled_limit_ratio", "probe: tfadv unrolled / limit"),
-                            ("probe_unrolled_speedup", "probe: tfadv / tfadv unrolled")):
+                            ("probe_while_limit_ratio", "probe: tfadv while_loop / limit"),
+                            ("probe_while_over_stock", "probe: tfadv while_loop / tfadv")):
             r = rat[name]
             target = ""
             if "target" in r:
@@ -560,10 +541,10 @@ def format_report(result):
         if s["fit_call_overhead_wall"]:
             lines.append(f"fit call overhead outside the epoch (wall, per fit call): median "
                          f"{np.median(s['fit_call_overhead_wall']):.2f}s")
-        p = s["unrolled_probe"]
-        lines.append(f"unrolled probe: {p['loops_unrolled_when_tracing']} while loop(s) unrolled "
-                     f"while tracing the train step; max |x_adv "
-                     f"difference| vs stock loop {p['max_abs_diff_vs_stock']:.2e}")
+        p = s["loop_probe"]
+        lines.append(f"loop probe: While ops in traced PGD-10 stock {p['while_ops_stock']}, "
+                     f"probe {p['while_ops_probe']}; max |x_adv difference| "
+                     f"{p['max_abs_diff']:.2e}")
     p = result.get("precision")
     if p:
         lines += ["", f"== precision: XLA x dtype policy; epoch time over {p['timed_epochs']} "
@@ -579,7 +560,8 @@ def format_report(result):
             f32 = c.get("float32_weights_robust_accuracy")
             lines.append(
                 f"{name:<14} {c['first_epoch_with_compile']['wall']:>9.2f} "
-                f"{c['epoch_seconds']['wall_median']:>8.2f} {c['epoch_seconds']['cpu_median']:>7.2f} "
+                f"{c['epoch_seconds']['wall_median']:>8.2f} "
+                f"{c['epoch_seconds']['cpu_median']:>7.2f} "
                 f"{(f'{speed:.3f}' if speed else '-'):>8} "
                 f"{c.get('clean_accuracy', float('nan')):>6.3f} "
                 f"{c.get('robust_accuracy', float('nan')):>7.3f} "
