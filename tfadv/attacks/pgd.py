@@ -90,8 +90,8 @@ class PGD(Attack):
 
         if self.steps <= UNROLL_MAX_STEPS:
             # Short loops unrolled: the graph optimiser then sees the whole
-            # attack and the training step together (measured ~8% faster for
-            # PGD-10 training than a while loop; bench/pgd_train.py).
+            # attack and the training step together (0-14% less CPU time for
+            # PGD-10 training than a while loop across runs; bench/pgd_train.py).
             i = tf.constant(0)
             for _ in range(self.steps):
                 i, x_adv = body(i, x_adv)
