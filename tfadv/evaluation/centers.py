@@ -23,6 +23,7 @@ from tfadv.attacks.base import Attack, input_gradient
 from tfadv.attacks import objectives
 from tfadv.models.features import CLASSIFIER_LAYER, FEATURE_LAYER, feature_model
 from tfadv.ops import norms
+from tfadv.ops.classwise import class_sums
 
 
 def _as_dataset(data, batch_size):
@@ -66,10 +67,9 @@ def extract_centers(model, data, *, num_classes=10, attack: Attack | None = None
             if delta_t is not None:
                 xb = tf.clip_by_value(xb + tf.gather(delta_t, tf.cast(yb, tf.int32)), 0.0, 1.0)
             f = tf.cast(feats(xb, training=False), tf.float32)
-            labels = tf.cast(yb, tf.int32)
-            sums += tf.math.unsorted_segment_sum(f, labels, num_classes)
-            counts += tf.math.unsorted_segment_sum(tf.ones_like(labels, tf.float32), labels,
-                                                   num_classes)
+            batch_sums, batch_counts = class_sums(f, yb, num_classes)
+            sums += batch_sums
+            counts += batch_counts
         return sums / tf.maximum(counts, 1.0)[:, None], counts
 
     centers, counts = run(ds)

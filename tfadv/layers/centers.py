@@ -5,21 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-
-def center_deltas(centers, features, labels):
-    """Per-class sums of (c_j - x_i) and counts over a batch.
-
-    Returns:
-        (sums [classes, dim], counts [classes]) -- the two quantities that are
-        summed across replicas before the update.
-    """
-    num_classes = tf.shape(centers)[0]
-    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
-    features = tf.cast(features, centers.dtype)
-    diff = tf.gather(centers, labels) - features
-    sums = tf.math.unsorted_segment_sum(diff, labels, num_classes)
-    counts = tf.math.unsorted_segment_sum(tf.ones_like(labels, centers.dtype), labels, num_classes)
-    return sums, counts
+from tfadv.ops.classwise import class_sums
 
 
 @keras.saving.register_keras_serializable(package="tfadv")
@@ -70,10 +56,8 @@ class ClassCenters(keras.layers.Layer):
 
     def update(self, features, labels):
         """Moves the centres toward the batch's features (all replicas' batches)."""
-        sums, counts = center_deltas(self.centers, tf.stop_gradient(features), labels)
-        ctx = tf.distribute.get_replica_context()
-        if ctx is not None and ctx.num_replicas_in_sync > 1:
-            sums, counts = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [sums, counts])
+        diff = self(labels) - tf.cast(tf.stop_gradient(features), self.centers.dtype)
+        sums, counts = class_sums(diff, labels, self.num_classes, across_replicas=True)
         delta = sums / (1.0 + counts)[:, None]
         self.centers.assign(self.centers - self.alpha * delta)
 

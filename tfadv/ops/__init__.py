@@ -1,5 +1,6 @@
 """Pure TensorFlow operations shared by attacks and trainers."""
 
+from tfadv.ops.classwise import class_sums
 from tfadv.ops.norms import (
     NORMS,
     canonical_norm,
@@ -13,6 +14,7 @@ from tfadv.ops.norms import (
 __all__ = [
     "NORMS",
     "canonical_norm",
+    "class_sums",
     "clip_to_bounds",
     "lp_norm",
     "normalize_gradient",

@@ -20,6 +20,7 @@ from tfadv.config import CenterLossConfig
 from tfadv.layers.centers import ClassCenters
 from tfadv.losses.center_loss import center_loss as center_loss_fn
 from tfadv.models.features import logits_and_features
+from tfadv.ops.classwise import class_sums
 
 METHODS = ("standard", "pgd", "trades")
 
@@ -244,15 +245,9 @@ class AdversarialModel(keras.Model):
         x_inv = self.inverse_attack(self.base, x, y)
         _, f_inv = self._logits_features(x_inv, training=False)
         f_inv = tf.cast(f_inv, tf.float32)
-        k = self.center_cfg.num_classes
-        labels = tf.cast(y, tf.int32)
-        sums = tf.math.unsorted_segment_sum(f_inv, labels, k)
-        counts = tf.math.unsorted_segment_sum(tf.ones_like(labels, tf.float32), labels, k)
-        ctx = tf.distribute.get_replica_context()
-        if ctx is not None and ctx.num_replicas_in_sync > 1:
-            sums, counts = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [sums, counts])
+        sums, counts = class_sums(f_inv, y, self.center_cfg.num_classes, across_replicas=True)
         means = sums / tf.maximum(counts, 1.0)[:, None]
-        return tf.stop_gradient(tf.gather(means, labels))
+        return tf.stop_gradient(tf.gather(means, tf.cast(y, tf.int32)))
 
     def _trades_step(self, x, y, sample_weight):
         clean_probs = tf.nn.softmax(tf.cast(self.base(x, training=False), tf.float32))
