@@ -172,3 +172,34 @@ def test_centers_script_rejects_unknown_models(tmp_path):
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert out.returncode == 2 and "Expected models" in out.stderr
+
+
+def test_centers_study_resumes_mid_model_after_kill(tmp_path):
+    """SIGKILL during a study model's training: the rerun continues from its last epoch."""
+    out_dir = tmp_path / "study"
+    args = ["centers", "--quick", "--models", "A", "--epochs", "8", "--eval-limit", "100",
+            "--no-uiat", "--out", str(out_dir)]
+    proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    hist = out_dir / "backup" / "A" / "history.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if hist.exists() and len(json.load(open(hist))["epoch"]) >= 2:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the study finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.load(open(hist))["epoch"]
+    assert 2 <= len(done) < 8
+
+    second = run(args, timeout=600)
+    assert "Epoch 1/8" not in second.stdout
+    results = json.load(open(out_dir / "results.json"))
+    a = results["models"]["A"]
+    # One history row per epoch, the killed run's rows kept, not repeated.
+    assert len(a["history"]["loss"]) == 8
+    assert a["train_seconds"] > 0
+    # The backup is gone once the model's results are kept.
+    assert not (out_dir / "backup" / "A").exists()
+    assert (out_dir / "models_done" / "A.json").exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -116,15 +117,17 @@ def build_study_model(name, cfg):
     center = dict(weight=cfg.center_weight, alpha=cfg.center_alpha,
                   inverse_eps=cfg.inverse_eps, inverse_step_size=cfg.inverse_step_size,
                   inverse_steps=cfg.inverse_steps)
+    # Robust validation each epoch (PGD-10) only for the adversarially trained
+    # model: A-C are not trained for it, and their final analysis measures it.
     eval_attack = PGD(eps=cfg.robust_eps, steps=10, step_size=2.5 * cfg.robust_eps / 10)
     if name == "A":
-        return tfadv.AdversarialModel(base, method="standard", eval_attack=eval_attack,
+        return tfadv.AdversarialModel(base, method="standard",
                                       center_loss=CenterLossConfig(**center))
     if name == "B":
-        return tfadv.AdversarialModel(base, method="standard", eval_attack=eval_attack)
+        return tfadv.AdversarialModel(base, method="standard")
     if name == "C":
         return tfadv.AdversarialModel(
-            base, method="standard", eval_attack=eval_attack,
+            base, method="standard",
             center_loss=CenterLossConfig(centers="inverse_batch", **center))
     attack = PGD(eps=cfg.adv_eps, steps=cfg.adv_steps, step_size=cfg.adv_step_size)
     return tfadv.AdversarialModel(base, attack=attack, method="pgd", eval_attack=eval_attack,
@@ -162,6 +165,36 @@ def load_model_results(done_dir, name, cfg):
     arrays = np.load(base + ".npz")
     kinds = {k[len("kind_"):]: arrays[k] for k in arrays.files if k.startswith("kind_")}
     return saved["results"], kinds, arrays["features"]
+
+
+def model_backup(out, name, cfg):
+    """A `BackupAndRestore` for study model `name`: a killed run resumes mid-training.
+
+    A backup written with other settings is discarded rather than restored.
+    """
+    import keras
+
+    path = os.path.join(out, "backup", name)
+    key_file = os.path.join(path, "run_key.json")
+    key = _run_key(cfg)
+    if os.path.isdir(path):
+        try:
+            with open(key_file) as f:
+                same = json.load(f) == key
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(path)
+    os.makedirs(path, exist_ok=True)
+    with open(key_file, "w") as f:
+        json.dump(key, f)
+    return keras.callbacks.BackupAndRestore(path, delete_checkpoint=False)
+
+
+def history_of(history_cb) -> dict:
+    """The rows a `JSONHistory` file holds (a run resumed after its last epoch adds none)."""
+    history_cb.rows = history_cb._load()
+    return history_cb.history()
 
 
 def analyse_model(model, base, x_tr, y_tr, x_te, y_te, cfg) -> tuple[dict, dict, np.ndarray]:
@@ -366,6 +399,7 @@ def run_centers_study(cfg: CentersStudyConfig, progress=True) -> dict:
 
     from tfadv.data import mnist as mnist_data
     from tfadv.trainers import EpsilonWarmup
+    from tfadv.trainers.callbacks import EpochSeconds, JSONHistory
 
     t0 = time.perf_counter()
     os.makedirs(cfg.out, exist_ok=True)
@@ -395,18 +429,24 @@ def run_centers_study(cfg: CentersStudyConfig, progress=True) -> dict:
         keras.utils.set_random_seed(cfg.seed)
         model = build_study_model(name, cfg)
         _compile(model, cfg, steps)
-        callbacks = [EpsilonWarmup(cfg.adv_warmup_epochs)] if name == "D" else []
-        t = time.perf_counter()
-        hist = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
-                         shuffle=False,  # the pipeline shuffles
-                         verbose="auto" if progress else 0)
-        train_s = time.perf_counter() - t
+        model(x_tr[:1])  # built before fit: BackupAndRestore needs the variables
+        backup = model_backup(cfg.out, name, cfg)
+        # The history lives next to the backup, so a resumed run keeps every epoch's row.
+        history = JSONHistory(os.path.join(backup.backup_dir, "history.json"))
+        callbacks = [backup, EpochSeconds(), history]
+        if name == "D":
+            callbacks.insert(1, EpsilonWarmup(cfg.adv_warmup_epochs))
+        model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
+                  shuffle=False,  # the pipeline shuffles
+                  verbose="auto" if progress else 0)
         model.base.save(os.path.join(cfg.out, f"model_{name}.keras"))
         res, kinds, f_te = analyse_model(model, model.base, x_tr, y_tr, x_te, y_te, cfg)
-        res["train_seconds"] = train_s
-        res["history"] = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+        hist = history_of(history)
+        res["train_seconds"] = float(sum(hist.get("epoch_seconds", [])))
+        res["history"] = {k: [float(v) for v in vals] for k, vals in hist.items() if k != "epoch"}
         per_model[name], feats[name], kinds_by_model[name] = res, f_te, kinds
         save_model_results(done_dir, name, cfg, res, kinds, f_te)
+        shutil.rmtree(os.path.join(cfg.out, "backup", name), ignore_errors=True)
         if progress:
             print(f"Model {name}: clean {res['clean_accuracy']:.3f}, robust "
                   f"{res['robust_accuracy']:.3f}, var/dist^2 {res['variance_to_separation']:.4f}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import keras
 import numpy as np
@@ -67,6 +68,17 @@ class JSONHistory(keras.callbacks.Callback):
         with open(tmp, "w") as f:
             json.dump(self.history(), f, indent=1)
         os.replace(tmp, self.path)
+
+
+class EpochSeconds(keras.callbacks.Callback):
+    """Adds each epoch's wall time to its logs as `epoch_seconds` (put it before loggers)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self._t0
 
 
 class EpsilonWarmup(keras.callbacks.Callback):
