@@ -218,3 +218,24 @@ def test_apgd_checkpoints():
 
     # Croce & Hein (2020): p = 0, .22, .41, .57, .70, .80, .87, .93, .99 for 100 iterations.
     assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+
+
+@pytest.mark.parametrize("steps", [3, 12])
+def test_unroll_choice_gives_the_same_attack(tiny_model, batch, steps):
+    x, y = batch
+    kw = dict(eps=0.1, steps=steps, random_start=False)
+    loop, unrolled = attacks.PGD(unroll=False, **kw), attacks.PGD(unroll=True, **kw)
+    auto = attacks.PGD(**kw)
+    assert not loop.unrolled and unrolled.unrolled
+    assert auto.unrolled == (steps <= attacks.pgd.UNROLL_MAX_STEPS)
+    got = [tf.function(lambda a, b, atk=atk: atk(tiny_model, a, b))(x, y).numpy()
+           for atk in (loop, unrolled, auto)]
+    np.testing.assert_allclose(got[0], got[1], atol=1e-6)
+    np.testing.assert_allclose(got[0], got[2], atol=1e-6)
+    again = attacks.deserialize(attacks.serialize(loop))
+    assert again.unroll is False and again.get_config() == loop.get_config()
+
+
+def test_unroll_must_be_a_bool_or_none():
+    with pytest.raises(ValueError, match="unroll"):
+        attacks.PGD(eps=0.1, unroll="yes")

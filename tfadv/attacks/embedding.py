@@ -82,18 +82,20 @@ def _targeted(mode):
 
 
 def embedding_pgd(mode="dodging", *, eps=4.0, steps=20, step_size=None, norm="inf",
-                  random_start=True, bounds=PIXEL_BOUNDS) -> PGD:
+                  random_start=True, bounds=PIXEL_BOUNDS, unroll=None) -> PGD:
     """PGD on the cosine distance: dodging (ascend) or impersonation (descend).
 
     Args:
         eps: budget in pixel units (0-255) for Linf, or L2 norm in pixel units.
         step_size: default `eps / 4` (Linf) or `eps / 5` (L2), so 20 steps can
             cross the ball several times.
+        unroll: as `PGD`; pass False for InceptionResNetV1-sized models.
     """
     if step_size is None:
         step_size = float(eps) / (4.0 if str(norm) in ("inf", "linf", "np.inf") else 5.0)
     return PGD(eps=eps, steps=steps, step_size=step_size, norm=norm, random_start=random_start,
-               targeted=_targeted(mode), objective="cosine_distance", bounds=bounds)
+               targeted=_targeted(mode), objective="cosine_distance", bounds=bounds,
+               unroll=unroll)
 
 
 def dodging_pgd(**kwargs) -> PGD:

@@ -29,6 +29,13 @@ class PGD(Attack):
         targeted: if True, `y` are target labels and the loss is descended.
         objective: "ce" (default), "margin", "dlr", "kl" or a callable.
         bounds: valid input range, `(0, 1)` by default; None disables.
+        unroll: trace the step loop unrolled (True) or as a `tf.while_loop`
+            (False). None (default): unrolled up to `UNROLL_MAX_STEPS` steps,
+            which lets the graph optimiser see the attack and the training
+            step together (0-14% less CPU for PGD-10 training of small
+            models, bench/pgd_train.py). Pass False for big models
+            (InceptionResNetV1): tracing 10 unrolled gradient passes through
+            them takes minutes, far more than the loop overhead it saves.
 
     Shape:
         x: [N, ...] float in `bounds`; y: [N] int labels. Returns x_adv like x.
@@ -53,9 +60,13 @@ class PGD(Attack):
         targeted=False,
         objective="ce",
         bounds=(0.0, 1.0),
+        unroll=None,
     ):
         super().__init__(eps=eps, norm=norm, bounds=bounds, targeted=targeted, objective=objective)
         _check_number("steps", steps, minimum=1, integer=True)
+        if unroll is not None and not isinstance(unroll, bool):
+            raise ValueError(f"Expected unroll to be None, True or False. Received: {unroll!r}")
+        self.unroll = unroll
         self.steps = int(steps)
         if step_size is None:
             step_size = 2.5 * self.eps / self.steps
@@ -88,13 +99,7 @@ class PGD(Attack):
             x_next = norms.clip_to_bounds(x_next, self.bounds)
             return i + 1, self._project(x_next, x, eps)
 
-        # `unroll = False` on an instance keeps the while loop: for big
-        # models (InceptionResNetV1) tracing 10 unrolled gradient passes
-        # takes minutes, far more than the loop overhead it saves.
-        if self.steps <= UNROLL_MAX_STEPS and getattr(self, "unroll", True):
-            # Short loops unrolled: the graph optimiser then sees the whole
-            # attack and the training step together (0-14% less CPU time for
-            # PGD-10 training than a while loop across runs; bench/pgd_train.py).
+        if self.unrolled:
             i = tf.constant(0)
             for _ in range(self.steps):
                 i, x_adv = body(i, x_adv)
@@ -104,10 +109,18 @@ class PGD(Attack):
         )
         return x_adv
 
+    @property
+    def unrolled(self) -> bool:
+        """Whether the step loop is traced unrolled (see `unroll`)."""
+        if self.unroll is None:
+            return self.steps <= UNROLL_MAX_STEPS
+        return self.unroll
+
     def get_config(self):
         config = super().get_config()
         config.update(
-            step_size=self.step_size, steps=self.steps, random_start=self.random_start
+            step_size=self.step_size, steps=self.steps, random_start=self.random_start,
+            unroll=self.unroll,
         )
         return config
 
@@ -141,7 +154,7 @@ class FGSM(PGD):
 
     def get_config(self):
         config = super().get_config()
-        for key in ("step_size", "steps", "random_start"):
+        for key in ("step_size", "steps", "random_start", "unroll"):
             config.pop(key)
         return config
 
@@ -175,6 +188,7 @@ class InversePGD(PGD):
         objective="ce",
         bounds=(0.0, 1.0),
         targeted=False,
+        unroll=None,
     ):
         if targeted:
             raise ValueError(
@@ -190,6 +204,7 @@ class InversePGD(PGD):
             targeted=False,
             objective=objective,
             bounds=bounds,
+            unroll=unroll,
         )
 
     def get_config(self):

@@ -178,7 +178,8 @@ def _run_attack(attack, model, x, ref, batch_size):
 
     if len(x) == 0:
         return x
-    attack.unroll = False  # see PGD.perturb: tracing unrolled IRv1 steps is slow
+    if getattr(attack, "unroll", False) is None:
+        attack.unroll = False  # see PGD's `unroll`: tracing unrolled IRv1 steps is slow
     fn = tf.function(lambda xb, rb: attack(model, xb, rb), reduce_retracing=True)
     out = []
     for i in range(0, len(x), batch_size):
@@ -312,8 +313,8 @@ def evaluate_face_model(model, splits: FaceSplits, threshold: float,
     out["attacks"] = attacks
 
     # Minimal Linf eps (median over matched photos) and curves, PGD.
-    search = E.embedding_pgd("dodging", eps=cfg.min_eps_max, steps=cfg.min_eps_steps)
-    search.unroll = False
+    search = E.embedding_pgd("dodging", eps=cfg.min_eps_max, steps=cfg.min_eps_steps,
+                             unroll=False)
     t = time.perf_counter()
     me = E.minimal_eps(search, model, x[matched], own[matched], threshold, "dodging",
                        search_steps=cfg.min_eps_search, batch_size=cfg.batch_size)
@@ -392,11 +393,12 @@ def build_trainer(cfg: FaceFinetuneConfig, num_classes, threshold):
         attack = None
     elif cfg.attack_on == "embedding":
         attack = E.embedding_pgd("dodging", eps=cfg.train_eps, steps=cfg.train_steps,
-                                 step_size=step)
+                                 step_size=step, unroll=False)
     else:
-        attack = PGD(eps=cfg.train_eps, steps=cfg.train_steps, step_size=step, bounds=(0, 255))
+        attack = PGD(eps=cfg.train_eps, steps=cfg.train_steps, step_size=step, bounds=(0, 255),
+                     unroll=False)
     static = [facenet(p) for p in cfg.static_presets]
-    eval_attack = E.embedding_pgd("dodging", eps=cfg.evaluation.eps, steps=5)
+    eval_attack = E.embedding_pgd("dodging", eps=cfg.evaluation.eps, steps=5, unroll=False)
     return EmbeddingAdversarialModel(
         embedder, num_classes, attack=attack, attack_on=cfg.attack_on,
         adv_weight=cfg.adv_weight if attack is not None else 0.0, ce_weight=cfg.ce_weight,
