@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--preset", default="facenet-mscele1m-128")
     ft.add_argument("--out", required=True)
     ft.add_argument("--faces", default=None, help="root with train/ and val/ (default: demo set)")
-    ft.add_argument("--holdout", type=int, default=2, help="identities kept out of fine-tuning")
+    ft.add_argument("--holdout", type=int, default=None,
+                    help="identities kept out of fine-tuning (default 0)")
     ft.add_argument("--epochs", type=int, default=None)
     ft.add_argument("--batch-size", type=_pos_int, default=None)
     ft.add_argument("--lr", type=_nonneg_float, default=None)
@@ -213,14 +214,15 @@ def finetune_config(args):
                   train_eps=args.train_eps, train_steps=args.train_steps,
                   attack_on=args.attack_on, adv_weight=args.adv_weight,
                   consistency_weight=args.consistency_weight, center_weight=args.center_weight,
-                  distill_weight=args.distill_weight, freeze_until=args.freeze_until)
+                  distill_weight=args.distill_weight, freeze_until=args.freeze_until,
+                  holdout=args.holdout)
     kwargs = {k: v for k, v in fields.items() if v is not None}
     if args.static_presets:
         kwargs["static_presets"] = tuple(p for p in args.static_presets.split(",") if p)
     if args.quick:
         kwargs["evaluation"] = FaceEvalConfig.quick()
     return FaceFinetuneConfig(out=args.out, preset=args.preset, faces=args.faces,
-                              holdout=args.holdout, seed=args.seed, **kwargs)
+                              seed=args.seed, **kwargs)
 
 
 def cmd_facenet_finetune(args):
