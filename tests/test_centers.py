@@ -111,3 +111,27 @@ def test_study_keeps_finished_models_for_resume(tmp_path):
     assert load_model_results(done, "A", other) is None
     same = CentersStudyConfig(out=str(tmp_path / "elsewhere"), epochs=3, models=("A",))
     assert load_model_results(done, "A", same) is not None
+
+
+def test_robust_accuracy_sees_through_a_saturated_softmax(feature_net, mnist_small):
+    """CE attacks stall on a very confident model (zero CE gradient); the margin/DLR ones do not."""
+    import keras
+
+    from tfadv.recipes.centers import ROBUST_ATTACKS, CentersStudyConfig, robust_results
+
+    _, _, x, y = mnist_small
+    x, y = x[:100], y[:100]
+    inp = keras.Input(x.shape[1:])
+    saturated = keras.Model(inp, keras.layers.Rescaling(1e5)(feature_net(inp)))
+    cfg = CentersStudyConfig(out="unused", robust_eps=0.3, robust_steps=10)
+    r = robust_results(saturated, x, y, cfg)
+    after = r["robust_after"]
+    assert list(after) == list(ROBUST_ATTACKS)
+    # Cumulative: never rises, ends at the worst case.
+    assert all(a >= b for a, b in zip([r["clean_accuracy"], *after.values()], after.values()))
+    assert after["pgd_margin"] == r["robust_accuracy"]
+    # The CE attacks stall, the DLR/margin ones break what they left.
+    assert after["apgd_ce"] > r["robust_accuracy"] + 0.1
+    plain = robust_results(feature_net, x, y, cfg)
+    assert plain["clean_accuracy"] == pytest.approx(r["clean_accuracy"])
+    assert plain["robust_after"]["apgd_ce"] < after["apgd_ce"]
