@@ -43,7 +43,8 @@ def _timed(fn):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3, help="PGD steps of the inner attack")
+    p.add_argument("--steps", type=int, default=None,
+                   help="PGD steps of the inner attack (default: the recipe's, 10)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--pretrained", action="store_true", help="load the preset's weights")
     p.add_argument("--json", default=None, help="write the figures here")
@@ -60,6 +61,8 @@ def main(argv=None):
         recipe_pretrained = recipe.pretrained
         recipe.pretrained = lambda preset: __import__(
             "tfadv.models.facenet", fromlist=["facenet"]).facenet(preset, weights=False)
+    if args.steps is None:
+        args.steps = recipe.FaceFinetuneConfig(out="/tmp/unused").train_steps
     cfg = recipe.FaceFinetuneConfig(out="/tmp/unused", train_steps=args.steps,
                                     batch_size=args.batch)
     keras.utils.set_random_seed(0)
