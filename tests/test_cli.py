@@ -85,30 +85,39 @@ def test_bad_input_is_a_clear_error(args, msg):
     assert "Traceback" not in out.stderr
 
 
-def test_resume_after_kill(tmp_path):
-    """SIGKILL mid-run, start again with the same --out: no finished epoch is lost or repeated."""
+@pytest.mark.parametrize("torn_write", [False, True])
+def test_resume_after_kill(tmp_path, torn_write):
+    """SIGKILL mid-run, start again with the same --out: no finished epoch is lost or repeated.
+
+    torn_write: the kill landed while the weights backup was being written
+    (simulated by truncating it); the previous backup is used instead.
+    """
     out_dir = tmp_path / "run"
-    args = ["train", "mnist", "--epochs", "4", "--out", str(out_dir), *TINY]
+    args = ["train", "mnist", "--epochs", "5", "--out", str(out_dir), *TINY]
     proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     hist = out_dir / "history.json"
+    need = 2 if torn_write else 1
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if hist.exists() and len(json.load(open(hist))["epoch"]) >= 1:
+        if hist.exists() and len(json.load(open(hist))["epoch"]) >= need:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = json.load(open(hist))["epoch"]
-    assert 1 <= len(done) < 4
+    assert need <= len(done) < 5
     assert (out_dir / "backup").exists()
+    if torn_write:
+        latest = out_dir / "backup" / "latest.weights.h5"
+        latest.write_bytes(latest.read_bytes()[:1000])
 
     second = run(args)
     final = json.load(open(hist))
-    assert final["epoch"] == [0, 1, 2, 3]
-    # The restarted run began after the last backed-up epoch, not from scratch.
-    assert "Epoch 1/4" not in second.stdout
+    assert final["epoch"] == [0, 1, 2, 3, 4]
+    # The restarted run began after a backed-up epoch, not from scratch.
+    assert "Epoch 1/5" not in second.stdout
     assert (out_dir / "model.keras").exists()
 
 

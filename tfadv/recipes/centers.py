@@ -188,7 +188,9 @@ def model_backup(out, name, cfg):
     os.makedirs(path, exist_ok=True)
     with open(key_file, "w") as f:
         json.dump(key, f)
-    return keras.callbacks.BackupAndRestore(path, delete_checkpoint=False)
+    # double_checkpoint: a kill while the weights are written leaves the previous copy.
+    return keras.callbacks.BackupAndRestore(path, double_checkpoint=True,
+                                            delete_checkpoint=False)
 
 
 def history_of(history_cb) -> dict:

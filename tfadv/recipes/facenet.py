@@ -473,7 +473,7 @@ def finetune(cfg: FaceFinetuneConfig, *, progress=True, evaluate=True, splits=No
     import tensorflow as tf
 
     val_ds = tf.data.Dataset.from_tensor_slices((xv, yv.astype("int64"))).batch(cfg.batch_size)
-    callbacks = [keras.callbacks.BackupAndRestore(str(out / "backup")),
+    callbacks = [keras.callbacks.BackupAndRestore(str(out / "backup"), double_checkpoint=True),
                  JSONHistory(str(out / "history.json"))]
     say(f"Fine-tuning {cfg.epochs} epochs on {len(x)} photos ...")
     t = time.perf_counter()

@@ -162,7 +162,8 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
             model = build_training_model(cfg)
         # Non-chief workers must write their backups elsewhere (TF's rule).
         backup_dir = os.path.join(cfg.out, "backup") if chief else tempfile.mkdtemp()
-        callbacks = [keras.callbacks.BackupAndRestore(backup_dir)]
+        # double_checkpoint: a kill while the weights are written leaves the previous copy.
+        callbacks = [keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True)]
         if cfg.eps_warmup_epochs > 0 and cfg.method != "standard":
             callbacks.append(EpsilonWarmup(cfg.eps_warmup_epochs))
         history_cb = JSONHistory(os.path.join(cfg.out, "history.json")) if chief else None
