@@ -85,6 +85,19 @@ def test_bad_input_is_a_clear_error(args, msg):
     assert "Traceback" not in out.stderr
 
 
+def _kill_after_epochs(proc, hist, epochs):
+    """SIGKILLs `proc` once its history file lists `epochs` epochs; returns the epochs listed."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if hist.exists() and len(json.load(open(hist))["epoch"]) >= epochs:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return json.load(open(hist))["epoch"]
+
+
 @pytest.mark.parametrize("torn_write", [False, True])
 def test_resume_after_kill(tmp_path, torn_write):
     """SIGKILL mid-run, start again with the same --out: no finished epoch is lost or repeated.
@@ -98,15 +111,7 @@ def test_resume_after_kill(tmp_path, torn_write):
                             text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     hist = out_dir / "history.json"
     need = 2 if torn_write else 1
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if hist.exists() and len(json.load(open(hist))["epoch"]) >= need:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = json.load(open(hist))["epoch"]
+    done = _kill_after_epochs(proc, hist, need)
     assert need <= len(done) < 5
     assert (out_dir / "backup").exists()
     if torn_write:
@@ -191,15 +196,7 @@ def test_centers_study_resumes_mid_model_after_kill(tmp_path):
     proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     hist = out_dir / "backup" / "A" / "history.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if hist.exists() and len(json.load(open(hist))["epoch"]) >= 2:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "the study finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = json.load(open(hist))["epoch"]
+    done = _kill_after_epochs(proc, hist, 2)
     assert 2 <= len(done) < 8
 
     second = run(args, timeout=600)
