@@ -172,7 +172,7 @@ def model_backup(out, name, cfg):
 
     A backup written with other settings is discarded rather than restored.
     """
-    import keras
+    from tfadv.trainers.callbacks import backup_and_restore
 
     path = os.path.join(out, "backup", name)
     key_file = os.path.join(path, "run_key.json")
@@ -188,15 +188,7 @@ def model_backup(out, name, cfg):
     os.makedirs(path, exist_ok=True)
     with open(key_file, "w") as f:
         json.dump(key, f)
-    # double_checkpoint: a kill while the weights are written leaves the previous copy.
-    return keras.callbacks.BackupAndRestore(path, double_checkpoint=True,
-                                            delete_checkpoint=False)
-
-
-def history_of(history_cb) -> dict:
-    """The rows a `JSONHistory` file holds (a run resumed after its last epoch adds none)."""
-    history_cb.rows = history_cb._load()
-    return history_cb.history()
+    return backup_and_restore(path, delete_checkpoint=False)
 
 
 # The attacks of the robust accuracy, run in this order, each on the test
@@ -509,9 +501,9 @@ def run_centers_study(cfg: CentersStudyConfig, progress=True) -> dict:
         model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
                   shuffle=False,  # the pipeline shuffles
                   verbose="auto" if progress else 0)
-        model.base.save(os.path.join(cfg.out, f"model_{name}.keras"))
+        model.base.save(model_file)
         res, kinds, f_te = analyse_model(model, model.base, x_tr, y_tr, x_te, y_te, cfg)
-        hist = history_of(history)
+        hist = history.read()  # all epochs, also those of a killed earlier run
         res["train_seconds"] = float(sum(hist.get("epoch_seconds", [])))
         res["history"] = {k: [float(v) for v in vals] for k, vals in hist.items() if k != "epoch"}
         per_model[name], feats[name], kinds_by_model[name] = res, f_te, kinds

@@ -184,8 +184,6 @@ def _run_attack(attack, model, x, ref, batch_size):
 
     if len(x) == 0:
         return x
-    if getattr(attack, "unroll", False) is None:
-        attack.unroll = False  # see PGD's `unroll`: tracing unrolled IRv1 steps is slow
     fn = tf.function(lambda xb, rb: attack(model, xb, rb), reduce_retracing=True)
     out = []
     for i in range(0, len(x), batch_size):
@@ -222,7 +220,7 @@ def attack_suite(model, x, ref, threshold, mode, cfg: FaceEvalConfig, *, progres
         if name == "fgsm":
             attack = E.embedding_fgsm(mode, eps=cfg.eps)
         elif name == "pgd":
-            attack = E.embedding_pgd(mode, eps=cfg.eps, steps=cfg.pgd_steps)
+            attack = E.embedding_pgd(mode, eps=cfg.eps, steps=cfg.pgd_steps, unroll=False)
         elif name == "apgd":
             attack = E.EmbeddingAPGD(eps=cfg.eps, threshold=threshold, steps=cfg.apgd_steps,
                                      targeted=targeted)
@@ -332,7 +330,7 @@ def evaluate_face_model(model, splits: FaceSplits, threshold: float,
     for mode, (mask, ref) in modes.items():
         rates = []
         for eps in cfg.curve_eps:
-            att = E.embedding_pgd(mode, eps=eps, steps=cfg.curve_steps)
+            att = E.embedding_pgd(mode, eps=eps, steps=cfg.curve_steps, unroll=False)
             x_adv = _run_attack(att, model, x[mask], ref[mask], cfg.batch_size)
             cos = _cos_np(_embed(model, x_adv, cfg.batch_size), ref[mask])
             ok = cos < threshold if mode == "dodging" else cos >= threshold
@@ -423,7 +421,7 @@ def finetune(cfg: FaceFinetuneConfig, *, progress=True, evaluate=True, splits=No
     """
     import keras
 
-    from tfadv.trainers.callbacks import JSONHistory
+    from tfadv.trainers.callbacks import JSONHistory, backup_and_restore
 
     say = print if progress else (lambda *_: None)
     out = Path(cfg.out)
@@ -473,7 +471,7 @@ def finetune(cfg: FaceFinetuneConfig, *, progress=True, evaluate=True, splits=No
     import tensorflow as tf
 
     val_ds = tf.data.Dataset.from_tensor_slices((xv, yv.astype("int64"))).batch(cfg.batch_size)
-    callbacks = [keras.callbacks.BackupAndRestore(str(out / "backup"), double_checkpoint=True),
+    callbacks = [backup_and_restore(out / "backup"),
                  JSONHistory(str(out / "history.json"))]
     say(f"Fine-tuning {cfg.epochs} epochs on {len(x)} photos ...")
     t = time.perf_counter()

@@ -16,6 +16,7 @@ from tfadv.attacks import FGSM, PGD
 from tfadv.data import mnist as mnist_data
 from tfadv.evaluation import evaluate_robustness
 from tfadv.trainers import METHODS, AdversarialModel, EpsilonWarmup, JSONHistory
+from tfadv.trainers.callbacks import backup_and_restore
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
@@ -162,8 +163,7 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
             model = build_training_model(cfg)
         # Non-chief workers must write their backups elsewhere (TF's rule).
         backup_dir = os.path.join(cfg.out, "backup") if chief else tempfile.mkdtemp()
-        # double_checkpoint: a kill while the weights are written leaves the previous copy.
-        callbacks = [keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True)]
+        callbacks = [backup_and_restore(backup_dir)]
         if cfg.eps_warmup_epochs > 0 and cfg.method != "standard":
             callbacks.append(EpsilonWarmup(cfg.eps_warmup_epochs))
         history_cb = JSONHistory(os.path.join(cfg.out, "history.json")) if chief else None

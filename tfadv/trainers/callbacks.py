@@ -57,6 +57,11 @@ class JSONHistory(keras.callbacks.Callback):
         self.rows.append(row)
         self.write()
 
+    def read(self) -> dict:
+        """The history the file holds now (one row per finished epoch)."""
+        self.rows = self._load()
+        return self.history()
+
     def history(self) -> dict:
         keys: list[str] = []
         for r in self.rows:
@@ -68,6 +73,18 @@ class JSONHistory(keras.callbacks.Callback):
         with open(tmp, "w") as f:
             json.dump(self.history(), f, indent=1)
         os.replace(tmp, self.path)
+
+
+def backup_and_restore(backup_dir, **kwargs):
+    """Keras' `BackupAndRestore` that keeps the previous checkpoint too.
+
+    A kill while the weights file is being written tears the only copy of a
+    plain `BackupAndRestore`, and the run can no longer resume; with
+    `double_checkpoint` the previous epoch's copy is restored instead.
+    Other keyword arguments go to `BackupAndRestore`.
+    """
+    return keras.callbacks.BackupAndRestore(os.fspath(backup_dir), double_checkpoint=True,
+                                            **kwargs)
 
 
 class EpochSeconds(keras.callbacks.Callback):
