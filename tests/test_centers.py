@@ -113,6 +113,38 @@ def test_study_keeps_finished_models_for_resume(tmp_path):
     assert load_model_results(done, "A", same) is not None
 
 
+def test_settings_of_model_d_do_not_discard_the_other_models(tmp_path):
+    import json
+
+    from tfadv.recipes.centers import (CentersStudyConfig, load_model_results, model_backup,
+                                       save_model_results)
+
+    cfg = CentersStudyConfig(out=str(tmp_path), epochs=3)
+    done = tmp_path / "models_done"
+    for name in "AD":
+        save_model_results(done, name, cfg, {"clean_accuracy": 0.5}, {"clean": np.eye(2)},
+                           np.zeros((2, 2)))
+    retuned = CentersStudyConfig(out=str(tmp_path), epochs=3, adv_eps=0.2, adv_clean_epochs=1)
+    assert load_model_results(done, "A", retuned) is not None
+    assert load_model_results(done, "D", retuned) is None
+    # A kept result whose key still holds D's settings (an earlier format) is reused for A.
+    with open(done / "A.json") as f:
+        saved = json.load(f)
+    saved["key"].update(adv_eps=0.3, adv_warmup_epochs=2.0)
+    with open(done / "A.json", "w") as f:
+        json.dump(saved, f)
+    assert load_model_results(done, "A", retuned) is not None
+    assert load_model_results(done, "A", CentersStudyConfig(out=str(tmp_path), epochs=4)) is None
+    # Same for a mid-training backup: kept for A, discarded for D.
+    for name in "AD":
+        model_backup(str(tmp_path), name, cfg)
+        (tmp_path / "backup" / name / "marker").write_text("x")
+    model_backup(str(tmp_path), "A", retuned)
+    model_backup(str(tmp_path), "D", retuned)
+    assert (tmp_path / "backup" / "A" / "marker").exists()
+    assert not (tmp_path / "backup" / "D" / "marker").exists()
+
+
 def test_robust_accuracy_sees_through_a_saturated_softmax(feature_net, mnist_small):
     """CE attacks stall on a very confident model (zero CE gradient); the margin/DLR ones do not."""
     import keras

@@ -209,3 +209,18 @@ def test_centers_study_resumes_mid_model_after_kill(tmp_path):
     # The backup is gone once the model's results are kept.
     assert not (out_dir / "backup" / "A").exists()
     assert (out_dir / "models_done" / "A.json").exists()
+
+
+def test_centers_options_reach_the_study_config(tmp_path):
+    from tfadv.cli import build_parser, centers_config
+
+    args = build_parser().parse_args(
+        ["centers", "--out", str(tmp_path), "--adv-eps", "0.2", "--adv-steps", "7",
+         "--adv-clean-epochs", "3", "--adv-warmup-epochs", "5", "--models", "b,d"])
+    cfg = centers_config(args)
+    assert (cfg.adv_eps, cfg.adv_steps, cfg.adv_clean_epochs, cfg.adv_warmup_epochs) == (
+        0.2, 7, 3.0, 5.0)
+    assert cfg.models == ("B", "D") and cfg.epochs == 25
+    quick = centers_config(build_parser().parse_args(["centers", "--out", str(tmp_path),
+                                                      "--quick"]))
+    assert quick.epochs < 25 and quick.adv_clean_epochs == 1.0

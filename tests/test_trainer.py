@@ -227,3 +227,24 @@ def test_epsilon_warmup_ramps_linearly(tiny_model, batch):
     assert float(model.eps_scale.numpy()) == 1.0
     with pytest.raises(ValueError, match="epochs"):
         tfadv.trainers.EpsilonWarmup(-1)
+
+
+def test_epsilon_warmup_starts_after_clean_epochs(tiny_model, batch):
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_batch_end(self, b, logs=None):
+            seen.append(float(self.model.eps_scale.numpy()))
+
+    x, y = batch
+    model = _compiled(tiny_model, attack=PGD(eps=0.1, steps=1))
+    # 4 steps per epoch: one clean epoch, then a one-epoch ramp, then the full budget.
+    model.fit(x, y, batch_size=4, epochs=3, verbose=0,
+              callbacks=[tfadv.trainers.EpsilonWarmup(1, start=1), Spy()])
+    np.testing.assert_allclose(seen, [0.0] * 4 + [0.25, 0.5, 0.75, 1.0] + [1.0] * 4)
+    seen.clear()
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0,
+              callbacks=[tfadv.trainers.EpsilonWarmup(0, start=1), Spy()])
+    np.testing.assert_allclose(seen, [0.0] * 4 + [1.0] * 4)
+    with pytest.raises(ValueError, match="start"):
+        tfadv.trainers.EpsilonWarmup(1, start=-1)

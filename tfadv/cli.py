@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--center-weight", type=_nonneg_float, default=None)
     s.add_argument("--max-lr", type=_nonneg_float, default=None)
     s.add_argument("--no-uiat", action="store_true", help="skip the UIAT centres")
+    s.add_argument("--adv-eps", type=_nonneg_float, default=None,
+                   help="model D's training budget (Linf; robust accuracy uses 0.3)")
+    s.add_argument("--adv-steps", type=_pos_int, default=None, help="model D's PGD steps")
+    s.add_argument("--adv-step-size", type=_nonneg_float, default=None)
+    s.add_argument("--adv-clean-epochs", type=_nonneg_float, default=None,
+                   help="model D: clean epochs before its budget ramps up")
+    s.add_argument("--adv-warmup-epochs", type=_nonneg_float, default=None,
+                   help="model D: epochs of the linear budget ramp")
     s.add_argument("--seed", type=int, default=None)
     d = sub.add_parser("demo", help="the whole robust FaceNet story on the demo faces")
     d.add_argument("--out", default="runs/demo")
@@ -359,7 +367,10 @@ def centers_config(args):
     overrides = {k: v for k, v in dict(
         epochs=args.epochs, arch=args.arch, feature_dim=args.feature_dim, data=args.data,
         data_dir=args.data_dir, limit=args.limit, eval_limit=args.eval_limit,
-        center_weight=args.center_weight, max_lr=args.max_lr, seed=args.seed).items()
+        center_weight=args.center_weight, max_lr=args.max_lr, seed=args.seed,
+        adv_eps=args.adv_eps, adv_steps=args.adv_steps, adv_step_size=args.adv_step_size,
+        adv_clean_epochs=args.adv_clean_epochs,
+        adv_warmup_epochs=args.adv_warmup_epochs).items()
         if v is not None}
     models = tuple(m.strip().upper() for m in args.models.split(",") if m.strip())
     overrides["models"] = models

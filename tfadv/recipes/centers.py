@@ -65,7 +65,11 @@ class CentersStudyConfig:
     adv_eps: float = 0.3
     adv_steps: int = 5
     adv_step_size: float = 0.1
-    adv_warmup_epochs: float = 2.0
+    # D: clean epochs first (eps 0 while the one-cycle LR is still small and the
+    # model is at chance), then a linear ramp to adv_eps. Measured: a 2-epoch
+    # ramp from epoch 0 left D at chance (0.10) for all 25 epochs.
+    adv_clean_epochs: float = 4.0
+    adv_warmup_epochs: float = 6.0
     robust_eps: float = 0.3
     robust_steps: int = 40
     # Robust validation each epoch (PGD-10) runs on this many test images;
@@ -86,7 +90,8 @@ class CentersStudyConfig:
         # A higher peak LR than the study's 0.01: a few epochs must still learn.
         base = dict(out=out, epochs=4, arch="small", limit=1500, eval_limit=300, batch_size=64,
                     max_lr=0.05,
-                    adv_steps=3, adv_step_size=0.12, adv_warmup_epochs=1.0, robust_steps=10,
+                    adv_steps=3, adv_step_size=0.12, adv_clean_epochs=1.0,
+                    adv_warmup_epochs=1.0, robust_steps=10,
                     uiat_epochs=1)
         base.update(overrides)
         return cls(**base)
@@ -134,12 +139,28 @@ def build_study_model(name, cfg):
                                   center_loss=CenterLossConfig(on="both", **center))
 
 
-def _run_key(cfg) -> dict:
-    # Everything that changes a model's results (not where they go or which models run).
+# Settings only the adversarially trained model D uses.
+_D_ONLY = ("adv_eps", "adv_steps", "adv_step_size", "adv_clean_epochs", "adv_warmup_epochs")
+
+
+def _run_key(cfg, name) -> dict:
+    # Everything that changes model `name`'s results (not where they go, which
+    # models run, or the settings of another model only).
     key = dataclasses.asdict(cfg)
     key.pop("out", None)
     key.pop("models", None)
+    if name != "D":
+        for field in _D_ONLY:
+            key.pop(field, None)
     return json.loads(json.dumps(key, default=str))
+
+
+def _same_run(saved_key, name, cfg) -> bool:
+    if not isinstance(saved_key, dict):
+        return False
+    if name != "D":  # kept by a version whose keys also held D's settings
+        saved_key = {k: v for k, v in saved_key.items() if k not in _D_ONLY}
+    return saved_key == _run_key(cfg, name)
 
 
 def save_model_results(done_dir, name, cfg, results, kinds, features) -> None:
@@ -148,7 +169,7 @@ def save_model_results(done_dir, name, cfg, results, kinds, features) -> None:
     base = os.path.join(done_dir, name)
     np.savez(base + ".tmp.npz", features=features, **{f"kind_{k}": v for k, v in kinds.items()})
     with open(base + ".tmp.json", "w") as f:
-        json.dump({"key": _run_key(cfg), "results": results}, f, default=float)
+        json.dump({"key": _run_key(cfg, name), "results": results}, f, default=float)
     os.replace(base + ".tmp.npz", base + ".npz")
     os.replace(base + ".tmp.json", base + ".json")  # last: marks the model done
 
@@ -160,7 +181,7 @@ def load_model_results(done_dir, name, cfg):
         return None
     with open(base + ".json") as f:
         saved = json.load(f)
-    if saved.get("key") != _run_key(cfg):
+    if not _same_run(saved.get("key"), name, cfg):
         return None
     arrays = np.load(base + ".npz")
     kinds = {k[len("kind_"):]: arrays[k] for k in arrays.files if k.startswith("kind_")}
@@ -176,11 +197,11 @@ def model_backup(out, name, cfg):
 
     path = os.path.join(out, "backup", name)
     key_file = os.path.join(path, "run_key.json")
-    key = _run_key(cfg)
+    key = _run_key(cfg, name)
     if os.path.isdir(path):
         try:
             with open(key_file) as f:
-                same = json.load(f) == key
+                same = _same_run(json.load(f), name, cfg)
         except (OSError, ValueError):
             same = False
         if not same:
@@ -497,7 +518,7 @@ def run_centers_study(cfg: CentersStudyConfig, progress=True) -> dict:
         history = JSONHistory(os.path.join(backup.backup_dir, "history.json"))
         callbacks = [backup, EpochSeconds(), history]
         if name == "D":
-            callbacks.insert(1, EpsilonWarmup(cfg.adv_warmup_epochs))
+            callbacks.insert(1, EpsilonWarmup(cfg.adv_warmup_epochs, start=cfg.adv_clean_epochs))
         model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
                   shuffle=False,  # the pipeline shuffles
                   verbose="auto" if progress else 0)

@@ -108,13 +108,19 @@ class EpsilonWarmup(keras.callbacks.Callback):
 
     Args:
         epochs: length of the ramp in epochs (may be fractional); 0 disables.
+        start: epochs of clean training (budget 0) before the ramp begins (may
+            be fractional). A model that has not left chance level yet (e.g.
+            while a cyclic learning rate is still small) gains nothing from
+            adversarial examples and can collapse under them.
     """
 
-    def __init__(self, epochs: float):
+    def __init__(self, epochs: float, start: float = 0.0):
         super().__init__()
-        if epochs < 0:
-            raise ValueError(f"Expected epochs >= 0. Received: epochs={epochs}")
+        if epochs < 0 or start < 0:
+            raise ValueError(f"Expected epochs >= 0 and start >= 0. Received: epochs={epochs}, "
+                             f"start={start}")
         self.epochs = float(epochs)
+        self.start = float(start)
         self._epoch = 0
 
     def _set(self, fraction):
@@ -124,11 +130,12 @@ class EpsilonWarmup(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self.epochs <= 0:
-            self._set(1.0)
-            return
         steps = self.params.get("steps") or 1
-        self._set((self._epoch + (batch + 1) / steps) / self.epochs)
+        done = self._epoch + (batch + 1) / steps - self.start
+        if self.epochs <= 0:
+            self._set(1.0 if done > 0 else 0.0)
+            return
+        self._set(done / self.epochs)
 
     def on_train_end(self, logs=None):
         self._set(1.0)
