@@ -135,6 +135,10 @@ def test_settings_of_model_d_do_not_discard_the_other_models(tmp_path):
         json.dump(saved, f)
     assert load_model_results(done, "A", retuned) is not None
     assert load_model_results(done, "A", CentersStudyConfig(out=str(tmp_path), epochs=4)) is None
+    assert load_model_results(
+        done, "A", CentersStudyConfig(out=str(tmp_path), epochs=3, adv_center_on="clean"))
+    with pytest.raises(ValueError, match="adv_center_on"):
+        CentersStudyConfig(out=str(tmp_path), adv_center_on="features")
     # Same for a mid-training backup: kept for A, discarded for D.
     for name in "AD":
         model_backup(str(tmp_path), name, cfg)

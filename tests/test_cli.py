@@ -216,8 +216,10 @@ def test_centers_options_reach_the_study_config(tmp_path):
 
     args = build_parser().parse_args(
         ["centers", "--out", str(tmp_path), "--adv-eps", "0.2", "--adv-steps", "7",
-         "--adv-clean-epochs", "3", "--adv-warmup-epochs", "5", "--models", "b,d"])
+         "--adv-clean-epochs", "3", "--adv-warmup-epochs", "5", "--adv-center-on", "clean",
+         "--models", "b,d"])
     cfg = centers_config(args)
+    assert cfg.adv_center_on == "clean"
     assert (cfg.adv_eps, cfg.adv_steps, cfg.adv_clean_epochs, cfg.adv_warmup_epochs) == (
         0.2, 7, 3.0, 5.0)
     assert cfg.models == ("B", "D") and cfg.epochs == 25

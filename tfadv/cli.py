@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model D: clean epochs before its budget ramps up")
     s.add_argument("--adv-warmup-epochs", type=_nonneg_float, default=None,
                    help="model D: epochs of the linear budget ramp")
+    s.add_argument("--adv-center-on", choices=["clean", "adversarial", "both"], default=None,
+                   help="model D: the features center loss pulls")
     s.add_argument("--seed", type=int, default=None)
     d = sub.add_parser("demo", help="the whole robust FaceNet story on the demo faces")
     d.add_argument("--out", default="runs/demo")
@@ -370,7 +372,7 @@ def centers_config(args):
         center_weight=args.center_weight, max_lr=args.max_lr, seed=args.seed,
         adv_eps=args.adv_eps, adv_steps=args.adv_steps, adv_step_size=args.adv_step_size,
         adv_clean_epochs=args.adv_clean_epochs,
-        adv_warmup_epochs=args.adv_warmup_epochs).items()
+        adv_warmup_epochs=args.adv_warmup_epochs, adv_center_on=args.adv_center_on).items()
         if v is not None}
     models = tuple(m.strip().upper() for m in args.models.split(",") if m.strip())
     overrides["models"] = models

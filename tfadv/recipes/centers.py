@@ -70,6 +70,8 @@ class CentersStudyConfig:
     # ramp from epoch 0 left D at chance (0.10) for all 25 epochs.
     adv_clean_epochs: float = 4.0
     adv_warmup_epochs: float = 6.0
+    # Which of D's features center loss pulls: "clean", "adversarial" or "both".
+    adv_center_on: str = "both"
     robust_eps: float = 0.3
     robust_steps: int = 40
     # Robust validation each epoch (PGD-10) runs on this many test images;
@@ -83,6 +85,9 @@ class CentersStudyConfig:
             raise ValueError(f"Expected models from {sorted(MODELS)}. Received: {self.models}")
         if int(self.epochs) < 1 or int(self.batch_size) < 1:
             raise ValueError("Expected epochs >= 1 and batch_size >= 1.")
+        if self.adv_center_on not in ("clean", "adversarial", "both"):
+            raise ValueError('Expected adv_center_on "clean", "adversarial" or "both". '
+                             f"Received: {self.adv_center_on!r}")
 
     @classmethod
     def quick(cls, out, **overrides):
@@ -136,11 +141,12 @@ def build_study_model(name, cfg):
             center_loss=CenterLossConfig(centers="inverse_batch", **center))
     attack = PGD(eps=cfg.adv_eps, steps=cfg.adv_steps, step_size=cfg.adv_step_size)
     return tfadv.AdversarialModel(base, attack=attack, method="pgd", eval_attack=eval_attack,
-                                  center_loss=CenterLossConfig(on="both", **center))
+                                  center_loss=CenterLossConfig(on=cfg.adv_center_on, **center))
 
 
 # Settings only the adversarially trained model D uses.
-_D_ONLY = ("adv_eps", "adv_steps", "adv_step_size", "adv_clean_epochs", "adv_warmup_epochs")
+_D_ONLY = ("adv_eps", "adv_steps", "adv_step_size", "adv_clean_epochs", "adv_warmup_epochs",
+           "adv_center_on")
 
 
 def _run_key(cfg, name) -> dict:
@@ -434,6 +440,13 @@ def _report(cfg, per_model, figures, seconds) -> str:
               f"Robust accuracy: worst case per test digit of PGD-{cfg.robust_steps} (CE), "
               f"APGD-CE, APGD-DLR and PGD (margin loss), {cfg.robust_steps} steps each, at Linf "
               f"eps {cfg.robust_eps}. Wall time {seconds:.0f} s.", ""]
+    if "D" in per_model:
+        lines += [f"Model D trains on PGD-{cfg.adv_steps} adversarial examples (Linf eps "
+                  f"{cfg.adv_eps}, step {cfg.adv_step_size}, random start) with center loss on "
+                  f"{'clean and adversarial' if cfg.adv_center_on == 'both' else cfg.adv_center_on} "
+                  f"features; the budget is 0 for the first "
+                  f"{cfg.adv_clean_epochs:g} epochs, then ramps linearly to eps over "
+                  f"{cfg.adv_warmup_epochs:g} epochs.", ""]
     models = [m for m in per_model if not m.startswith("_")]
     lines += ["## Models", "", "| model | training | clean acc | robust acc (worst) | intra-class var | "
               "mean centre distance | var / dist^2 |", "|---|---|---|---|---|---|---|"]
