@@ -137,6 +137,15 @@ def test_settings_of_model_d_do_not_discard_the_other_models(tmp_path):
     assert load_model_results(done, "A", CentersStudyConfig(out=str(tmp_path), epochs=4)) is None
     assert load_model_results(
         done, "A", CentersStudyConfig(out=str(tmp_path), epochs=3, adv_center_on="clean"))
+    # A key from before a setting existed matches that setting's default only.
+    with open(done / "D.json") as f:
+        saved = json.load(f)
+    del saved["key"]["adv_center_on"]
+    with open(done / "D.json", "w") as f:
+        json.dump(saved, f)
+    assert load_model_results(done, "D", cfg) is not None
+    assert load_model_results(
+        done, "D", CentersStudyConfig(out=str(tmp_path), epochs=3, adv_center_on="clean")) is None
     with pytest.raises(ValueError, match="adv_center_on"):
         CentersStudyConfig(out=str(tmp_path), adv_center_on="features")
     # Same for a mid-training backup: kept for A, discarded for D.

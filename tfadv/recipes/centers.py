@@ -66,10 +66,12 @@ class CentersStudyConfig:
     adv_steps: int = 5
     adv_step_size: float = 0.1
     # D: clean epochs first (eps 0 while the one-cycle LR is still small and the
-    # model is at chance), then a linear ramp to adv_eps. Measured: a 2-epoch
-    # ramp from epoch 0 left D at chance (0.10) for all 25 epochs.
-    adv_clean_epochs: float = 4.0
-    adv_warmup_epochs: float = 6.0
+    # model is at chance), then a slow linear ramp to adv_eps. Measured: a
+    # 2-epoch ramp from epoch 0 left D at chance (0.10) for all 25 epochs; 4
+    # clean epochs and a 6-epoch ramp collapsed the features to one point when
+    # the full budget arrived at the LR peak (epoch 10: val accuracy 0.69 -> 0.13).
+    adv_clean_epochs: float = 5.0
+    adv_warmup_epochs: float = 12.0
     # Which of D's features center loss pulls: "clean", "adversarial" or "both".
     adv_center_on: str = "both"
     robust_eps: float = 0.3
@@ -166,7 +168,14 @@ def _same_run(saved_key, name, cfg) -> bool:
         return False
     if name != "D":  # kept by a version whose keys also held D's settings
         saved_key = {k: v for k, v in saved_key.items() if k not in _D_ONLY}
-    return saved_key == _run_key(cfg, name)
+    key = _run_key(cfg, name)
+    # A key written before a setting existed was made with that setting's default.
+    defaults = json.loads(json.dumps(
+        {f.name: f.default for f in dataclasses.fields(cfg)
+         if f.default is not dataclasses.MISSING}, default=str))
+    saved_key = {**{k: defaults[k] for k in key if k not in saved_key and k in defaults},
+                 **saved_key}
+    return saved_key == key
 
 
 def save_model_results(done_dir, name, cfg, results, kinds, features) -> None:
