@@ -431,10 +431,20 @@ def _verdict(per_model) -> list[str]:
                 "saturated softmax hides the CE gradient (gradient masking), so CE attacks "
                 "alone overstate its robustness.")
     if "D" in per_model and "A" in per_model and "D" not in failed:
+        a, d = per_model["A"], per_model["D"]
         lines.append(
-            f"Model D (PGD + center loss) buys robust accuracy {per_model['D']['robust_accuracy']:.3f} "
-            f"(A: {per_model['A']['robust_accuracy']:.3f}) at clean accuracy "
-            f"{per_model['D']['clean_accuracy']:.3f}.")
+            f"Model D (PGD + center loss) buys robust accuracy {d['robust_accuracy']:.3f} "
+            f"(A: {a['robust_accuracy']:.3f}) at clean accuracy {d['clean_accuracy']:.3f} "
+            f"(A: {a['clean_accuracy']:.3f}); variance/separation {d['variance_to_separation']:.4f}"
+            f" (A: {a['variance_to_separation']:.4f}).")
+        comp = d["comparisons"]
+        il, cl = comp.get("inverse vs learned"), comp.get("clean vs learned")
+        if il and cl:
+            lines.append(
+                f"In Model D too, the inverse-adversary centres are "
+                f"{'no closer to' if il['mse_mean'] >= cl['mse_mean'] else 'closer to'} the "
+                f"learned centres than the clean centres are (MSE {il['mse_mean']:.4g} vs "
+                f"{cl['mse_mean']:.4g}).")
     return lines
 
 
@@ -448,7 +458,14 @@ def _report(cfg, per_model, figures, seconds) -> str:
               f"{cfg.inverse_eps:.4f}, {cfg.inverse_steps} steps of {cfg.inverse_step_size:.4f}. "
               f"Robust accuracy: worst case per test digit of PGD-{cfg.robust_steps} (CE), "
               f"APGD-CE, APGD-DLR and PGD (margin loss), {cfg.robust_steps} steps each, at Linf "
-              f"eps {cfg.robust_eps}. Wall time {seconds:.0f} s.", ""]
+              f"eps {cfg.robust_eps}.", ""]
+    trained = {m: r.get("train_seconds") for m, r in per_model.items()
+               if not m.startswith("_") and r.get("train_seconds")}
+    if trained:
+        lines += ["Training time (all epochs, also those of a killed and resumed run): "
+                  + ", ".join(f"{m} {t / 60:.0f} min" for m, t in trained.items())
+                  + f". This report was written in {seconds:.0f} s (models finished by an "
+                  "earlier run are loaded from `models_done/`, not retrained).", ""]
     if "D" in per_model:
         lines += [f"Model D trains on PGD-{cfg.adv_steps} adversarial examples (Linf eps "
                   f"{cfg.adv_eps}, step {cfg.adv_step_size}, random start) with center loss on "
