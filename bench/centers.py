@@ -9,7 +9,9 @@ embedded MNIST:
    same images; 5 steps + the feature pass make 6.0 the ideal. Target <= 6.0.
 2. Centre-update overhead: an epoch of `fit` with center loss (learned
    centres, updated by the Wen et al. rule every step) over an epoch with
-   cross-entropy only, same model and data. Target <= 1.05.
+   cross-entropy only, same model and data, at the study's batch size (32,
+   so an epoch is 63 training steps rather than a few calls dominated by
+   `fit`'s fixed cost). Target <= 1.05.
 
 Repeats are interleaved and the median is reported, so machine noise hits
 both sides of every ratio alike.
@@ -39,9 +41,11 @@ from tfadv.data import load_mnist, subset  # noqa: E402
 from tfadv.evaluation.centers import extract_centers  # noqa: E402
 
 
-def timed(fn):
-    t = time.perf_counter()
+def timed(fn, cpu=None):
+    t, c = time.perf_counter(), time.process_time()
     fn()
+    if cpu is not None:
+        cpu.append(time.process_time() - c)
     return time.perf_counter() - t
 
 
@@ -49,7 +53,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--train-batch", type=int, default=32, help="batch of the training epochs")
     args = p.parse_args(argv)
     n = 500 if args.quick else 2000
     arch = "small" if args.quick else "lenetpp"
@@ -72,11 +77,14 @@ def main(argv=None):
     inverse = InversePGD()
     grad_pass(ds)
     extract_centers(model, ds, attack=inverse)  # warm-up (tracing)
-    t_grad, t_inv = [], []
+    t_grad, t_inv, c_grad, c_inv = [], [], [], []
     for _ in range(args.repeats):
-        t_grad.append(timed(lambda: grad_pass(ds).numpy()))
-        t_inv.append(timed(lambda: extract_centers(model, ds, attack=inverse)))
+        t_grad.append(timed(lambda: grad_pass(ds).numpy(), c_grad))
+        t_inv.append(timed(lambda: extract_centers(model, ds, attack=inverse), c_inv))
     g, inv = statistics.median(t_grad), statistics.median(t_inv)
+    inv_cpu_ratio = statistics.median(c_inv) / statistics.median(c_grad)
+
+    train_ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.train_batch).cache()
 
     def training(center):
         keras.utils.set_random_seed(0)
@@ -85,30 +93,38 @@ def main(argv=None):
                                    center_loss=CenterLossConfig() if center else None)
         m.compile(optimizer=tfadv.trainers.schedules.sgd_nesterov(0.01),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        m.fit(ds, epochs=1, verbose=0)  # warm-up
+        m.fit(train_ds, epochs=1, verbose=0)  # warm-up
         return m
 
     plain, center = training(False), training(True)
-    t_ce, t_cl = [], []
+    t_ce, t_cl, c_ce, c_cl = [], [], [], []
     for _ in range(args.repeats):
-        t_ce.append(timed(lambda: plain.fit(ds, epochs=1, verbose=0)))
-        t_cl.append(timed(lambda: center.fit(ds, epochs=1, verbose=0)))
+        t_ce.append(timed(lambda: plain.fit(train_ds, epochs=1, verbose=0), c_ce))
+        t_cl.append(timed(lambda: center.fit(train_ds, epochs=1, verbose=0), c_cl))
     ce, cl = statistics.median(t_ce), statistics.median(t_cl)
+    cpu_ratio = statistics.median(c_cl) / statistics.median(c_ce)
 
     res = {
-        "images": n, "arch": arch, "batch": batch, "repeats": args.repeats,
+        "images": n, "arch": arch, "batch": batch, "train_batch": args.train_batch,
+        "repeats": args.repeats,
         "input_gradient_pass_s": g, "inverse_extraction_s": inv,
         "inverse_images_per_s": n / inv, "extraction_limit_ratio": inv / g,
+        "extraction_limit_ratio_cpu": inv_cpu_ratio,
         "extraction_target": 6.0,
         "ce_epoch_s": ce, "center_loss_epoch_s": cl, "center_overhead_ratio": cl / ce,
+        "center_overhead_ratio_cpu": cpu_ratio,
         "center_overhead_target": 1.05,
     }
     print(f"{'measure':<44}{'value':>10}{'target':>10}")
     print(f"{'inverse-centre extraction, images/s':<44}{res['inverse_images_per_s']:>10.0f}")
-    print(f"{'extraction / one input-gradient pass':<44}{res['extraction_limit_ratio']:>10.2f}"
-          f"{'<= 6.0':>10}")
-    print(f"{'center-loss epoch / CE-only epoch':<44}{res['center_overhead_ratio']:>10.3f}"
+    print(f"{'extraction / one input-gradient pass (wall)':<44}"
+          f"{res['extraction_limit_ratio']:>10.2f}{'<= 6.0':>10}")
+    print(f"{'extraction / one input-gradient pass (CPU)':<44}"
+          f"{res['extraction_limit_ratio_cpu']:>10.2f}{'<= 6.0':>10}")
+    print(f"{'center-loss epoch / CE-only epoch (wall)':<44}{res['center_overhead_ratio']:>10.3f}"
           f"{'<= 1.05':>10}")
+    print(f"{'center-loss epoch / CE-only epoch (CPU)':<44}"
+          f"{res['center_overhead_ratio_cpu']:>10.3f}{'<= 1.05':>10}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

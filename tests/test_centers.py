@@ -69,6 +69,34 @@ def test_extraction_matches_eager_numpy_mean(feature_net, mnist_small):
     assert not np.allclose(inv, clean)
 
 
+def test_repeated_extraction_reuses_one_trace(feature_net, mnist_small):
+    from tfadv.evaluation.centers import _extraction_fn
+
+    _, _, x, y = mnist_small
+    attack = InversePGD(random_start=False)
+    first, _ = C.extract_centers(feature_net, (x[:100], y[:100]), attack=attack, batch_size=50)
+    second, _ = C.extract_centers(feature_net, (x[100:200], y[100:200]), attack=attack,
+                                  batch_size=50)
+    run = _extraction_fn(feature_net, "features", 10, attack, False)
+    assert run.experimental_get_tracing_count() == 1
+    assert not np.allclose(first, second)  # other data, same trace: not a stale result
+    # Class-wise perturbations are an argument, not a constant of the trace.
+    d1 = np.zeros((10, 28, 28, 1), np.float32)
+    d2 = np.full((10, 28, 28, 1), 0.1, np.float32)
+    a, _ = C.extract_centers(feature_net, (x[:100], y[:100]), deltas=d1, batch_size=50)
+    with_deltas = _extraction_fn(feature_net, "features", 10, None, True)
+    traces = with_deltas.experimental_get_tracing_count()
+    b, _ = C.extract_centers(feature_net, (x[:100], y[:100]), deltas=d2, batch_size=50)
+    assert with_deltas.experimental_get_tracing_count() == traces
+    clean, _ = C.extract_centers(feature_net, (x[:100], y[:100]), batch_size=50)
+    np.testing.assert_allclose(a, clean, atol=1e-5)
+    f = C.features_of(feature_net, np.clip(x[:100] + 0.1, 0, 1))
+    yk = y[:100]
+    ref = np.stack([f[yk == k].mean(0) if (yk == k).any() else np.zeros(f.shape[1])
+                    for k in range(10)])
+    np.testing.assert_allclose(b, ref, atol=1e-4)
+
+
 def test_uiat_perturbations_lower_the_loss_inside_the_ball(feature_net, mnist_small):
     import tensorflow as tf
     from tfadv.attacks.objectives import cross_entropy
