@@ -8,6 +8,7 @@ import os
 import sys
 
 from tfadv import argtypes
+from tfadv.config import CENTER_TARGETS
 from tfadv.serving.cli_commands import add_commands as add_serving_commands
 
 
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model D: clean epochs before its budget ramps up")
     s.add_argument("--adv-warmup-epochs", type=_nonneg_float, default=None,
                    help="model D: epochs of the linear budget ramp")
-    s.add_argument("--adv-center-on", choices=["clean", "adversarial", "both"], default=None,
+    s.add_argument("--adv-center-on", choices=list(CENTER_TARGETS), default=None,
                    help="model D: the features center loss pulls")
     s.add_argument("--seed", type=int, default=None)
     d = sub.add_parser("demo", help="the whole robust FaceNet story on the demo faces")

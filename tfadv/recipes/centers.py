@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from tfadv.config import CENTER_TARGETS
+
 MODELS = {
     "A": "softmax + center loss (learned centres)",
     "B": "softmax only",
@@ -87,8 +89,8 @@ class CentersStudyConfig:
             raise ValueError(f"Expected models from {sorted(MODELS)}. Received: {self.models}")
         if int(self.epochs) < 1 or int(self.batch_size) < 1:
             raise ValueError("Expected epochs >= 1 and batch_size >= 1.")
-        if self.adv_center_on not in ("clean", "adversarial", "both"):
-            raise ValueError('Expected adv_center_on "clean", "adversarial" or "both". '
+        if self.adv_center_on not in CENTER_TARGETS:
+            raise ValueError(f"Expected adv_center_on to be one of {CENTER_TARGETS}. "
                              f"Received: {self.adv_center_on!r}")
 
     @classmethod
