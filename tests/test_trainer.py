@@ -212,17 +212,22 @@ def test_eps_scale_scales_the_training_attack():
     np.testing.assert_allclose(base.get_weights()[0], W - LR * gw, atol=1e-6)
 
 
-def test_epsilon_warmup_ramps_linearly(tiny_model, batch):
+def _eps_scales_seen(model, x, y, epochs, warmup):
+    """The training attack's budget fraction after every step of a fit with `warmup`."""
     seen = []
 
     class Spy(keras.callbacks.Callback):
         def on_train_batch_end(self, b, logs=None):
             seen.append(float(self.model.eps_scale.numpy()))
 
+    model.fit(x, y, batch_size=4, epochs=epochs, verbose=0, callbacks=[warmup, Spy()])
+    return seen
+
+
+def test_epsilon_warmup_ramps_linearly(tiny_model, batch):
     x, y = batch
     model = _compiled(tiny_model, attack=PGD(eps=0.1, steps=1))
-    model.fit(x, y, batch_size=4, epochs=3, verbose=0,
-              callbacks=[tfadv.trainers.EpsilonWarmup(2), Spy()])
+    seen = _eps_scales_seen(model, x, y, 3, tfadv.trainers.EpsilonWarmup(2))
     np.testing.assert_allclose(seen, [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0] + [1.0] * 4)
     assert float(model.eps_scale.numpy()) == 1.0
     with pytest.raises(ValueError, match="epochs"):
@@ -230,21 +235,12 @@ def test_epsilon_warmup_ramps_linearly(tiny_model, batch):
 
 
 def test_epsilon_warmup_starts_after_clean_epochs(tiny_model, batch):
-    seen = []
-
-    class Spy(keras.callbacks.Callback):
-        def on_train_batch_end(self, b, logs=None):
-            seen.append(float(self.model.eps_scale.numpy()))
-
     x, y = batch
     model = _compiled(tiny_model, attack=PGD(eps=0.1, steps=1))
     # 4 steps per epoch: one clean epoch, then a one-epoch ramp, then the full budget.
-    model.fit(x, y, batch_size=4, epochs=3, verbose=0,
-              callbacks=[tfadv.trainers.EpsilonWarmup(1, start=1), Spy()])
+    seen = _eps_scales_seen(model, x, y, 3, tfadv.trainers.EpsilonWarmup(1, start=1))
     np.testing.assert_allclose(seen, [0.0] * 4 + [0.25, 0.5, 0.75, 1.0] + [1.0] * 4)
-    seen.clear()
-    model.fit(x, y, batch_size=4, epochs=2, verbose=0,
-              callbacks=[tfadv.trainers.EpsilonWarmup(0, start=1), Spy()])
+    seen = _eps_scales_seen(model, x, y, 2, tfadv.trainers.EpsilonWarmup(0, start=1))
     np.testing.assert_allclose(seen, [0.0] * 4 + [1.0] * 4)
     with pytest.raises(ValueError, match="start"):
         tfadv.trainers.EpsilonWarmup(1, start=-1)
