@@ -1,6 +1,7 @@
 """Pure TensorFlow operations shared by attacks and trainers."""
 
 from tfadv.ops.classwise import class_sums
+from tfadv.ops.labels import sparse_labels, sparse_labels_np
 from tfadv.ops.norms import (
     NORMS,
     canonical_norm,
@@ -20,4 +21,6 @@ __all__ = [
     "normalize_gradient",
     "project",
     "random_start",
+    "sparse_labels",
+    "sparse_labels_np",
 ]
