@@ -17,8 +17,12 @@ class FlipAttack(Attack):
     name = "flip"
 
     def __init__(self, mask, p=None):
-        super().__init__(eps=0.0, bounds=None)
+        # Swapping two features in [0, 1] moves each by at most 1 (Linf).
+        super().__init__(eps=1.0, bounds=None)
         self.mask, self.p = tf.constant(mask), p
+
+    def get_config(self):
+        return {**super().get_config(), "mask": self.mask.numpy().tolist(), "p": self.p}
 
     def perturb(self, model, x, y, objective, scale):
         mask = self.mask

@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfadv.attacks import objectives as objectives_lib
 from tfadv.ops import norms
+from tfadv.ops.labels import sparse_labels
 
 
 def _check_number(name, value, *, minimum=None, allow_none=False, integer=False):
@@ -109,17 +111,29 @@ class Attack:
 
         Args:
             model: a callable (usually a Keras model) mapping x to outputs.
-            x: inputs, float tensor [N, ...] inside `bounds`.
-            y: labels [N] (true labels, or targets when `targeted=True`), or
-                whatever target the objective expects (probabilities,
-                embeddings).
+            x: inputs, float tensor [N, ...] inside `bounds`. float16 and
+                bfloat16 inputs are attacked in float32 (the norm geometry
+                cannot be done in half precision) and returned in their dtype.
+            y: class labels (true labels, or targets when `targeted=True`)
+                as `[N]` or `[N, 1]` integers or whole-number floats, or
+                one-hot `[N, C]` (`tfadv.ops.sparse_labels`); or, for
+                objectives that take another target (`"kl"`: probabilities
+                [N, C]; `"cosine_distance"`: embeddings [N, D]), that target.
             objective: overrides the configured objective for this call.
             eps_scale: optional scalar (float or tensor, e.g. a variable a
                 training schedule ramps from 0 to 1) multiplying the budget
                 and the step size for this call.
 
         Returns:
-            `x_adv`, same shape and dtype as `x`, with no gradient attached.
+            `x_adv`, same shape and dtype as `x`, with no gradient attached,
+            always finite and never outside the eps-ball around the given `x`.
+
+        Raises:
+            ValueError: x is not floating; x lies outside `bounds` (eagerly;
+                inside a `tf.function` the same message comes as an
+                `InvalidArgumentError` from a `tf.debugging` assertion);
+                labels outside the label contract; an objective that needs
+                more classes than the model has (e.g. DLR with 2 classes).
         """
         x = tf.convert_to_tensor(x)
         if not x.dtype.is_floating:
@@ -127,11 +141,78 @@ class Attack:
                 f"Expected x to be a floating tensor (cast images to float32 first). "
                 f"Received dtype={x.dtype.name}"
             )
-        y = tf.convert_to_tensor(y)
+        in_dtype = x.dtype
+        x = tf.cast(x, norms.working_dtype(in_dtype))
         objective = objectives_lib.get(self.objective if objective is None else objective)
+        y = self.prepare_target(y, objective)
+        x = self._assert_in_bounds(x)
         scale = tf.constant(1.0, x.dtype) if eps_scale is None else tf.cast(eps_scale, x.dtype)
         x_adv = self.perturb(model, x, y, objective, scale)
-        return tf.stop_gradient(x_adv)
+        if self.eps is not None:
+            # A no-op for x inside bounds; keeps x_adv in the ball where the
+            # bounds check cannot run (XLA drops assertions).
+            x_adv = x + norms.project(x_adv - x, tf.constant(self.eps, x.dtype) * scale,
+                                      self.norm)
+        return tf.stop_gradient(tf.cast(x_adv, in_dtype))
+
+    def prepare_target(self, y, objective):
+        """The target the objective receives: `[N]` int64 labels for label objectives.
+
+        Raises:
+            ValueError: labels outside the label contract.
+        """
+        if objectives_lib.targets_labels(objective):
+            return sparse_labels(y)
+        return tf.convert_to_tensor(y)
+
+    def check_bounds(self, x):
+        """Raises a ValueError if NumPy/eager `x` lies outside this attack's bounds.
+
+        Raises:
+            ValueError: naming the observed range, the bounds and what to pass.
+        """
+        if self.bounds is None:
+            return
+        x = np.asarray(x)
+        if x.size == 0:
+            return
+        low, high = float(np.min(x)), float(np.max(x))
+        if not (low >= self.bounds[0] - self._bounds_tol and high <= self.bounds[1] + self._bounds_tol):
+            raise ValueError(self._bounds_message(f"[{low:.4g}, {high:.4g}]"))
+
+    @property
+    def _bounds_tol(self):
+        return 1e-4 * (self.bounds[1] - self.bounds[0])
+
+    def _bounds_message(self, observed):
+        low, high = self.bounds
+        hint = ""
+        if high <= 1.0:
+            hint = (f" If x holds raw 0-255 pixels, pass bounds=(0, 255) and eps in pixel "
+                    f"units (8 for 8/255), or divide x by 255.")
+        where = f"values in {observed}" if observed else "values (min and max below)"
+        return (f"{type(self).__name__}: x has {where} outside the attack bounds="
+                f"{self.bounds}. Attacks clip to the bounds, which would move x "
+                f"far outside the eps-ball.{hint} Pass the bounds of your input units, or "
+                f"bounds=None to disable clipping.")
+
+    def _assert_in_bounds(self, x):
+        if self.bounds is None:
+            return x
+        low = tf.reduce_min(x)
+        high = tf.reduce_max(x)
+        tol = self._bounds_tol
+        ok = tf.logical_or(
+            tf.equal(tf.size(x), 0),
+            tf.logical_and(low >= self.bounds[0] - tol, high <= self.bounds[1] + tol))
+        if tf.executing_eagerly():
+            if not bool(ok):
+                raise ValueError(self._bounds_message(
+                    f"[{float(low):.4g}, {float(high):.4g}]"))
+            return x
+        check = tf.debugging.Assert(ok, [self._bounds_message(None), low, high])
+        with tf.control_dependencies([check]):
+            return tf.identity(x)
 
     def perturb(self, model, x, y, objective, scale):  # pragma: no cover - abstract
         raise NotImplementedError

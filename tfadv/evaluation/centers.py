@@ -25,6 +25,7 @@ from tfadv.attacks import objectives
 from tfadv.models.features import CLASSIFIER_LAYER, FEATURE_LAYER, feature_model
 from tfadv.ops import norms
 from tfadv.ops.classwise import class_sums
+from tfadv.ops.labels import sparse_labels_np
 
 
 def _as_dataset(data, batch_size):
@@ -32,7 +33,7 @@ def _as_dataset(data, batch_size):
         return data
     x, y = data
     return tf.data.Dataset.from_tensor_slices((np.asarray(x, np.float32),
-                                               np.asarray(y, np.int64))).batch(batch_size)
+                                               sparse_labels_np(y))).batch(batch_size)
 
 
 def extract_centers(model, data, *, num_classes=10, attack: Attack | None = None,

@@ -18,6 +18,7 @@ from tfadv.attacks import objectives
 from tfadv.attacks.base import call_model
 from tfadv.attacks.pgd import FGSM, PGD
 from tfadv.evaluation.robustness import attack_batches
+from tfadv.ops.labels import sparse_labels_np
 
 
 class GradientMaskingWarning(UserWarning):
@@ -78,7 +79,7 @@ def gradient_masking_checks(
         A `CheckReport`; `report.ok` is False if anything looks masked.
     """
     x = tf.convert_to_tensor(np.asarray(x, np.float32))
-    y_np = np.asarray(y, np.int64)
+    y_np = sparse_labels_np(y)
     y_t = tf.convert_to_tensor(y_np)
     problems, m = [], {}
 

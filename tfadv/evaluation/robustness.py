@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from tfadv.attacks.base import Attack, call_model
 from tfadv.attacks.pgd import PGD
+from tfadv.ops.labels import sparse_labels_np
 
 
 def _progress(iterable, enabled, desc, total=None):
@@ -96,14 +97,23 @@ class RobustnessResult:
         }
 
 
-def _check_xy(x, y):
+def _check_xy(x, y, attacks=()):
+    """x as float32 [N, ...], y as int64 [N] (label contract), checked against the attacks.
+
+    Raises:
+        ValueError: mismatched lengths, non-float x, labels outside the label
+            contract, or x outside an attack's bounds.
+    """
     x = np.asarray(x)
-    y = np.asarray(y)
-    if x.ndim < 2 or len(x) != len(y):
-        raise ValueError(f"Expected x [N, ...] and y [N]. Received shapes {x.shape} and {y.shape}.")
+    if x.ndim < 2 or len(x) != len(np.asarray(y)):
+        raise ValueError(f"Expected x [N, ...] and y [N]. Received shapes {x.shape} and "
+                         f"{np.asarray(y).shape}.")
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"Expected float inputs. Received dtype {x.dtype}.")
-    return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
+    y = sparse_labels_np(y)
+    for attack in attacks:
+        attack.check_bounds(x)
+    return x.astype(np.float32, copy=False), y
 
 
 def evaluate_robustness(
@@ -138,7 +148,7 @@ def evaluate_robustness(
         attacks = [attacks]
     if int(restarts) < 1:
         raise ValueError(f"Expected restarts >= 1. Received: restarts={restarts}")
-    x, y = _check_xy(x, y)
+    x, y = _check_xy(x, y, attacks)
     clean_correct = _predict(model, x, batch_size) == y
     worst = clean_correct.copy()
     per_attack = {}

@@ -1,0 +1,271 @@
+"""The attack call contract under inputs users really pass: half-precision
+floats, every label format, inputs outside the bounds, too few classes.
+
+Every attack of the matrix in tests/test_attacks.py goes through each case.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfadv import attacks
+from tfadv.attacks import objectives
+from tfadv.evaluation import evaluate_robustness
+from tfadv.ops import lp_norm, normalize_gradient, project, random_start
+
+from test_attacks import ATTACKS
+
+EPS = {"inf": 0.1, "2": 1.0}
+
+
+def _linear(num_classes=4, dim=6, seed=0):
+    rng = np.random.default_rng(seed)
+    m = keras.Sequential([keras.Input((dim,)), keras.layers.Dense(num_classes)])
+    m.layers[0].set_weights([rng.normal(size=(dim, num_classes)).astype("float32") * 3,
+                             np.zeros(num_classes, "float32")])
+    return m
+
+
+def _points(n=200, dim=6, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0.2, 0.8, size=(n, dim)).astype("float32")
+
+
+# -- 1. float dtypes ------------------------------------------------------------------
+
+
+def test_l2_pgd_on_float16_zero_gradient_returns_x():
+    m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, kernel_initializer="zeros")])
+    x = tf.constant(np.full((2, 4), 0.5), tf.float16)
+    for attack in (attacks.PGD(eps=0.5, steps=2, norm="2", random_start=False),
+                   attacks.FGSM(eps=0.5, norm="2"),
+                   attacks.APGD(eps=0.5, steps=3, norm="2", random_start=False)):
+        x_adv = attack(m, x, np.array([0, 1]))
+        assert x_adv.dtype == tf.float16
+        np.testing.assert_array_equal(x_adv.numpy(), x.numpy())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_every_attack_finite_in_every_float_dtype(name, dtype):
+    factory, norm, _ = ATTACKS[name]
+    keras.utils.set_random_seed(0)
+    # Confident logits (scale 40): the softmax saturates, gradients are tiny.
+    m = _linear(num_classes=4, dim=64)
+    m.layers[0].set_weights([m.layers[0].get_weights()[0] * 40, np.zeros(4, "float32")])
+    x32 = _points(16, 64)
+    y = np.argmax(m(x32).numpy(), -1)
+    x = tf.cast(x32, dtype)
+    eps = EPS[norm]
+    x_adv = factory(eps)(m, x, y)
+    assert x_adv.dtype == x.dtype
+    adv = tf.cast(x_adv, tf.float64).numpy()
+    assert np.isfinite(adv).all()
+    resolution = {"float16": 1e-3, "bfloat16": 1e-2}.get(dtype, 1e-5)
+    assert adv.min() >= 0 and adv.max() <= 1
+    delta = adv - tf.cast(x, tf.float64).numpy()
+    size = np.abs(delta).max(1) if norm == "inf" else np.sqrt((delta ** 2).sum(1))
+    assert size.max() <= eps * (1 + resolution) + resolution
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-8, 1.0, 1e8, 1e30])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_l2_direction_for_any_gradient_scale(scale, dtype):
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(3, 50))
+    g[2] = 0.0
+    gd = tf.cast(tf.constant(g * scale, tf.float64), dtype)
+    representable = tf.cast(gd, tf.float64).numpy()
+    unit = normalize_gradient(gd, "2")
+    assert unit.dtype == gd.dtype
+    u = tf.cast(unit, tf.float64).numpy()
+    assert np.isfinite(u).all()
+    np.testing.assert_array_equal(u[2], 0.0)
+    nonzero = np.abs(representable).max(1) > 0
+    # What the dtype can represent of the gradient, normalised in float64; where
+    # it overflowed to inf, the infinite entries give the direction.
+    inf_rows = np.isinf(representable).any(1, keepdims=True)
+    representable = np.where(inf_rows, np.where(np.isinf(representable),
+                                                np.sign(representable), 0), representable)
+    expected = representable[nonzero] / np.linalg.norm(representable[nonzero], axis=1,
+                                                       keepdims=True)
+    tol = {"float16": 2e-3, "bfloat16": 2e-2}.get(dtype, 1e-6)
+    np.testing.assert_allclose(u[nonzero], expected, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_l2_norm_and_projection_do_not_overflow(dtype):
+    # ||(300, ..., 300)||_2 over 1000 dims = 9487: representable in float16, but
+    # its sum of squares (9e7) is not.
+    delta = tf.cast(tf.fill([2, 1000], 300.0), dtype)
+    np.testing.assert_allclose(tf.cast(lp_norm(delta, "2"), tf.float64).numpy(),
+                               300 * np.sqrt(1000), rtol=1e-2)
+    p = tf.cast(project(delta, 10.0, "2"), tf.float64).numpy()
+    np.testing.assert_allclose(np.linalg.norm(p, axis=1), 10.0, rtol=1e-2)
+    # Inside the ball: unchanged.
+    small = tf.cast(tf.fill([2, 1000], 1e-3), dtype)
+    np.testing.assert_array_equal(project(small, 10.0, "2").numpy(), small.numpy())
+
+
+def test_l2_random_start_in_half_precision_for_large_inputs():
+    # d = 224*224*3 exceeds float16's range: the radius exponent 1/d must not be 0.
+    shape = tf.constant([4, 224, 224, 3])
+    d = random_start(shape, 2.0, "2", tf.float16)
+    norms = np.linalg.norm(tf.cast(d, tf.float64).numpy().reshape(4, -1), axis=1)
+    assert np.isfinite(norms).all() and (norms <= 2.0 * 1.01).all() and (norms > 1.9).all()
+
+
+def test_adversarial_training_on_float16_pipeline_with_l2_attack_stays_finite():
+    from tfadv import AdversarialModel
+
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+    model = AdversarialModel(base, attacks.PGD(eps=0.5, steps=3, norm="2"))
+    model.compile(optimizer="sgd",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.full((32, 6), 0.5, np.float16)  # identical points: zero-gradient L2 steps
+    y = np.zeros(32, np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    model.fit(ds, epochs=2, verbose=0)
+    assert all(np.isfinite(w).all() for w in base.get_weights())
+
+
+# -- 2. classes each objective needs ------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: attacks.APGD(eps=0.1, steps=3, objective="dlr"),
+    lambda: attacks.PGD(eps=0.1, steps=3, objective="dlr"),
+])
+def test_dlr_with_two_classes_is_a_clear_value_error(factory):
+    m = _linear(num_classes=2)
+    x, y = _points(8), np.zeros(8, np.int64)
+    with pytest.raises(ValueError, match="at least 3 output classes.*margin"):
+        factory()(m, x, y)
+    # Also when traced inside a tf.function.
+    with pytest.raises(ValueError, match="at least 3"):
+        tf.function(lambda a, b: factory()(m, a, b))(x, y)
+
+
+@pytest.mark.parametrize("objective", ["ce", "margin", "dlr"])
+def test_single_logit_models_are_rejected_by_label_objectives(objective):
+    m = _linear(num_classes=1)
+    with pytest.raises(ValueError, match="at least"):
+        attacks.PGD(eps=0.1, steps=2, objective=objective)(m, _points(4), np.zeros(4, np.int64))
+
+
+def test_dlr_and_margin_values_for_enough_classes():
+    logits = tf.constant([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0]])
+    y = tf.constant([0, 1])
+    np.testing.assert_allclose(objectives.dlr(logits, y).numpy(), [(1 - 3) / 3, (5 - 2) / 5])
+    m2 = objectives.margin(tf.constant([[1.0, 4.0]]), tf.constant([0]))
+    np.testing.assert_allclose(m2.numpy(), [3.0])
+
+
+# -- 3. label formats ----------------------------------------------------------------
+
+
+def _formats(y, num_classes):
+    return {
+        "int [N]": y.astype(np.int64),
+        "int32 [N, 1]": y.astype(np.int32)[:, None],
+        "float [N, 1]": y.astype(np.float32)[:, None],
+        "float [N]": y.astype(np.float64),
+        "one-hot": np.eye(num_classes, dtype=np.float32)[y],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_every_label_format_gives_the_same_attack(name):
+    factory, norm, _ = ATTACKS[name]
+    m = _linear()
+    x = _points(40)
+    y = np.argmax(m(x).numpy(), -1)
+    results = {}
+    for fmt, labels in _formats(y, 4).items():
+        keras.utils.set_random_seed(3)
+        results[fmt] = factory(EPS[norm])(m, x, labels).numpy()
+    for fmt, x_adv in results.items():
+        np.testing.assert_allclose(x_adv, results["int [N]"], atol=1e-6, err_msg=fmt)
+
+
+def test_float_column_labels_give_the_int_labels_robust_accuracy():
+    m = _linear()
+    x = _points(200)
+    y = np.argmax(m(x).numpy(), -1)
+    attack = attacks.PGD(eps=0.1, steps=10, random_start=False)
+    accs = {fmt: evaluate_robustness(m, x, labels, attack).robust_accuracy
+            for fmt, labels in _formats(y, 4).items()}
+    assert accs["int [N]"] < 0.9
+    assert len(set(accs.values())) == 1, accs
+
+
+def test_trainer_attack_target_accepts_float_column_labels():
+    x = _points(8)
+    m = _linear()
+    y = np.argmax(m(x).numpy(), -1)
+    attack = attacks.PGD(eps=0.1, steps=3, random_start=False)
+    run = tf.function(lambda a, b: attack(m, a, b))
+    np.testing.assert_allclose(run(x, y.astype(np.float32)[:, None]).numpy(),
+                               attack(m, x, y).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("labels,match", [
+    (np.array([0.5, 1.0]), "not whole numbers"),
+    (np.zeros((2, 1, 1)), "shape"),
+])
+def test_bad_labels_are_value_errors(labels, match):
+    with pytest.raises(ValueError, match=match):
+        attacks.PGD(eps=0.1, steps=1)(_linear(), _points(2), labels)
+    with pytest.raises(ValueError, match=match):
+        evaluate_robustness(_linear(), _points(2), labels, attacks.FGSM(eps=0.1))
+
+
+# -- 4. inputs outside the bounds ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_raw_pixels_with_unit_bounds_are_refused(name):
+    factory, norm, _ = ATTACKS[name]
+    m = _linear()
+    x = _points(8) * 255
+    y = np.zeros(8, np.int64)
+    with pytest.raises(ValueError, match=r"outside the attack bounds.*bounds=\(0, 255\)"):
+        factory(EPS[norm])(m, x, y)
+    # Inside a tf.function the same message comes from an assertion.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside the attack bounds"):
+        tf.function(lambda a, b: factory(EPS[norm])(m, a, b))(x, y)
+
+
+def test_evaluation_refuses_raw_pixels_with_unit_bounds():
+    m = _linear()
+    with pytest.raises(ValueError, match=r"values in \[5\d\.\d*, 20\d\.?\d*\]"):
+        evaluate_robustness(m, _points(8) * 255, np.zeros(8, np.int64),
+                            attacks.PGD(eps=8 / 255, steps=2))
+
+
+def test_pixel_bounds_keep_the_eps_ball():
+    m = _linear()
+    x = _points(8) * 255
+    y = np.zeros(8, np.int64)
+    for attack in (attacks.PGD(eps=8, steps=3, bounds=(0, 255)),
+                   attacks.FGSM(eps=8, bounds=(0, 255)),
+                   attacks.APGD(eps=8, steps=3, bounds=(0, 255))):
+        x_adv = attack(m, x, y).numpy()
+        assert np.abs(x_adv - x).max() <= 8 + 1e-3
+        assert np.abs(x_adv - x).max() > 1
+
+
+def test_out_of_bounds_inputs_under_xla_stay_in_the_ball():
+    # XLA drops assertions; the attack must still not leave the eps-ball.
+    m = _linear()
+    x = _points(8) * 255
+    y = np.zeros(8, np.int64)
+    run = tf.function(lambda a, b: attacks.PGD(eps=0.03, steps=2)(m, a, b), jit_compile=True)
+    try:
+        x_adv = run(x, y).numpy()
+    except tf.errors.InvalidArgumentError as e:
+        assert "outside the attack bounds" in str(e)
+        return
+    assert np.abs(x_adv - x).max() <= 0.03 + 1e-4
