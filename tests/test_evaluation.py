@@ -127,3 +127,46 @@ def test_checks_flag_missing_gradients(mnist_small):
 
     report = gradient_masking_checks(no_grad, x, y, eps=0.1, warn=False)
     assert not report.ok and "no gradient" in report.problems[0]
+
+
+def test_repeated_evaluation_reuses_one_trace_and_frees_the_model(batch):
+    import gc
+    import weakref
+
+    from conftest import tiny_cnn
+    from tfadv.evaluation import compiled as C
+
+    x, y = batch
+    tiny_model = tiny_cnn()
+    evaluate_robustness(tiny_model, x, y, attacks.PGD(eps=0.1, steps=2))
+    keys, traces = set(C.cached_keys(tiny_model)), C.tracing_count(tiny_model)
+    for _ in range(30):
+        evaluate_robustness(tiny_model, x, y, attacks.PGD(eps=0.1, steps=2))
+    assert set(C.cached_keys(tiny_model)) == keys  # predict + one attack
+    assert len(keys) == 2 and C.tracing_count(tiny_model) == traces
+    # Another budget is another function; an equal one is not.
+    robustness_curve(tiny_model, x, y, [0.1, 0.2, 0.1], attack_fn=lambda e: attacks.PGD(
+        eps=e, steps=2))
+    assert len(C.cached_keys(tiny_model)) == 3
+
+    ref = weakref.ref(tiny_model)
+    del tiny_model
+    gc.collect()
+    assert ref() is None
+
+
+def test_centre_extraction_frees_the_model(mnist_small):
+    import gc
+    import weakref
+
+    from tfadv.evaluation import centers as centers_lib
+    from tfadv.models import mnist_feature_net
+
+    _, _, x, y = mnist_small
+    model = mnist_feature_net(arch="small")
+    centers_lib.extract_centers(model, (x[:40], y[:40]),
+                                attack=attacks.InversePGD(random_start=False), batch_size=20)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -15,7 +15,6 @@ per-class vectors compared are:
 from __future__ import annotations
 
 import itertools
-import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -24,6 +23,7 @@ from tfadv.attacks.base import Attack, input_gradient
 from tfadv.attacks import objectives
 from tfadv.models.features import CLASSIFIER_LAYER, FEATURE_LAYER, feature_model
 from tfadv.ops import norms
+from tfadv.evaluation.compiled import compiled
 from tfadv.ops.classwise import class_sums
 from tfadv.ops.labels import sparse_labels_np
 
@@ -61,38 +61,37 @@ def extract_centers(model, data, *, num_classes=10, attack: Attack | None = None
     return centers.numpy(), counts.numpy().astype(np.int64)
 
 
-# model -> {(feature_layer, classes, id(attack), with deltas): (attack, compiled pass)}:
-# repeated extractions (every epoch, every bench repeat) reuse one trace.
-_EXTRACTORS = weakref.WeakKeyDictionary()
-
-
 def _extraction_fn(model, feature_layer, num_classes, attack, with_deltas):
-    per_model = _EXTRACTORS.setdefault(model, {})
-    key = (feature_layer, num_classes, id(attack), with_deltas)
-    cached = per_model.get(key)
-    if cached is not None and cached[0] is attack:
-        return cached[1]
-    feats = feature_model(model, feature_layer)
-    dim = int(feats.outputs[0].shape[-1])
+    """One compiled extraction pass per (model, feature layer, classes, attack, deltas).
 
-    @tf.function
-    def run(ds, delta_t):
-        sums = tf.zeros([num_classes, dim], tf.float32)
-        counts = tf.zeros([num_classes], tf.float32)
-        for xb, yb in ds:
-            xb = tf.cast(xb, tf.float32)
-            if attack is not None:
-                xb = attack(model, xb, yb)
-            if with_deltas:
-                xb = tf.clip_by_value(xb + tf.gather(delta_t, tf.cast(yb, tf.int32)), 0.0, 1.0)
-            f = tf.cast(feats(xb, training=False), tf.float32)
-            batch_sums, batch_counts = class_sums(f, yb, num_classes)
-            sums += batch_sums
-            counts += batch_counts
-        return sums / tf.maximum(counts, 1.0)[:, None], counts
+    Repeated extractions (every epoch, every bench repeat, a new but equal
+    attack object) reuse one trace; the cache holds the model weakly.
+    """
+    def make(model_ref):
+        feats = feature_model(model_ref(), feature_layer)
+        dim = int(feats.outputs[0].shape[-1])
 
-    per_model[key] = (attack, run)  # the attack is kept so its id is not reused
-    return run
+        @tf.function
+        def run(ds, delta_t):
+            sums = tf.zeros([num_classes, dim], tf.float32)
+            counts = tf.zeros([num_classes], tf.float32)
+            for xb, yb in ds:
+                xb = tf.cast(xb, tf.float32)
+                if attack is not None:
+                    xb = attack(model_ref(), xb, yb)
+                if with_deltas:
+                    xb = tf.clip_by_value(xb + tf.gather(delta_t, tf.cast(yb, tf.int32)),
+                                          0.0, 1.0)
+                f = tf.cast(feats(xb, training=False), tf.float32)
+                batch_sums, batch_counts = class_sums(f, yb, num_classes)
+                sums += batch_sums
+                counts += batch_counts
+            return sums / tf.maximum(counts, 1.0)[:, None], counts
+
+        return run
+
+    return compiled(model, ("extract_centers", feature_layer, num_classes, attack, with_deltas),
+                    make)
 
 
 def universal_inverse_perturbations(model, data, *, num_classes=10, eps=4 / 255,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import weakref
 from typing import Callable, Sequence
 
 import numpy as np
@@ -13,6 +12,7 @@ import tensorflow as tf
 
 from tfadv.attacks.base import Attack, call_model
 from tfadv.attacks.pgd import PGD
+from tfadv.evaluation.compiled import compiled, compiled_attack
 from tfadv.ops.labels import sparse_labels_np
 
 
@@ -24,44 +24,30 @@ def _progress(iterable, enabled, desc, total=None):
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
-# Compiled functions per model, reused across calls: retracing costs seconds, and
-# a re-traced function would replay the same random starts on every restart.
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _compiled(model, key, make):
-    try:
-        cache = _COMPILED.setdefault(model, {})
-    except TypeError:  # not weak-referenceable: compile without caching
-        return make()
-    if key not in cache:
-        cache[key] = make()
-    return cache[key]
-
-
 def _predict(model, x, batch_size):
-    def make():
+    def make(model_ref):
         def predict(xb):
-            return tf.argmax(call_model(model, xb), axis=-1)
+            return tf.argmax(call_model(model_ref(), xb), axis=-1)
 
         # Attacks use explicit tf.while_loop: no AutoGraph conversion needed.
         return tf.function(predict, reduce_retracing=True, autograph=False)
 
-    fn = _compiled(model, "predict", make)
+    fn = compiled(model, "predict", make)
     return np.concatenate([fn(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)])
 
 
 def attack_batches(model, attack: Attack, x, y, *, batch_size=256, progress=False, desc=None):
-    """Runs an attack over NumPy arrays in compiled batches; returns x_adv (NumPy)."""
-    # Keyed by identity: equal configs may still differ in state. The cached closure
-    # holds the attack, so its id cannot be reused while the entry lives.
-    def make():
-        def run(xb, yb):
-            return attack(model, xb, yb)
+    """Runs an attack over NumPy arrays in compiled batches; returns x_adv (NumPy).
 
-        return tf.function(run, reduce_retracing=True, autograph=False)
+    Attacks with equal configs share one compiled function per model (traced
+    once, freed with the model): re-creating the attack object in a loop
+    costs no retrace and no memory.
 
-    fn = _compiled(model, ("attack", id(attack)), make)
+    Raises:
+        ValueError: x outside the attack's bounds.
+    """
+    attack.check_bounds(x)
+    fn = compiled_attack(model, attack)
     out = []
     starts = range(0, len(x), batch_size)
     for i in _progress(starts, progress, desc or attack.name, total=len(starts)):
