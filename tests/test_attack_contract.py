@@ -148,11 +148,12 @@ def test_dlr_with_two_classes_is_a_clear_value_error(factory):
         tf.function(lambda a, b: factory()(m, a, b))(x, y)
 
 
-@pytest.mark.parametrize("objective", ["ce", "margin", "dlr"])
-def test_single_logit_models_are_rejected_by_label_objectives(objective):
+@pytest.mark.parametrize("objective", ["ce", "margin", "dlr", "kl"])
+def test_single_logit_models_are_rejected_by_class_objectives(objective):
     m = _linear(num_classes=1)
+    target = np.ones((4, 1), np.float32) if objective == "kl" else np.zeros(4, np.int64)
     with pytest.raises(ValueError, match="at least"):
-        attacks.PGD(eps=0.1, steps=2, objective=objective)(m, _points(4), np.zeros(4, np.int64))
+        attacks.PGD(eps=0.1, steps=2, objective=objective)(m, _points(4), target)
 
 
 def test_dlr_and_margin_values_for_enough_classes():

@@ -110,8 +110,19 @@ def margin(logits, target):
 
 
 def kl_divergence(logits, target_probs):
-    """KL(target_probs || softmax(logits)) per example: the TRADES inner objective."""
+    """KL(target_probs || softmax(logits)) per example: the TRADES inner objective.
+
+    Args:
+        logits: [N, C] with C >= 2; target_probs: [N, C] probabilities.
+
+    Returns:
+        float32 [N].
+
+    Raises:
+        ValueError: fewer than 2 classes (the softmax of one logit is constant).
+    """
     logits = _f32(logits)
+    _num_classes(logits, "KL", 2, _SINGLE_LOGIT)
     p = _f32(target_probs)
     log_q = tf.nn.log_softmax(logits, axis=-1)
     log_p = tf.math.log(tf.maximum(p, 1e-12))
