@@ -270,3 +270,25 @@ def test_out_of_bounds_inputs_under_xla_stay_in_the_ball():
         assert "outside the attack bounds" in str(e)
         return
     assert np.abs(x_adv - x).max() <= 0.03 + 1e-4
+
+
+def test_mixed_float16_backward_pass_does_not_mask_gradients():
+    # A confident classifier computing in float16: small logit gradients flush to
+    # zero on the way back, so without rescaling PGD leaves 39% of these points
+    # standing where the same weights in float32 leave none.
+    accs = {}
+    for policy in ("float32", "mixed_float16"):
+        keras.mixed_precision.set_global_policy(policy)
+        keras.utils.set_random_seed(0)
+        cnn = keras.Sequential([
+            keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, kernel_initializer=keras.initializers.RandomNormal(stddev=3)),
+            keras.layers.Activation("linear", dtype="float32")])
+        x = tf.random.uniform((64, 8, 8, 1), seed=1).numpy()
+        y = np.argmax(cnn(x).numpy(), -1)
+        accs[policy] = evaluate_robustness(
+            cnn, x, y, attacks.PGD(eps=0.5, steps=20, random_start=False)).robust_accuracy
+    keras.mixed_precision.set_global_policy("float32")
+    assert accs["float32"] == 0.0
+    assert accs["mixed_float16"] == accs["float32"], accs

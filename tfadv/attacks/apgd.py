@@ -83,7 +83,7 @@ class APGD(Attack):
         sign = -1.0 if self.targeted else 1.0
 
         def f(x_in):
-            loss, out, grad = input_gradient(model, x_in, y, objective)
+            loss, out, grad = input_gradient(model, x_in, y, objective, direction_only=True)
             return sign * loss, out, sign * grad
 
         dtype = x.dtype

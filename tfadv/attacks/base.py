@@ -54,17 +54,51 @@ def call_model(model, x):
     return model(x)
 
 
-def input_gradient(model, x, target, objective):
+def input_gradient(model, x, target, objective, *, direction_only=False):
     """Per-example objective values and their gradient w.r.t. the input.
 
+    Args:
+        model: callable mapping x [N, ...] to outputs [N, ...] (one tensor).
+        x: inputs; target: what the objective compares the outputs with.
+        objective: `(outputs, target) -> loss [N]`.
+        direction_only: the caller uses only each example's gradient
+            direction (sign or L2-normalised steps). The gradient flowing
+            back from the outputs is then rescaled per example by a power of
+            two to a largest entry near 1, which changes no direction
+            (power-of-two scaling is exact) but keeps a float16 model's
+            backward pass from flushing small gradients to zero: without it,
+            a confident `mixed_float16` classifier shows exactly-zero input
+            gradients for many examples and gradient attacks silently fail.
+
     Returns:
-        (loss [N] float32, outputs, gradient with the shape and dtype of x).
+        (loss [N] float32, outputs, gradient with the shape and dtype of x;
+        with `direction_only`, each example's gradient times a positive
+        power of two).
+
+    Raises:
+        ValueError: the outputs do not depend on the input.
     """
     with tf.GradientTape() as tape:
         tape.watch(x)
         outputs = call_model(model, x)
-        loss = objective(outputs, target)
-    grad = tape.gradient(loss, x)
+        if direction_only and tf.is_tensor(outputs) and outputs.dtype.is_floating:
+            with tf.GradientTape() as inner:
+                inner.watch(outputs)
+                loss = objective(outputs, target)
+            upstream = inner.gradient(loss, outputs)
+        else:
+            upstream = None
+            loss = objective(outputs, target)
+    if upstream is None:
+        grad = tape.gradient(loss, x)
+    else:
+        up = tf.cast(upstream, tf.float32)
+        up = tf.where(tf.math.is_finite(up), up, tf.zeros_like(up))
+        axes = list(range(1, len(up.shape)))
+        largest = tf.reduce_max(tf.abs(up), axis=axes, keepdims=True)
+        exponent = tf.where(largest > 0, tf.round(tf.math.log(largest) / math.log(2.0)), 0.0)
+        up = up * tf.pow(2.0, -exponent)
+        grad = tape.gradient(outputs, x, output_gradients=tf.cast(up, outputs.dtype))
     if grad is None:
         raise ValueError(
             "The model's output does not depend on its input (gradient is None). "

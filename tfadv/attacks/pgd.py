@@ -94,7 +94,7 @@ class PGD(Attack):
             )
 
         def body(i, x_adv):
-            _, _, grad = input_gradient(model, x_adv, y, objective)
+            _, _, grad = input_gradient(model, x_adv, y, objective, direction_only=True)
             x_next = x_adv + step * norms.normalize_gradient(grad, self.norm)
             x_next = norms.clip_to_bounds(x_next, self.bounds)
             return i + 1, self._project(x_next, x, eps)
