@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -17,6 +18,8 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     for m in summary["models"].values():
         assert 0 <= m["robust_accuracy"] <= min(m["per_attack"].values()) <= m["clean_accuracy"]
         assert m["curve"]["eps"][0] == 0.0
+        # --quick evaluates and draws the curve on the same 100 digits: eps 0 is clean.
+        assert m["curve"]["accuracy"][0] == pytest.approx(m["clean_accuracy"])
     assert open(summary["curve_png"], "rb").read(4) == b"\x89PNG"
     assert "robust" in out.stdout and "robustness curves" in out.stdout
 
@@ -30,11 +33,48 @@ def test_face_demo_quick_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["served_max_abs_diff"] < 1e-4
+    assert summary["served_signatures"] == ["embed_uint8", "serving_default", "verify"]
     metrics = json.load(open(summary["metrics"]))
+    attacks = metrics["config"]["evaluation"]["attacks"]
     for model in ("pretrained", "finetuned"):
-        dodge = metrics[model]["attacks"]["dodging"]["all"]
-        assert 0.0 <= dodge["pgd"]["success"] <= dodge["worst_case"]["success"] <= 1.0
+        for mode in ("dodging", "impersonation"):
+            res = metrics[model]["attacks"][mode]["all"]
+            # The worst case is the per-example OR of the Linf attacks' stored results.
+            worst = np.logical_or.reduce([np.asarray(res[a]["per_example"], bool)
+                                          for a in attacks if a != "cw"])
+            np.testing.assert_array_equal(res["worst_case"]["per_example"], worst)
+            assert res["worst_case"]["success"] == pytest.approx(worst.mean())
+            assert metrics[model]["curves"][mode]["eps"] == metrics["config"]["evaluation"][
+                "curve_eps"]
     assert (tmp_path / "finetuned" / "embedder.keras").is_file()
     assert (tmp_path / "serving" / "facenet" / "1" / "saved_model.pb").is_file()
     for stage in ("[1/6]", "[5/6]", "before / after", "fine-tuned"):
         assert stage in out.stdout
+
+
+def test_each_demo_has_its_own_default_output(monkeypatch):
+    from tfadv import cli, demo, demo_mnist
+
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda out, *a, **k: seen.setdefault("faces", out))
+    monkeypatch.setattr(demo_mnist, "run", lambda out, *a, **k: seen.setdefault("mnist", out))
+    demo.main([])
+    demo.main(["mnist"])
+    assert seen == {"faces": "runs/demo", "mnist": "runs/demo-mnist"}
+    assert cli.build_parser().parse_args(["demo"]).out == seen["faces"]
+    assert demo.DEFAULT_OUT != demo_mnist.DEFAULT_OUT
+
+
+def test_served_model_reports_its_signature_names(tmp_path, capsys):
+    from test_export import pixels, save_embedder
+    from tfadv.demo import serve_and_query
+    from tfadv.export import contract as C, export_model
+
+    _, path = save_embedder(str(tmp_path / "model"))
+    base = tmp_path / "base"
+    export_model(path, str(base), name="faces")
+    got = serve_and_query(base, path, pixels(4), np.array([0, 1, 0, 1]), name="faces")
+    names = sorted([C.SERVING_SIGNATURE, C.EMBED_UINT8_SIGNATURE, C.VERIFY_SIGNATURE])
+    assert got["signatures"] == names
+    assert got["max_abs_diff"] < 1e-4
+    assert f"signatures: {names}" in capsys.readouterr().out

@@ -152,3 +152,51 @@ def test_inside_tf_function(conv_embedder, faces):
     fn = tf.function(lambda x, r: attack(conv_embedder, x, r))
     x_adv = fn(tf.constant(faces), ref).numpy()
     assert np.abs(x_adv - faces).max() <= 4.0 + 1e-3
+
+
+@pytest.mark.parametrize("norm", ["inf", "linf", "Linf", "LINF", "l_inf", "infinity", np.inf,
+                                  float("inf")])
+def test_linf_spellings_get_the_linf_step(norm):
+    attack = E.embedding_pgd(eps=4.0, norm=norm)
+    assert attack.norm == "inf" and attack.step_size == 1.0  # eps / 4
+    assert E.default_step_size(4.0, norm) == 1.0
+
+
+@pytest.mark.parametrize("norm", ["2", "l2", "L2", "l_2", 2, 2.0])
+def test_l2_spellings_get_the_l2_step(norm):
+    attack = E.embedding_pgd(eps=4.0, norm=norm)
+    assert attack.norm == "2" and attack.step_size == pytest.approx(0.8)  # eps / 5
+
+
+@pytest.mark.parametrize("norm", ["l1", "1", "np.inf", "", None, True])
+def test_unknown_norm_is_rejected(norm):
+    with pytest.raises(ValueError, match="norm"):
+        E.embedding_pgd(eps=4.0, norm=norm)
+    with pytest.raises(ValueError, match="norm"):
+        E.default_step_size(4.0, norm)
+
+
+def test_generate_step_default_follows_the_norm_spelling():
+    from tfadv.recipes import facenet_generate as G
+
+    assert G.default_step_size(8.0, "Linf") == 2.0
+    assert G.default_step_size(8.0, "L2") == pytest.approx(1.6)
+    run, config = G.make_attack("pgd", "dodging", 8.0, threshold=0.5, norm="l_inf")
+    assert config["norm"] == "inf" and config["step_size"] == 2.0
+    _, ch = G.make_attack("cleverhans_pgd", "dodging", 8.0, threshold=0.5, norm="Linf")
+    assert ch["norm"] == "inf" and ch["eps_iter"] == 2.0
+
+
+def test_minimal_eps_compiled_once_for_equal_attacks():
+    from tfadv.evaluation import compiled as C
+
+    model = ScalarToy()
+    x = np.array([[0.05], [0.1]], "float32")  # off 0, where the cosine gradient vanishes
+    ref = np.tile([[1.0, 0.0]], (2, 1)).astype("float32")
+    for _ in range(3):
+        attack = E.embedding_pgd(eps=2.0, steps=5, random_start=False, bounds=None)
+        got = E.minimal_eps(attack, model, x, ref, 0.9, search_steps=4)
+    assert len(C.cached_keys(model)) == 1 and C.tracing_count(model) <= 2
+    # Still the closed form: the search lands at most 2 / 2**4 above the distance to it.
+    need = _known_min_eps(0.9) - x[:, 0]
+    assert (got >= need - 1e-5).all() and (got <= need + 2.0 / 2**4 + 1e-5).all(), got

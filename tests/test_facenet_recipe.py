@@ -62,20 +62,81 @@ def test_missing_split_folder_is_explained(tmp_path):
 def test_evaluation_is_consistent(splits):
     model = tiny_embedder()
     thr = R.choose_threshold(model, splits)
-    res = R.evaluate_face_model(model, splits, thr, R.FaceEvalConfig.quick())
+    # No random start: every PGD run from the same point, so the curve point at
+    # cfg.eps repeats the suite's PGD exactly and more budget cannot hurt.
+    cfg = R.FaceEvalConfig(eps=24.0, pgd_steps=3, apgd_steps=3, attacks=("fgsm", "pgd", "apgd"),
+                           curve_eps=(0.0, 6.0, 12.0, 24.0, 48.0), curve_steps=3,
+                           min_eps_steps=3, min_eps_search=3, batch_size=4, random_start=False)
+    res = R.evaluate_face_model(model, splits, thr, cfg)
     assert set(res["groups"]) == {"all", "trained", "held_out"}
     for mode in ("dodging", "impersonation"):
         all_ = res["attacks"][mode]["all"]
-        for name in ("fgsm", "pgd"):
-            assert 0.0 <= all_[name]["success"] <= all_["worst_case"]["success"] <= 1.0
-            assert len(all_[name]["per_example"]) == all_["n"]
-        # Group rates are the same per-example outcomes, split by identity.
+        per = {name: np.asarray(all_[name]["per_example"], bool) for name in cfg.attacks}
+        for name, ok in per.items():
+            assert len(ok) == all_["n"] and all_[name]["success"] == pytest.approx(ok.mean())
+        # The worst case is the per-example OR of the Linf attacks, recomputed.
+        worst = np.logical_or.reduce(list(per.values()))
+        np.testing.assert_array_equal(all_["worst_case"]["per_example"], worst)
+        assert all_["worst_case"]["success"] == pytest.approx(worst.mean())
         n = sum(res["attacks"][mode][g]["n"] for g in ("trained", "held_out")
                 if g in res["attacks"][mode])
         assert n == all_["n"]
-    assert res["curves"]["dodging"]["eps"] == [2.0, 8.0]
-    # More budget never helps the model: success is monotone over the curve (same attack).
-    assert all(0.0 <= v <= 1.0 for v in res["curves"]["dodging"]["success"])
+        curve = res["curves"][mode]
+        assert curve["eps"] == [0.0, 6.0, 12.0, 24.0, 48.0]
+        # eps 0: the photos attacked are those the mode had not yet won clean.
+        assert curve["success"][0] == 0.0
+        assert curve["success"][3] == pytest.approx(all_["pgd"]["success"])
+        assert all(a <= b for a, b in zip(curve["success"], curve["success"][1:])), curve
+    # This model matches every val photo clean, so dodging attacks all of them in
+    # order and the per-group rates are the per-example results split by identity.
+    assert res["matched_clean"] == 1.0
+    dodging = res["attacks"]["dodging"]
+    held = np.isin(splits.val.labels, splits.heldout_ids)
+    for name in (*cfg.attacks, "worst_case"):
+        ok = np.asarray(dodging["all"][name]["per_example"], bool)
+        assert dodging["held_out"][name]["success"] == pytest.approx(ok[held].mean())
+        assert dodging["trained"][name]["success"] == pytest.approx(ok[~held].mean())
+    assert 0.0 < dodging["all"]["worst_case"]["success"]  # the attacks do bite
+    # Minimal eps: bisection of [0, 16] in 3 steps gives multiples of 2, or inf.
+    values = np.asarray(res["min_eps_dodging"]["values"])
+    finite = values[np.isfinite(values)]
+    assert len(values) == dodging["all"]["n"]
+    np.testing.assert_array_equal(finite % 2.0, 0.0)
+    assert ((finite > 0) & (finite <= cfg.min_eps_max)).all()
+    assert res["min_eps_dodging"]["median"] == np.median(values)
+
+
+def test_repeated_evaluation_reuses_every_trace(splits):
+    from tfadv.evaluation import compiled as C
+
+    model = tiny_embedder()
+    thr = R.choose_threshold(model, splits)
+    cfg = R.FaceEvalConfig.quick()
+    first = R.evaluate_face_model(model, splits, thr, cfg)
+    keys, traces = set(C.cached_keys(model)), C.tracing_count(model)
+    # fgsm and pgd per mode, one scaled PGD per mode for all curve points, the search.
+    assert len(keys) == 2 * 2 + 2 + 1
+    second = R.evaluate_face_model(model, splits, thr, cfg)
+    assert set(C.cached_keys(model)) == keys and C.tracing_count(model) == traces
+    assert second["groups"] == first["groups"]
+
+
+def test_evaluation_rejects_a_threshold_outside_the_cosine_range(splits):
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        R.evaluate_face_model(tiny_embedder(), splits, 1.5, R.FaceEvalConfig.quick())
+
+
+def test_chosen_threshold_stays_in_the_cosine_range(splits, tmp_path):
+    from tfadv.evaluation import verification as V
+
+    def constant(x, training=False):  # every photo embeds alike: all pair cosines are 1
+        return np.tile(np.float32([[1.0, 0.0]]), (len(x), 1))
+
+    # More different-person pairs than same-person ones: "accept none" wins, which
+    # sits one ulp above 1 unless kept inside the range.
+    thr = R.choose_threshold(constant, splits)
+    assert thr == 1.0
+    assert V.load_threshold(V.save_threshold(tmp_path, thr)) == 1.0
 
 
 def test_finetune_writes_the_contract_files(splits, tiny_pretrained, tmp_path, monkeypatch):

@@ -269,3 +269,70 @@ def test_threshold_json_round_trip(tmp_path):
         V.load_threshold(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError):
         V.load_threshold(tmp_path / "none.json")
+
+
+@pytest.mark.parametrize("bad", [1.5, -1.01, float("inf"), float("nan"), "x", None, True, [0.5]])
+def test_check_threshold_is_the_cosine_range(bad):
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        V.check_threshold(bad)
+
+
+def test_check_threshold_accepts_the_range_and_numeric_text():
+    assert V.check_threshold(-1) == -1.0 and V.check_threshold(1.0) == 1.0
+    assert V.check_threshold("0.25") == 0.25 and V.check_threshold(np.float32(0.5)) == 0.5
+
+
+@pytest.mark.parametrize("raw", ["1.5", "-2", "NaN", "Infinity", "true", '"high"'])
+def test_threshold_reader_rejects_values_outside_the_cosine_range(tmp_path, raw):
+    (tmp_path / "threshold.json").write_text('{"cosine_threshold": %s}' % raw)
+    with pytest.raises(ValueError, match=r"cosine_threshold.*\[-1, 1\]"):
+        V.load_threshold(tmp_path)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        V.save_threshold(tmp_path / "other.json", 1.5)
+
+
+def test_threshold_reader_finds_the_file_next_to_a_model(tmp_path):
+    V.save_threshold(tmp_path, 0.4)
+    (tmp_path / "embedder.keras").write_bytes(b"")
+    assert V.load_threshold(tmp_path / "embedder.keras") == 0.4
+    assert V.threshold_file(tmp_path / "embedder.keras") == tmp_path / "threshold.json"
+    assert V.threshold_file(tmp_path) == tmp_path / "threshold.json"
+    assert V.threshold_file(tmp_path / "t.json") == tmp_path / "t.json"
+
+
+def test_threshold_readers_agree(tmp_path):
+    # The export reader and the evaluation reader take and refuse the same files.
+    from tfadv.export import read_threshold
+
+    for raw, ok in (("0.3", True), ("-1", True), ("1.0001", False), ("5", False)):
+        (tmp_path / "threshold.json").write_text('{"cosine_threshold": %s}' % raw)
+        for reader in (V.load_threshold, read_threshold):
+            if ok:
+                assert reader(str(tmp_path)) == float(raw)
+            else:
+                with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+                    reader(str(tmp_path))
+
+
+def test_threshold_options_use_the_one_rule():
+    import argparse
+
+    from tfadv import argtypes
+    from tfadv.cli import build_parser
+    from tfadv.recipes import facenet_generate as G
+
+    assert argtypes.cosine_threshold("-0.5") == -0.5
+    with pytest.raises(argparse.ArgumentTypeError, match=r"\[-1, 1\]"):
+        argtypes.cosine_threshold("1.2")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export", "m.keras", "--out", "o", "--threshold", "2"])
+    assert build_parser().parse_args(
+        ["export", "m.keras", "--out", "o", "--threshold", "0.7"]).threshold == 0.7
+    parser = argparse.ArgumentParser()
+    G.add_generate_command(parser.add_subparsers(dest="command", required=True))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--preset", "p", "--out", "o", "--threshold", "-3"])
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        G.generate("no-such-model", "faces", "out", threshold=1.5)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        G.make_attack("cw", "dodging", None, threshold=-1.5)

@@ -20,3 +20,18 @@ def nonneg_float(text):
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"expected a number >= 0; got {text!r}")
     return value
+
+
+def cosine_threshold(text):
+    """A cosine-similarity threshold: a finite number in [-1, 1].
+
+    The rule is `tfadv.evaluation.verification.check_threshold`, the one the
+    threshold files are read with.
+    """
+    from tfadv.evaluation.verification import check_threshold
+
+    try:
+        return check_threshold(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a cosine threshold, a number in [-1, 1]; got {text!r}") from None

@@ -5,7 +5,7 @@
     before/after table
 
     python -m tfadv.demo [--out runs/demo] [--epochs 6] [--quick]
-    python -m tfadv.demo mnist [...]        # the MNIST adversarial-training demo
+    python -m tfadv.demo mnist [...]        # the MNIST demo, in runs/demo-mnist
 
 Everything is a library call; see `tfadv.recipes.facenet`, `tfadv.export`,
 `tfadv.serving`.
@@ -20,19 +20,20 @@ import sys
 import time
 from pathlib import Path
 
+# Each demo writes its own summary.json: the face demo here, the MNIST demo in
+# tfadv.demo_mnist.DEFAULT_OUT.
+DEFAULT_OUT = "runs/demo"
+
 
 def _stage(i, n, text):
     print(f"\n[{i}/{n}] {text}", flush=True)
 
 
-def run(out="runs/demo", epochs=6, quick=False) -> dict:
+def run(out=DEFAULT_OUT, epochs=6, quick=False) -> dict:
     """Runs the face demo; returns the summary it also writes to `out/summary.json`."""
-    import numpy as np
-
     from tfadv import assets
     from tfadv.export import export_model
     from tfadv.recipes import facenet as recipe
-    from tfadv.serving import Client, ModelServer
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -60,28 +61,15 @@ def run(out="runs/demo", epochs=6, quick=False) -> dict:
     print(f"  {version_dir}\n  run the real server with the command in {base / 'README.md'}")
 
     _stage(5, n, "serve it (gRPC + REST, TF Serving protocol) and query over gRPC")
-    server = ModelServer(str(base), name="facenet", port=0, rest_port=0).start()
-    try:
-        x = splits.val.images[:8]
-        with Client(server.grpc_target, name="facenet") as client:
-            served = client.embed(x)
-            sim, same = client.verify(x[:4], x[4:8])
-            meta = client.metadata()
-        local = recipe.load_model_or_preset(model=out / "finetuned" / "embedder.keras")(x)
-        max_diff = float(np.abs(served - np.asarray(local)).max())
-        print(f"  gRPC {server.grpc_target}: {len(served)} embeddings of dim {served.shape[1]}; "
-              f"max |served - in-process| = {max_diff:.2e}")
-        print(f"  verify: similarity {np.round(sim, 3).tolist()}, same person "
-              f"{same.tolist()}; labels {splits.val.labels[:4].tolist()} vs "
-              f"{splits.val.labels[4:8].tolist()}")
-        print(f"  signatures: {sorted(meta.get('signature_def', meta))[:4]}")
-    finally:
-        server.stop()
+    served = serve_and_query(base, out / "finetuned" / "embedder.keras",
+                             splits.val.images[:8], splits.val.labels[:8], name="facenet")
+    max_diff = served["max_abs_diff"]
 
     _stage(6, n, "before / after")
     summary = {"metrics": str(out / "finetuned" / "metrics.json"),
                "report": str(out / "finetuned" / "report.md"),
                "export": str(version_dir), "served_max_abs_diff": max_diff,
+               "served_signatures": served["signatures"],
                "seconds": time.perf_counter() - t0}
     print(_table(metrics))
     print(f"\nreport: {summary['report']}\nplots: "
@@ -90,6 +78,49 @@ def run(out="runs/demo", epochs=6, quick=False) -> dict:
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+def serve_and_query(base, model_path, images, labels, *, name="facenet") -> dict:
+    """Serves an exported model locally, queries it over gRPC and prints what came back.
+
+    Args:
+        base: the model's TF Serving base directory (as `export_model` wrote it).
+        model_path: the `.keras` embedder the export was made from.
+        images: float32 [N, H, W, 3] pixels in [0, 255], N even (>= 2): all are
+            embedded; the first half is verified against the second.
+        labels: int [N], printed next to the verification decisions.
+        name: the served model name.
+
+    Returns:
+        {"max_abs_diff": max |served - in-process embedding| (float),
+         "signatures": the served signature names, sorted (list of str)}.
+    """
+    import numpy as np
+
+    from tfadv.recipes import facenet as recipe
+    from tfadv.serving import Client, ModelServer
+
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels)
+    half = len(images) // 2
+    server = ModelServer(str(base), name=name, port=0, rest_port=0).start()
+    try:
+        with Client(server.grpc_target, name=name) as client:
+            served = client.embed(images)
+            sim, same = client.verify(images[:half], images[half:2 * half])
+            meta = client.metadata()
+        local = recipe.load_model_or_preset(model=model_path)(images)
+        max_diff = float(np.abs(served - np.asarray(local)).max())
+        signatures = sorted(meta["signatures"])
+        print(f"  gRPC {server.grpc_target}: {len(served)} embeddings of dim {served.shape[1]}; "
+              f"max |served - in-process| = {max_diff:.2e}")
+        print(f"  verify: similarity {np.round(sim, 3).tolist()}, same person "
+              f"{same.tolist()}; labels {labels[:half].tolist()} vs "
+              f"{labels[half:2 * half].tolist()}")
+        print(f"  signatures: {signatures}")
+    finally:
+        server.stop()
+    return {"max_abs_diff": max_diff, "signatures": signatures}
 
 
 def _table(m) -> str:
@@ -126,7 +157,9 @@ def main(argv=None):
 
         return demo_mnist.main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"output directory (default {DEFAULT_OUT}; the MNIST demo's is "
+                        "runs/demo-mnist)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
     args = p.parse_args(argv)

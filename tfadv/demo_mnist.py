@@ -16,8 +16,11 @@ import json
 import os
 import time
 
+# Not the face demo's runs/demo: each demo keeps its own summary.json.
+DEFAULT_OUT = "runs/demo-mnist"
 
-def run(out="runs/demo", epochs=5, quick=False) -> dict:
+
+def run(out=DEFAULT_OUT, epochs=5, quick=False) -> dict:
     """Runs the demo; returns the summary it also writes to `out/summary.json`."""
     import keras
 
@@ -75,7 +78,7 @@ def run(out="runs/demo", epochs=5, quick=False) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
     args = p.parse_args(argv)

@@ -32,6 +32,7 @@ from tfadv.attacks.base import call_model
 from tfadv.attacks.cw import CarliniWagnerL2
 from tfadv.attacks.pgd import FGSM, PGD
 from tfadv.attacks.registry import register
+from tfadv.ops import norms
 
 MODES = ("dodging", "impersonation")
 PIXEL_BOUNDS = (0.0, 255.0)
@@ -81,18 +82,43 @@ def _targeted(mode):
     return _check_mode(mode) == "impersonation"
 
 
+def default_step_size(eps, norm="inf") -> float:
+    """The default PGD step of the embedding attacks: `eps / 4` (Linf) or `eps / 5` (L2).
+
+    Args:
+        eps: budget (pixel units).
+        norm: any spelling `tfadv.ops.norms.canonical_norm` accepts.
+
+    Raises:
+        ValueError: unknown norm.
+    """
+    return float(eps) / (4.0 if norms.canonical_norm(norm) == "inf" else 5.0)
+
+
 def embedding_pgd(mode="dodging", *, eps=4.0, steps=20, step_size=None, norm="inf",
                   random_start=True, bounds=PIXEL_BOUNDS, unroll=None) -> PGD:
     """PGD on the cosine distance: dodging (ascend) or impersonation (descend).
 
     Args:
+        mode: "dodging" or "impersonation".
         eps: budget in pixel units (0-255) for Linf, or L2 norm in pixel units.
-        step_size: default `eps / 4` (Linf) or `eps / 5` (L2), so 20 steps can
-            cross the ball several times.
+        steps: gradient steps.
+        step_size: default `default_step_size(eps, norm)`: `eps / 4` (Linf) or
+            `eps / 5` (L2), so 20 steps can cross the ball several times.
+        norm: any spelling `tfadv.ops.norms.canonical_norm` accepts ("inf",
+            "Linf", "l_inf", "infinity", np.inf; "2", "L2", "l_2", 2).
+        random_start, bounds: as `PGD`.
         unroll: as `PGD`; pass False for InceptionResNetV1-sized models.
+
+    Returns:
+        A `PGD` on the cosine distance (targeted for impersonation).
+
+    Raises:
+        ValueError: unknown mode or norm, or bad budget settings.
     """
-    if step_size is None:
-        step_size = float(eps) / (4.0 if str(norm) in ("inf", "linf", "np.inf") else 5.0)
+    norm = norms.canonical_norm(norm)
+    if step_size is None and isinstance(eps, (int, float)):  # PGD validates eps itself
+        step_size = default_step_size(eps, norm)
     return PGD(eps=eps, steps=steps, step_size=step_size, norm=norm, random_start=random_start,
                targeted=_targeted(mode), objective="cosine_distance", bounds=bounds,
                unroll=unroll)
@@ -169,6 +195,10 @@ class EmbeddingCW(CarliniWagnerL2):
                          initial_const=initial_const, targeted=targeted, bounds=bounds)
         self.threshold = float(threshold)
 
+    def prepare_target(self, y, objective):
+        # The target is the reference embeddings [N, D], not class labels.
+        return tf.convert_to_tensor(y)
+
     def _prepare_target(self, y, outputs0):
         return tf.cast(y, tf.float32)
 
@@ -211,9 +241,11 @@ def minimal_eps(attack: PGD, model, x, reference, threshold, mode="dodging", *,
     n = len(x)
     batch_size = batch_size or max(1, n)
     out = np.empty(n, np.float64)
-    # One compiled attack for every bisection step (the budget is an input).
-    run = tf.function(lambda xb, rb, s: attack(model, xb, rb, eps_scale=s),
-                      reduce_retracing=True)
+    # One compiled attack for every bisection step (the budget is an input), cached
+    # with the model: later calls with an equal attack reuse the trace.
+    from tfadv.evaluation.compiled import compiled_attack
+
+    run = compiled_attack(model, attack, scaled=True)
     for start in range(0, n, batch_size):
         xb = tf.constant(x[start:start + batch_size])
         rb = tf.constant(reference[start:start + batch_size])

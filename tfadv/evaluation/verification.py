@@ -367,6 +367,35 @@ def nearest_neighbour_accuracy(probe_emb, probe_labels, gallery_emb=None,
     return float(np.mean(gallery_labels[np.argmax(sims, axis=1)] == probe_labels))
 
 
+def check_threshold(threshold, *, name="threshold") -> float:
+    """A cosine-similarity threshold as a float: finite and in [-1, 1].
+
+    The one rule for every threshold a user gives (files, command-line
+    options, arguments): a cosine similarity lies in [-1, 1], so a threshold
+    outside it would accept every pair or none.
+
+    Args:
+        threshold: a number (or a numeric string, as argparse passes it).
+        name: the name to use in the error message.
+
+    Returns:
+        The threshold as a Python float.
+
+    Raises:
+        ValueError: not a number, not finite, or outside [-1, 1].
+    """
+    value = math.nan
+    if not isinstance(threshold, (bool, np.bool_)):
+        try:
+            value = float(threshold)
+        except (TypeError, ValueError):
+            pass
+    if not (math.isfinite(value) and -1.0 <= value <= 1.0):
+        raise ValueError(f"Expected {name} to be a cosine similarity, a finite number in "
+                         f"[-1, 1]. Received: {name}={threshold!r}")
+    return value
+
+
 def _threshold_path(path) -> Path:
     path = Path(path)
     return path / THRESHOLD_FILE if path.is_dir() else path
@@ -377,16 +406,18 @@ def save_threshold(path, threshold, **extra) -> Path:
 
     Args:
         path: a file path, or an existing directory (then `threshold.json` in it).
-        threshold: cosine-similarity threshold; a pair is "same" when its
-            similarity is `>= threshold`.
+        threshold: cosine-similarity threshold in [-1, 1]; a pair is "same"
+            when its similarity is `>= threshold`.
         **extra: more JSON-serialisable fields (e.g. accuracy, preset name).
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: the threshold is not a finite number in [-1, 1], or
+            `extra` holds the key `cosine_threshold`.
     """
-    threshold = float(threshold)
-    if not math.isfinite(threshold):
-        raise ValueError(f"Expected a finite threshold. Received: threshold={threshold}")
+    threshold = check_threshold(threshold)
     if THRESHOLD_KEY in extra:
         raise ValueError(f"Pass the threshold as the threshold argument, not as {THRESHOLD_KEY}=.")
     path = _threshold_path(path)
@@ -404,24 +435,52 @@ def save_threshold(path, threshold, **extra) -> Path:
     return path
 
 
+def threshold_file(path) -> Path:
+    """Where the threshold of `path` lives.
+
+    A directory: its `threshold.json`; a `.json` file: itself; any other
+    path (a model file such as `embedder.keras`): the `threshold.json` next
+    to it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return path / THRESHOLD_FILE
+    if path.suffix.lower() == ".json":
+        return path
+    return path.parent / THRESHOLD_FILE
+
+
 def load_threshold(path, *, with_extra=False):
-    """Reads a file written by `save_threshold`.
+    """Reads a file written by `save_threshold`: the one threshold reader.
 
     Args:
-        path: the file, or a directory containing `threshold.json`.
+        path: the file, a directory containing `threshold.json`, or a model
+            file (e.g. `embedder.keras`) with `threshold.json` next to it.
         with_extra: also return the whole JSON object.
 
     Returns:
-        The threshold (float), or `(threshold, dict)` with `with_extra=True`.
+        The threshold (float in [-1, 1]), or `(threshold, dict)` with
+        `with_extra=True`.
+
+    Raises:
+        FileNotFoundError: there is no threshold file.
+        ValueError: the file is not a JSON object with a numeric
+            `cosine_threshold`, or the value is not a finite number in [-1, 1].
     """
-    path = _threshold_path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"Threshold file not found: {str(path)!r}. It is written by "
-                                "save_threshold() next to the exported model.")
+    path = threshold_file(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Threshold file not found: {str(path)!r}. Write {{\"{THRESHOLD_KEY}\": <cosine "
+            "threshold>}} there (save_threshold() and `tfadv facenet finetune` do) or pass "
+            "the threshold explicitly.")
     try:
         data = json.loads(path.read_text())
-        threshold = float(data[THRESHOLD_KEY])
+        raw = data[THRESHOLD_KEY]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"Expected {str(path)!r} to hold a JSON object with a numeric "
                          f"{THRESHOLD_KEY!r}. ({type(e).__name__}: {e})") from e
+    try:
+        threshold = check_threshold(raw, name=THRESHOLD_KEY)
+    except ValueError as e:
+        raise ValueError(f"{e} (in {str(path)!r})") from None
     return (threshold, data) if with_extra else threshold

@@ -53,6 +53,11 @@ class FaceEvalConfig:
     min_eps_search: int = 5
     batch_size: int = 16
     seed: int = 0
+    # PGD, APGD, the curves and the minimal-eps search start from a random
+    # point of the ball; False starts them from the clean photo (deterministic:
+    # the references are identity means, not the photo's own embedding, so
+    # the cosine gradient is not zero there).
+    random_start: bool = True
 
 
 @dataclass
@@ -169,7 +174,10 @@ def choose_threshold(model, splits: FaceSplits, batch_size=32) -> float:
     from tfadv.evaluation import verification as V
 
     x, y = _subset(splits.train, splits.train_ids)
-    return float(V.verification_report(_embed(model, x, batch_size), y)["threshold"])
+    threshold = float(V.verification_report(_embed(model, x, batch_size), y)["threshold"])
+    # "Accept none" sits one ulp above the top score, past 1 when two photos embed
+    # identically; 1.0 is the same decision inside the cosine range.
+    return min(threshold, 1.0)
 
 
 def _impersonation_targets(labels, present):
@@ -178,17 +186,31 @@ def _impersonation_targets(labels, present):
     return np.array([nxt[int(c)] for c in labels])
 
 
-def _run_attack(attack, model, x, ref, batch_size):
-    """The attack over batches, compiled once per (attack, model)."""
+def _run_attack(attack, model, x, ref, batch_size, eps_scale=None):
+    """The attack over batches of NumPy arrays; returns x_adv (NumPy, like x).
+
+    The attack runs as one `tf.function` per model and attack config, cached
+    with the model (`tfadv.evaluation.compiled`): equal attacks built in later
+    calls reuse its trace. With `eps_scale` (a float) the budget and the step
+    size are multiplied by it, so one trace serves every point of a curve.
+    """
     import tensorflow as tf
+
+    from tfadv.evaluation.compiled import compiled_attack
 
     if len(x) == 0:
         return x
-    fn = tf.function(lambda xb, rb: attack(model, xb, rb), reduce_retracing=True)
+    fn = compiled_attack(model, attack, scaled=eps_scale is not None)
     out = []
     for i in range(0, len(x), batch_size):
-        out.append(np.asarray(fn(tf.constant(x[i:i + batch_size]),
-                                 tf.constant(ref[i:i + batch_size]))))
+        xb = tf.constant(x[i:i + batch_size])
+        rb = tf.constant(ref[i:i + batch_size])
+        if eps_scale is None:
+            out.append(np.asarray(fn(xb, rb)))
+        else:
+            # Per example ([n, 1, 1, 1]), the shape minimal_eps passes: one signature.
+            s = tf.fill([len(xb)] + [1] * (len(x.shape) - 1), tf.constant(eps_scale, xb.dtype))
+            out.append(np.asarray(fn(xb, rb, s)))
     return np.concatenate(out)
 
 
@@ -198,11 +220,31 @@ def _cos_np(a, b):
     return np.sum(a * b, axis=1)
 
 
+def _succeeded(model, x_adv, ref, threshold, mode, batch_size):
+    """Per-example success at the threshold: bool [N] (dodging: cos < t; impersonation: >=)."""
+    cos = _cos_np(_embed(model, x_adv, batch_size), ref)
+    return cos >= threshold if mode == "impersonation" else cos < threshold
+
+
 def attack_suite(model, x, ref, threshold, mode, cfg: FaceEvalConfig, *, progress=None) -> dict:
     """Success rates of every configured attack in one mode at `cfg.eps`.
 
+    Args:
+        model: embedding model (raw pixels in [0, 255] -> embeddings [N, D]).
+        x: photos, float32 [N, H, W, 3] in [0, 255].
+        ref: references [N, D]: the own identity's (dodging) or the target's
+            (impersonation).
+        threshold: cosine threshold in [-1, 1] success is judged at.
+        mode: "dodging" or "impersonation".
+        cfg: attacks, budget (pixels) and steps.
+        progress: optional `print`-like callable.
+
     Returns a dict: attack -> {"success": rate, "per_example": [bool]} plus
-    "worst_case" (any Linf attack succeeded), "n", and for C&W the median L2.
+    "worst_case" (per example: any Linf attack succeeded), "n", and for C&W
+    the median L2.
+
+    Raises:
+        ValueError: an unknown attack name.
     """
     from tfadv.attacks import embedding as E
 
@@ -211,19 +253,16 @@ def attack_suite(model, x, ref, threshold, mode, cfg: FaceEvalConfig, *, progres
     results = {}
     success_any = np.zeros(len(x), bool)
 
-    def judge(x_adv):
-        return _cos_np(_embed(model, x_adv, cfg.batch_size), ref) < threshold if not targeted \
-            else _cos_np(_embed(model, x_adv, cfg.batch_size), ref) >= threshold
-
     for name in cfg.attacks:
         t = time.perf_counter()
         if name == "fgsm":
             attack = E.embedding_fgsm(mode, eps=cfg.eps)
         elif name == "pgd":
-            attack = E.embedding_pgd(mode, eps=cfg.eps, steps=cfg.pgd_steps, unroll=False)
+            attack = E.embedding_pgd(mode, eps=cfg.eps, steps=cfg.pgd_steps,
+                                     random_start=cfg.random_start, unroll=False)
         elif name == "apgd":
             attack = E.EmbeddingAPGD(eps=cfg.eps, threshold=threshold, steps=cfg.apgd_steps,
-                                     targeted=targeted)
+                                     random_start=cfg.random_start, targeted=targeted)
         elif name == "cw":
             attack = E.EmbeddingCW(threshold=threshold, targeted=targeted, confidence=0.02,
                                    learning_rate=1.0, max_iterations=cfg.cw_iterations,
@@ -231,7 +270,7 @@ def attack_suite(model, x, ref, threshold, mode, cfg: FaceEvalConfig, *, progres
         else:
             raise ValueError(f"Unknown attack {name!r}; expected some of {ATTACKS}.")
         x_adv = _run_attack(attack, model, x, ref, cfg.batch_size)
-        ok = judge(x_adv)
+        ok = _succeeded(model, x_adv, ref, threshold, mode, cfg.batch_size)
         entry = {"success": float(ok.mean()) if len(ok) else float("nan"),
                  "per_example": ok.tolist()}
         if name == "cw":
@@ -250,11 +289,30 @@ def attack_suite(model, x, ref, threshold, mode, cfg: FaceEvalConfig, *, progres
 
 def evaluate_face_model(model, splits: FaceSplits, threshold: float,
                         cfg: FaceEvalConfig | None = None, *, progress=None) -> dict:
-    """Clean verification and attack success for one embedding model (see module doc)."""
+    """Clean verification and attack success for one embedding model (see module doc).
+
+    Args:
+        model: embedding model, raw pixels [N, H, W, 3] float32 in [0, 255]
+            -> embeddings [N, D].
+        splits: the gallery (`train`) and probe (`val`) photos.
+        threshold: the model's operating cosine threshold, in [-1, 1].
+        cfg: attacks and budgets (pixel units); default `FaceEvalConfig()`.
+        progress: optional `print`-like callable for progress lines.
+
+    Returns:
+        A JSON-ready dict: "threshold", "eps", "groups" (clean verification per
+        identity group), "matched_clean", "attacks" (`attack_suite` per mode
+        and group), "min_eps_dodging", "curves" (success vs eps per mode).
+
+    Raises:
+        ValueError: the threshold is not a finite number in [-1, 1], or an
+            unknown attack name.
+    """
     from tfadv.attacks import embedding as E
     from tfadv.data.pairs import cross_pairs
     from tfadv.evaluation import verification as V
 
+    threshold = V.check_threshold(threshold)
     cfg = cfg or FaceEvalConfig()
     say = progress or (lambda *_: None)
     n_cls = len(splits.train.class_names)
@@ -318,7 +376,7 @@ def evaluate_face_model(model, splits: FaceSplits, threshold: float,
 
     # Minimal Linf eps (median over matched photos) and curves, PGD.
     search = E.embedding_pgd("dodging", eps=cfg.min_eps_max, steps=cfg.min_eps_steps,
-                             unroll=False)
+                             random_start=cfg.random_start, unroll=False)
     t = time.perf_counter()
     me = E.minimal_eps(search, model, x[matched], own[matched], threshold, "dodging",
                        search_steps=cfg.min_eps_search, batch_size=cfg.batch_size)
@@ -328,12 +386,14 @@ def evaluate_face_model(model, splits: FaceSplits, threshold: float,
         f"({time.perf_counter() - t:.0f} s)")
     curves = {}
     for mode, (mask, ref) in modes.items():
+        # One attack at eps 1, scaled to each budget (step eps / 4 kept): one trace per mode.
+        unit = E.embedding_pgd(mode, eps=1.0, steps=cfg.curve_steps,
+                               random_start=cfg.random_start, unroll=False)
         rates = []
         for eps in cfg.curve_eps:
-            att = E.embedding_pgd(mode, eps=eps, steps=cfg.curve_steps, unroll=False)
-            x_adv = _run_attack(att, model, x[mask], ref[mask], cfg.batch_size)
-            cos = _cos_np(_embed(model, x_adv, cfg.batch_size), ref[mask])
-            ok = cos < threshold if mode == "dodging" else cos >= threshold
+            x_adv = _run_attack(unit, model, x[mask], ref[mask], cfg.batch_size,
+                                eps_scale=float(eps))
+            ok = _succeeded(model, x_adv, ref[mask], threshold, mode, cfg.batch_size)
             rates.append(float(ok.mean()) if len(ok) else float("nan"))
         curves[mode] = {"eps": list(cfg.curve_eps), "success": rates}
     out["curves"] = curves

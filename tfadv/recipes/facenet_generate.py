@@ -70,8 +70,14 @@ def _cosine_distance_loss(labels, logits):
 
 
 def default_step_size(eps: float, norm: str) -> float:
-    """The step `embedding_pgd` uses: eps / 4 (Linf) or eps / 5 (L2)."""
-    return float(eps) / (4.0 if norm == "inf" else 5.0)
+    """The step `embedding_pgd` uses: eps / 4 (Linf) or eps / 5 (L2), any norm spelling.
+
+    Raises:
+        ValueError: unknown norm.
+    """
+    from tfadv.attacks.embedding import default_step_size as step
+
+    return step(eps, norm)
 
 
 def make_attack(name: str, mode: str, eps: float | None, *, threshold: float, steps: int = 20,
@@ -85,7 +91,8 @@ def make_attack(name: str, mode: str, eps: float | None, *, threshold: float, st
         mode: "dodging" (untargeted: ascend the cosine distance to the own
             reference) or "impersonation" (targeted: descend it to the target's).
         eps: budget in pixel units (ignored by "cw").
-        threshold: verification threshold (used by "cw" and "apgd").
+        threshold: cosine verification threshold in [-1, 1] (used by "cw" and
+            "apgd").
         steps, step_size, norm, random_start: iterative attacks ("pgd",
             "apgd", "cleverhans_pgd"); `step_size` defaults to
             `default_step_size(eps, norm)`.
@@ -99,10 +106,14 @@ def make_attack(name: str, mode: str, eps: float | None, *, threshold: float, st
         `attack_fn.attack` is the `tfadv.attacks` object.
 
     Raises:
-        ValueError: unknown name or mode, or bad settings.
+        ValueError: unknown name, mode or norm, a threshold outside [-1, 1],
+            or bad settings.
     """
     from tfadv.attacks import embedding as E
+    from tfadv.evaluation.verification import check_threshold
     from tfadv.ops import norms
+
+    threshold = check_threshold(threshold)
 
     if name not in ATTACKS:
         raise ValueError(f"Unknown attack {name!r}. Expected one of {ATTACKS}.")
@@ -152,7 +163,9 @@ def _cleverhans_attack(name, eps, *, step_size, steps, norm, random_start, targe
     from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
 
     from tfadv.attacks.base import call_model
+    from tfadv.ops import norms
 
+    norm = norms.canonical_norm(norm)
     ch_norm = np.inf if norm == "inf" else 2
     clip_min, clip_max = (float(b) for b in bounds)
     config = {"library": "cleverhans", "version": getattr(cleverhans, "__version__", "unknown"),
@@ -235,7 +248,9 @@ def default_threshold(embeddings, labels):
         raise ValueError("Cannot fit a default threshold: the faces need at least one "
                          "same-person and one different-person pair. Pass threshold=.")
     embeddings = np.asarray(embeddings, np.float32)
-    return float(best_threshold(cosine_similarity(embeddings[i], embeddings[j]), same)[0])
+    threshold = float(best_threshold(cosine_similarity(embeddings[i], embeddings[j]), same)[0])
+    # "Accept none" sits one ulp above the top score (past 1 for identical embeddings).
+    return min(threshold, 1.0)
 
 
 def _embed(model, images, batch_size):
@@ -257,16 +272,6 @@ def _round_robin(labels, limit):
             if q:
                 order.append(q.pop(0))
     return np.asarray(order[:limit] if limit is not None else sorted(order), np.int64)
-
-
-def _compile_attack(attack, model):
-    """`f(x, ref, eps_scale) -> x_adv` as one `tf.function` (shapes may vary)."""
-    import tensorflow as tf
-
-    def run(x, ref, scale):
-        return attack(model, x, ref, eps_scale=scale)
-
-    return tf.function(run, reduce_retracing=True)
 
 
 def _cosine(a, b):
@@ -339,8 +344,9 @@ def generate(model_or_preset, faces_dir, out_dir, *, attacks: Sequence[str] = DE
         attack) and "elapsed_seconds".
 
     Raises:
-        ValueError: unknown attack or mode, bad budgets, too few identities
-            for impersonation, or faces whose size does not fit the model.
+        ValueError: unknown attack, mode or norm, bad budgets, a threshold
+            outside [-1, 1], too few identities for impersonation, or faces
+            whose size does not fit the model.
         FileNotFoundError: missing faces folder or model file.
         FileExistsError: `out_dir` holds records and `overwrite` is False.
 
@@ -370,6 +376,12 @@ def generate(model_or_preset, faces_dir, out_dir, *, attacks: Sequence[str] = DE
         raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size}")
     if limit is not None and int(limit) < 1:
         raise ValueError(f"Expected limit >= 1 or None. Received: limit={limit}")
+    from tfadv.evaluation.verification import check_threshold
+    from tfadv.ops import norms
+
+    norm = norms.canonical_norm(norm)
+    if threshold is not None:
+        threshold = check_threshold(threshold)
     records._check_image_format(image_format)
     batch_size = int(batch_size)
     out_dir = Path(out_dir)
@@ -404,7 +416,7 @@ def generate(model_or_preset, faces_dir, out_dir, *, attacks: Sequence[str] = DE
                          f"{len(present)}. Use modes=('dodging',).")
 
     if threshold is not None:
-        threshold, threshold_source = float(threshold), "argument"
+        threshold_source = "argument"
     elif model_dir is not None and (Path(model_dir) / "threshold.json").exists():
         from tfadv.evaluation.verification import load_threshold
 
@@ -425,28 +437,27 @@ def generate(model_or_preset, faces_dir, out_dir, *, attacks: Sequence[str] = DE
                     cw_search_steps=int(cw_search_steps), cw_confidence=float(cw_confidence),
                     cw_learning_rate=float(cw_learning_rate))
     built = {job: make_attack(*job, **settings) for job in jobs}  # validate before any work
-    compiled_cache: dict = {}
 
     def runner(job):
-        """The attack of `job` as `f(x, ref)`; ours compiled, shared across budgets."""
+        """The attack of `job` as `f(x, ref)`; ours compiled, shared across budgets and runs."""
+        from tfadv.evaluation.compiled import compiled_attack
+
         name, mode, eps = job
         fn = built[job][0]
         if not compiled or getattr(fn, "attack", None) is None:
             return lambda x, ref: fn(model, x, ref)
         if name in BUDGETLESS:
-            key, base, scale = (name, mode), fn.attack, 1.0
+            base, scale = fn.attack, 1.0
         else:
             # The budget is an input (eps_scale on an eps=1 attack), so one trace
             # serves every eps; the step is kept relative to eps.
-            norm_ = fn.attack.norm
-            rel = (default_step_size(1.0, norm_) if step_size is None
+            rel = (default_step_size(1.0, norm) if step_size is None
                    else (float(step_size) / eps if eps > 0 else 0.0))
-            key, scale = (name, mode, rel), eps
-            if key not in compiled_cache:
-                base = make_attack(name, mode, 1.0, **{**settings, "step_size": rel})[0].attack
-        if key not in compiled_cache:
-            compiled_cache[key] = _compile_attack(base, model)
-        f = compiled_cache[key]
+            base = make_attack(name, mode, 1.0, **{**settings, "step_size": rel})[0].attack
+            scale = eps
+        # Cached with the model, keyed by the attack's config: equal attacks (other
+        # budgets, later generate calls) reuse one trace.
+        f = compiled_attack(model, base, scaled=True)
         return lambda x, ref: f(x, ref, tf.constant(scale, tf.float32))
 
     rates: dict = {}
@@ -589,7 +600,7 @@ def add_generate_command(subparsers, name: str = "generate"):
     g.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     g.add_argument("--limit", type=_positive_int, default=None,
                    help="attack at most N faces (one identity at a time in turn)")
-    g.add_argument("--threshold", type=float, default=None,
+    g.add_argument("--threshold", type=argtypes.cosine_threshold, default=None,
                    help="cosine threshold (default: threshold.json next to --model, else "
                         "the best-accuracy threshold on the clean faces)")
     g.add_argument("--steps", type=_positive_int, default=20)
