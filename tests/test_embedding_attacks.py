@@ -200,3 +200,14 @@ def test_minimal_eps_compiled_once_for_equal_attacks():
     # Still the closed form: the search lands at most 2 / 2**4 above the distance to it.
     need = _known_min_eps(0.9) - x[:, 0]
     assert (got >= need - 1e-5).all() and (got <= need + 2.0 / 2**4 + 1e-5).all(), got
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: E.EmbeddingAPGD(eps=4.0, threshold=t),
+    lambda t: E.EmbeddingCW(threshold=t),
+    lambda t: E.attack_success(np.ones((1, 3)), np.ones((1, 3)), t, "dodging"),
+])
+@pytest.mark.parametrize("bad", [1.5, -2.0, float("nan")])
+def test_embedding_thresholds_follow_the_one_rule(make, bad):
+    with pytest.raises(ValueError, match=r"cosine similarity, a finite number in \[-1, 1\]"):
+        make(bad)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+
+import numpy as np
 
 CENTER_TARGETS = ("clean", "adversarial", "both")
 CENTER_SOURCES = ("learned", "inverse_batch")
@@ -59,3 +62,32 @@ class CenterLossConfig:
         if not isinstance(d, dict):
             raise ValueError(f"Expected a CenterLossConfig or dict. Received: {d!r}")
         return cls(**d)
+
+
+def check_threshold(threshold, *, name="threshold") -> float:
+    """A cosine-similarity threshold as a float: finite and in [-1, 1].
+
+    The one rule for every threshold a user gives (files, command-line
+    options, arguments): a cosine similarity lies in [-1, 1], so a threshold
+    outside it would accept every pair or none.
+
+    Args:
+        threshold: a number (or a numeric string, as argparse passes it).
+        name: the name to use in the error message.
+
+    Returns:
+        The threshold as a Python float.
+
+    Raises:
+        ValueError: not a number, not finite, or outside [-1, 1].
+    """
+    value = math.nan
+    if not isinstance(threshold, (bool, np.bool_)):
+        try:
+            value = float(threshold)
+        except (TypeError, ValueError):
+            pass
+    if not (math.isfinite(value) and -1.0 <= value <= 1.0):
+        raise ValueError(f"Expected {name} to be a cosine similarity, a finite number in "
+                         f"[-1, 1]. Received: {name}={threshold!r}")
+    return value

@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfadv.attacks import objectives as objectives_lib
+from tfadv.config import check_threshold
 from tfadv.attacks.apgd import APGD
 from tfadv.attacks.base import call_model
 from tfadv.attacks.cw import CarliniWagnerL2
@@ -72,8 +73,13 @@ def attack_success(embeddings, reference, threshold, mode):
 
     Returns:
         bool tensor [N].
+
+    Raises:
+        ValueError: a threshold that is not a cosine similarity in [-1, 1].
     """
     sim = cosine_similarity(embeddings, reference)
+    if not tf.is_tensor(threshold):
+        threshold = check_threshold(threshold)
     thr = tf.cast(threshold, tf.float32)
     return sim < thr if _check_mode(mode) == "dodging" else sim >= thr
 
@@ -156,7 +162,7 @@ class EmbeddingAPGD(APGD):
                  random_start=True, targeted=False, bounds=PIXEL_BOUNDS):
         super().__init__(eps=eps, steps=steps, norm=norm, objective="cosine_distance", rho=rho,
                          alpha=alpha, random_start=random_start, targeted=targeted, bounds=bounds)
-        self.threshold = float(threshold)
+        self.threshold = check_threshold(threshold)
 
     def is_success(self, outputs, y):
         return attack_success(outputs, y, self.threshold,
@@ -193,7 +199,7 @@ class EmbeddingCW(CarliniWagnerL2):
         super().__init__(eps=eps, confidence=confidence, learning_rate=learning_rate,
                          max_iterations=max_iterations, binary_search_steps=binary_search_steps,
                          initial_const=initial_const, targeted=targeted, bounds=bounds)
-        self.threshold = float(threshold)
+        self.threshold = check_threshold(threshold)
 
     def prepare_target(self, y, objective):
         # The target is the reference embeddings [N, D], not class labels.

@@ -21,8 +21,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-THRESHOLD_FILE = "threshold.json"
-THRESHOLD_KEY = "cosine_threshold"
+from tfadv.config import check_threshold  # noqa: F401 (re-exported: the one rule)
+from tfadv.export.contract import THRESHOLD_FILE, THRESHOLD_KEY
 
 
 def _scores_and_labels(scores, is_same):
@@ -365,35 +365,6 @@ def nearest_neighbour_accuracy(probe_emb, probe_labels, gallery_emb=None,
                              f"{len(gallery_emb)} embeddings.")
         sims = similarity_matrix(probe_emb, gallery_emb)
     return float(np.mean(gallery_labels[np.argmax(sims, axis=1)] == probe_labels))
-
-
-def check_threshold(threshold, *, name="threshold") -> float:
-    """A cosine-similarity threshold as a float: finite and in [-1, 1].
-
-    The one rule for every threshold a user gives (files, command-line
-    options, arguments): a cosine similarity lies in [-1, 1], so a threshold
-    outside it would accept every pair or none.
-
-    Args:
-        threshold: a number (or a numeric string, as argparse passes it).
-        name: the name to use in the error message.
-
-    Returns:
-        The threshold as a Python float.
-
-    Raises:
-        ValueError: not a number, not finite, or outside [-1, 1].
-    """
-    value = math.nan
-    if not isinstance(threshold, (bool, np.bool_)):
-        try:
-            value = float(threshold)
-        except (TypeError, ValueError):
-            pass
-    if not (math.isfinite(value) and -1.0 <= value <= 1.0):
-        raise ValueError(f"Expected {name} to be a cosine similarity, a finite number in "
-                         f"[-1, 1]. Received: {name}={threshold!r}")
-    return value
 
 
 def _threshold_path(path) -> Path:

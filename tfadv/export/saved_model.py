@@ -17,7 +17,6 @@ renamed into place, so a server polling BASE_DIR never sees half a version.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -41,8 +40,8 @@ def list_versions(base_dir: str) -> list[int]:
     return sorted(out)
 
 
-def read_threshold(path: str) -> float:
-    """Reads the cosine threshold from a `threshold.json` file.
+def read_threshold(path) -> float:
+    """Reads the cosine threshold: `tfadv.evaluation.verification.load_threshold`.
 
     Args:
         path: the json file, or a directory holding `threshold.json`, or a
@@ -55,35 +54,9 @@ def read_threshold(path: str) -> float:
         FileNotFoundError: if there is no threshold file.
         ValueError: if the file lacks `cosine_threshold` or holds a bad value.
     """
-    if os.path.isdir(path):
-        path = os.path.join(path, C.THRESHOLD_FILE)
-    elif not path.endswith(".json"):
-        path = os.path.join(os.path.dirname(os.path.abspath(path)), C.THRESHOLD_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"No threshold file at {path!r}. Write {{\"{C.THRESHOLD_KEY}\": <float>}} there "
-            "(`tfadv facenet finetune` does) or pass the threshold explicitly."
-        )
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path!r} is not valid JSON ({err}).") from None
-    if not isinstance(data, dict) or C.THRESHOLD_KEY not in data:
-        raise ValueError(f"Expected a JSON object with key {C.THRESHOLD_KEY!r} in {path!r}. "
-                         f"Received: {str(data)[:200]}")
-    return _check_threshold(data[C.THRESHOLD_KEY])
+    from tfadv.evaluation.verification import load_threshold
 
-
-def _check_threshold(threshold) -> float:
-    try:
-        value = float(threshold)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not math.isfinite(value) or not -1.0 <= value <= 1.0:
-        raise ValueError("Expected a cosine threshold, a finite number in [-1, 1]. "
-                         f"Received: threshold={threshold!r}")
-    return value
+    return load_threshold(path)
 
 
 def _load(model_or_path):
@@ -353,7 +326,9 @@ def export_model(model_or_path, base_dir, *, name: str = C.DEFAULT_MODEL_NAME,
             raise ValueError("Pass threshold=<cosine threshold> when exporting a model object "
                              f"(it is read from {C.THRESHOLD_FILE} only for a model path).")
         threshold = read_threshold(os.fspath(model_or_path))
-    threshold = _check_threshold(threshold)
+    from tfadv.evaluation.verification import check_threshold
+
+    threshold = check_threshold(threshold)
     batching = batching or BatchingParameters.with_padding(32)
 
     model = _load(model_or_path)
