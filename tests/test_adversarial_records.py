@@ -479,3 +479,16 @@ def test_generate_command_uses_threshold_json(tiny_embedder, faces_dir, tmp_path
     assert math.isclose(meta["success_rates"]["pgd"]["dodging"]["4"],
                         next(g["success_rate"] for g in meta["groups"]
                              if g["attack"] == "pgd" and g["eps"] == 4.0))
+
+
+def test_norm_spellings_are_stored_under_the_standard_name():
+    import math as _math
+
+    from tfadv.data.adversarial_records import AdversarialExample
+
+    img = np.zeros((2, 2, 3), np.uint8)
+    assert AdversarialExample(image=img, label=0, norm="Linf").norm == "inf"
+    assert AdversarialExample(image=img, label=0, norm=_math.inf).norm == "inf"
+    assert AdversarialExample(image=img, label=0, norm="L2").norm == "2"
+    with pytest.raises(ValueError, match="norm"):
+        AdversarialExample(image=img, label=0, norm="l1")

@@ -84,7 +84,8 @@ class AdversarialExample:
         attack_config: the attack's settings, JSON-serialisable.
         eps: budget in the model's input units; `NO_EPS` (-1) for attacks
             without one (C&W).
-        norm: "inf" or "2".
+        norm: "inf" or "2" (any spelling `tfadv.ops.canonical_norm` accepts;
+            stored as "inf" or "2"; others raise ValueError).
         mode: "dodging" or "impersonation".
         target_label: impersonated identity's label; `NO_TARGET` (-1) if untargeted.
         target_identity: impersonated identity's name; "" if untargeted.
@@ -117,6 +118,12 @@ class AdversarialExample:
     perturbation_linf: float = math.nan
     perturbation_l2: float = math.nan
     source_index: int = -1
+
+    def __post_init__(self):
+        # Stored under the standard name, so "Linf" and "inf" group together.
+        from tfadv.ops.norms import canonical_norm
+
+        self.norm = canonical_norm(self.norm)
 
 
 # Field name -> kind ("int", "float", "bytes"); the image fields are separate.
