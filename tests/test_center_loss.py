@@ -147,3 +147,20 @@ def test_centres_use_the_global_batch_under_mirrored_strategy():
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["replicas"] == 2
     assert r["max_center_diff"] < 1e-5 and r["centers_moved"] > 1e-3
+
+
+def test_validation_center_loss_is_real_or_absent():
+    """Learned centres: the validation center loss is recomputable from the final
+    state. Inverse-adversary centres exist only in a training step: no constant-0
+    validation column."""
+    x, y = _small_data()
+    base, model = _center_model(weight=0.1)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    ev = model.evaluate(x, y, verbose=0, return_dict=True)
+    f = feature_model(base)(x, training=False).numpy()
+    c = model.centers.centers.numpy()
+    expected = 0.5 * np.mean(np.sum((f - c[y]) ** 2, axis=1))
+    assert ev["center_loss"] == pytest.approx(expected, rel=1e-4)
+    _, model = _center_model(method="pgd", centers="inverse_batch")
+    hist = model.fit(x, y, validation_data=(x, y), batch_size=16, epochs=1, verbose=0).history
+    assert hist["center_loss"][0] > 0 and "val_center_loss" not in hist

@@ -90,3 +90,37 @@ def test_bad_settings_are_explained():
         EmbeddingAdversarialModel(embedder(), 2, eval_attack=dodging_pgd(eps=1.0))
     with pytest.raises(ValueError, match="adv_weight"):
         EmbeddingAdversarialModel(embedder(), 2, adv_weight=2.0)
+
+
+def test_training_dodge_success_is_logged_and_recomputes(data):
+    """The training `dodge_success` is the training adversaries' success at eval_threshold
+    (cosine to the clean embedding below it), recomputed here from the pre-step model."""
+    x, y = data
+    x, y = x[:16], y[:16]
+    attack = tfadv.attacks.PGD(eps=16.0, step_size=8.0, steps=2, random_start=False,
+                               bounds=(0, 255))
+    m = EmbeddingAdversarialModel(embedder(), 4, attack=attack, attack_on="classification",
+                                  eval_threshold=0.0)
+    m.compile(optimizer=keras.optimizers.SGD(0.1))
+    x_adv = attack(lambda t: m(t, training=False), x, y)
+    e, e_adv = m.embedder(x, training=False).numpy(), m.embedder(x_adv, training=False).numpy()
+    cos = np.sum(e * e_adv, axis=1) / np.linalg.norm(e, axis=1) / np.linalg.norm(e_adv, axis=1)
+    m.eval_threshold = float(np.median(cos))  # about half of the adversaries succeed
+    expected = np.mean(cos < m.eval_threshold)
+    assert 0.0 < expected < 1.0
+    h = m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0).history
+    assert h["dodge_success"][0] == pytest.approx(expected)
+    assert h["adv_cosine"][0] == pytest.approx(cos.mean(), rel=1e-5)
+
+
+def test_metrics_a_phase_never_updates_are_not_logged(data):
+    x, y = data
+    m = EmbeddingAdversarialModel(embedder(), 4, attack=None, eval_threshold=0.5)
+    m.compile(optimizer="sgd")
+    h = m.fit(x, y, batch_size=16, epochs=1, validation_data=(x, y), verbose=0).history
+    assert "dodge_success" not in h and "val_dodge_success" not in h  # no attack anywhere
+    m = EmbeddingAdversarialModel(embedder(), 4, attack=dodging_pgd(eps=4.0, steps=1))
+    m.compile(optimizer="sgd")
+    h = m.fit(x, y, batch_size=16, epochs=1, validation_data=(x, y), verbose=0).history
+    assert "dodge_success" not in h  # no threshold to judge success at
+    assert "val_robust_accuracy" not in h  # no validation attack

@@ -19,28 +19,43 @@ from tfadv.attacks.registry import deserialize, serialize
 from tfadv.config import CenterLossConfig
 from tfadv.layers.centers import ClassCenters
 from tfadv.losses.center_loss import center_loss as center_loss_fn
+from tfadv.losses.reduction import global_batch_mean, sample_weights
 from tfadv.models.features import logits_and_features
 from tfadv.ops.classwise import class_sums
+from tfadv.ops.labels import sparse_labels
+from tfadv.trainers.base import DOWN, MetricGroup, directed_mean, for_strategy, track_loss
 
 METHODS = ("standard", "pgd", "trades")
 
 
-def scale_for_replicas(value):
-    """Divides a per-replica mean loss by the number of replicas in sync.
-
-    Keras' compiled losses do this themselves; extra terms added in a
-    `train_step` must do the same so that the all-reduced gradient is the
-    gradient of the global-batch mean.
-    """
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    if replicas > 1:
-        value = value * tf.cast(1.0 / replicas, value.dtype)
-    return value
+def _output_classes(model):
+    """The static number of classes of `model`'s (first) output, or None."""
+    try:
+        shape = model.output_shape
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+    if isinstance(shape, list):
+        shape = shape[0]
+    last = shape[-1] if shape else None
+    return None if last is None else int(last)
 
 
 @keras.saving.register_keras_serializable(package="tfadv")
 class AdversarialModel(keras.Model):
     """Adversarial training of a classifier with `compile` / `fit` / `evaluate`.
+
+    Every loss term is reduced like Keras' compiled losses: sample weights
+    (and `class_weight`) weight every term and every centre update, and under
+    `tf.distribute` each term is the global-batch mean (a replica without
+    examples contributes nothing). Labels may be `[N]` / `[N, 1]` integers,
+    whole-number floats or one-hot `[N, C]`: the compiled loss and metrics get
+    them as given; the attack, the center loss and `robust_accuracy` use
+    `tfadv.ops.sparse_labels`.
+
+    Metrics: besides `compile()`'s, validation reports `robust_accuracy`
+    (higher is better) and `robust_loss` (lower), and center loss adds
+    `center_loss` (lower); Keras' monitor callbacks know these directions, so
+    `EarlyStopping(monitor="val_robust_accuracy")` works in `mode="auto"`.
 
     Methods:
         - "pgd" (Madry et al., 2018): minimise the loss on `attack(x)`; with
@@ -62,7 +77,17 @@ class AdversarialModel(keras.Model):
             to report robust metrics; without one only clean metrics are shown.
         center_loss: a `CenterLossConfig` (or its dict) to add center loss on
             the base model's feature layer; the centres are a non-trainable
-            `ClassCenters` layer of this model, saved with it.
+            `ClassCenters` layer of this model, saved with it (float32 under
+            any mixed-precision policy).
+
+    Shape:
+        x: `[N, ...]` float inputs of `base`; y: `[N]`, `[N, 1]` or `[N, C]`;
+        sample_weight: optional `[N]`.
+
+    Raises:
+        ValueError: an unknown method, a base that is not a `keras.Model`, no
+            training attack for "pgd"/"trades", adv_ratio outside [0, 1] or
+            trades_beta < 0.
 
     Example:
         >>> base = tfadv.models.mnist_cnn()
@@ -111,8 +136,9 @@ class AdversarialModel(keras.Model):
         self.adv_ratio = float(adv_ratio)
         self.trades_beta = float(trades_beta)
         self.eval_attack = eval_attack if eval_attack is not None else attack
-        self.robust_accuracy = keras.metrics.SparseCategoricalAccuracy(name="robust_accuracy")
-        self.robust_loss = keras.metrics.Mean(name="robust_loss")
+        self.num_classes = _output_classes(base)
+        own_metrics = [keras.metrics.SparseCategoricalAccuracy(name="robust_accuracy"),
+                       directed_mean("robust_loss", DOWN)]
         self.center_cfg = None if center_loss is None else CenterLossConfig.from_dict(center_loss)
         if self.center_cfg is not None:
             both = logits_and_features(base, self.center_cfg.feature_layer)
@@ -122,10 +148,11 @@ class AdversarialModel(keras.Model):
             dim = int(both.outputs[1].shape[-1])
             self.centers = ClassCenters(self.center_cfg.num_classes, dim,
                                         alpha=self.center_cfg.alpha, name="class_centers")
-            self.center_loss_tracker = keras.metrics.Mean(name="center_loss")
+            own_metrics.append(directed_mean("center_loss", DOWN))
             self.inverse_attack = InversePGD(
                 eps=self.center_cfg.inverse_eps, step_size=self.center_cfg.inverse_step_size,
                 steps=self.center_cfg.inverse_steps)
+        self.extra_metrics = MetricGroup(own_metrics, name="adversarial_metrics")
         # Fraction of the training attack's budget in use; EpsilonWarmup ramps it.
         self.eps_scale = self.add_weight(
             shape=(), initializer="ones", trainable=False, name="eps_scale", dtype="float32"
@@ -163,17 +190,35 @@ class AdversarialModel(keras.Model):
             self._symbolic_build(data_batch=data_batch)
 
     @property
+    def robust_accuracy(self):
+        return self.extra_metrics["robust_accuracy"]
+
+    @property
+    def robust_loss(self):
+        return self.extra_metrics["robust_loss"]
+
+    @property
+    def center_loss_tracker(self):
+        return self.extra_metrics["center_loss"]
+
+    @property
     def _eval_only(self):
-        return (self.robust_accuracy.name, self.robust_loss.name)
+        return ("robust_accuracy", "robust_loss")
+
+    def _labels(self, y):
+        """The labels the trainer itself uses: `[N]` int64 (the user's y goes to compile's loss)."""
+        return sparse_labels(y, self.num_classes)
 
     # -- training ----------------------------------------------------------
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        labels = self._labels(y)
+        sw = sample_weights(sample_weight)
         if self.method == "trades":
-            return self._trades_step(x, y, sample_weight)
+            return self._trades_step(x, y, labels, sample_weight, sw)
         cfg = self.center_cfg
         attacked = self.method != "standard" and self.adv_ratio > 0.0
-        x_adv = self.attack(self.base, x, y, eps_scale=self.eps_scale) if attacked else None
+        x_adv = self.attack(self.base, x, labels, eps_scale=self.eps_scale) if attacked else None
         n = tf.shape(x)[0]
         need_clean_features = cfg is not None and cfg.on in ("clean", "both")
         if not attacked:
@@ -187,11 +232,10 @@ class AdversarialModel(keras.Model):
             targets = tf.concat([y, y], axis=0)
             r = self.adv_ratio
             weights = tf.concat([tf.fill([n], 2.0 * (1.0 - r)), tf.fill([n], 2.0 * r)], axis=0)
-            if sample_weight is not None:
-                sw = tf.cast(sample_weight, weights.dtype)
+            if sw is not None:
                 weights = weights * tf.concat([sw, sw], axis=0)
             parts = ("clean", "adversarial")
-        centers_y = self._batch_centers(x, y) if cfg is not None else None
+        centers_y = self._batch_centers(x, labels, sw) if cfg is not None else None
 
         with tf.GradientTape() as tape:
             if cfg is None:
@@ -202,8 +246,8 @@ class AdversarialModel(keras.Model):
                 x=inputs, y=targets, y_pred=y_pred, sample_weight=weights, training=True
             )
             if cfg is not None:
-                loss = loss + self._center_term(features, y, centers_y, parts)
-            self._track_loss(loss, inputs)
+                loss = loss + self._center_term(features, labels, sw, centers_y, parts)
+            track_loss(self._loss_tracker, loss, tf.shape(inputs)[0])
             scaled = self.optimizer.scale_loss(loss)
         self._apply(tape, scaled)
         if len(parts) == 2 and self.adv_ratio < 1.0:
@@ -225,37 +269,42 @@ class AdversarialModel(keras.Model):
             return features[n:], 1
         return features, 2
 
-    def _center_term(self, features, y, centers_y, parts):
+    def _center_term(self, features, labels, sw, centers_y, parts):
+        """Weighted center loss on the selected features; updates the learned centres."""
         feats, copies = self._selected(features, parts)
-        labels = tf.concat([y] * copies, axis=0) if copies > 1 else y
-        centers = tf.concat([centers_y] * copies, axis=0) if copies > 1 else centers_y
+
+        def repeat(t):
+            return t if t is None or copies == 1 else tf.concat([t] * copies, axis=0)
+
+        labels, centers, weights = repeat(labels), repeat(centers_y), repeat(sw)
         per_example = center_loss_fn(feats, centers)
-        self.center_loss_tracker.update_state(per_example)
+        self.center_loss_tracker.update_state(per_example, sample_weight=weights)
         if self.center_cfg.centers == "learned":
-            self.centers.update(feats, labels)
-        term = scale_for_replicas(tf.reduce_mean(per_example))
+            self.centers.update(feats, labels, sample_weight=weights)
+        term = global_batch_mean(per_example, weights)
         return tf.cast(self.center_cfg.weight, term.dtype) * term
 
-    def _batch_centers(self, x, y):
-        """The centre of each example's class, before this step's update."""
+    def _batch_centers(self, x, labels, sw):
+        """The centre of each example's class, before this step's update (float32 [N, D])."""
         if self.center_cfg.centers == "learned":
-            return self.centers(y)
-        # Inverse-adversary centres of this (global) batch: per-class means of
-        # the features of the inverse adversaries.
-        x_inv = self.inverse_attack(self.base, x, y)
+            return self.centers(labels)
+        # Inverse-adversary centres of this (global) batch: per-class weighted
+        # means of the features of the inverse adversaries.
+        x_inv = self.inverse_attack(self.base, x, labels)
         _, f_inv = self._logits_features(x_inv, training=False)
         f_inv = tf.cast(f_inv, tf.float32)
-        sums, counts = class_sums(f_inv, y, self.center_cfg.num_classes, across_replicas=True)
-        means = sums / tf.maximum(counts, 1.0)[:, None]
-        return tf.stop_gradient(tf.gather(means, tf.cast(y, tf.int32)))
+        sums, counts = class_sums(f_inv, labels, self.center_cfg.num_classes, weights=sw,
+                                  across_replicas=True)
+        means = tf.math.divide_no_nan(sums, counts[:, None])
+        return tf.stop_gradient(tf.gather(means, tf.cast(labels, tf.int32)))
 
-    def _trades_step(self, x, y, sample_weight):
+    def _trades_step(self, x, y, labels, sample_weight, sw):
         clean_probs = tf.nn.softmax(tf.cast(self.base(x, training=False), tf.float32))
         x_adv = self.attack(self.base, x, clean_probs, objective=objectives_lib.kl_divergence,
                             eps_scale=self.eps_scale)
         n = tf.shape(x)[0]
         cfg = self.center_cfg
-        centers_y = self._batch_centers(x, y) if cfg is not None else None
+        centers_y = self._batch_centers(x, labels, sw) if cfg is not None else None
         with tf.GradientTape() as tape:
             inputs = tf.concat([x, x_adv], axis=0)
             if cfg is None:
@@ -268,20 +317,15 @@ class AdversarialModel(keras.Model):
             )
             p = tf.nn.softmax(tf.cast(logits, tf.float32))
             kl = objectives_lib.kl_divergence(logits_adv, p)
-            robust = scale_for_replicas(tf.reduce_mean(kl))
+            robust = global_batch_mean(kl, sw)
             loss = natural + tf.cast(self.trades_beta, natural.dtype) * robust
             if cfg is not None:
-                loss = loss + self._center_term(features, y, centers_y, ("clean", "adversarial"))
-            self._track_loss(loss, x)
+                loss = loss + self._center_term(features, labels, sw, centers_y,
+                                                ("clean", "adversarial"))
+            track_loss(self._loss_tracker, loss, n)
             scaled = self.optimizer.scale_loss(loss)
         self._apply(tape, scaled)
         return self._train_logs(x, y, logits, sample_weight)
-
-    def _track_loss(self, loss, inputs):
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        self._loss_tracker.update_state(
-            loss * tf.cast(replicas, loss.dtype), sample_weight=tf.shape(inputs)[0]
-        )
 
     def _apply(self, tape, loss):
         variables = self.trainable_variables
@@ -293,40 +337,45 @@ class AdversarialModel(keras.Model):
         return self._for_strategy({k: v for k, v in logs.items() if k not in self._eval_only})
 
     def _for_strategy(self, logs):
-        # Keras 3.15 reduces step outputs across workers with reduce(MEAN, axis=0),
-        # which fails on scalars (tensorflow/tensorflow#72388). Rank-1 logs
-        # reduce to the same scalars.
-        if isinstance(self._distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            return {k: tf.reshape(v, [1]) for k, v in logs.items()}
-        return logs
+        return for_strategy(self._distribute_strategy, logs)
 
     # -- evaluation --------------------------------------------------------
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        labels = self._labels(y)
+        sw = sample_weights(sample_weight)
         if self.center_cfg is not None:
             y_pred, features = self._logits_features(x, training=False)
             # Validation center loss against the learned centres (no update).
             if self.center_cfg.centers == "learned":
-                self.center_loss_tracker.update_state(center_loss_fn(features, self.centers(y)))
+                self.center_loss_tracker.update_state(
+                    center_loss_fn(features, self.centers(labels)), sample_weight=sw)
         else:
             y_pred = self.base(x, training=False)
         loss = self._compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
         )
-        self._track_loss(loss, x)
+        track_loss(self._loss_tracker, loss, tf.shape(x)[0])
+        if self.eval_attack is not None:
+            x_adv = self.eval_attack(self.base, x, labels)
+            adv_pred = self.base(x_adv, training=False)
+            self.robust_accuracy.update_state(labels, adv_pred, sample_weight=sw)
+            self.robust_loss.update_state(
+                objectives_lib.cross_entropy(adv_pred, labels), sample_weight=sw
+            )
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return self._for_strategy({k: v for k, v in logs.items() if k not in self._not_evaluated})
+
+    @property
+    def _not_evaluated(self):
+        """Metrics `test_step` never updates: not logged (a constant 0 column misleads)."""
+        names = []
         if self.eval_attack is None:
-            return self._for_strategy(
-                {k: v for k, v in logs.items() if k not in self._eval_only})
-        x_adv = self.eval_attack(self.base, x, y)
-        adv_pred = self.base(x_adv, training=False)
-        self.robust_accuracy.update_state(y, adv_pred, sample_weight=sample_weight)
-        self.robust_loss.update_state(
-            objectives_lib.cross_entropy(adv_pred, y), sample_weight=sample_weight
-        )
-        logs[self.robust_accuracy.name] = self.robust_accuracy.result()
-        logs[self.robust_loss.name] = self.robust_loss.result()
-        return self._for_strategy(logs)
+            names += self._eval_only
+        # Inverse-adversary centres exist only inside a training step.
+        if self.center_cfg is not None and self.center_cfg.centers != "learned":
+            names.append("center_loss")
+        return tuple(names)
 
     # -- serialisation -----------------------------------------------------
     def get_config(self):

@@ -106,12 +106,25 @@ class EpsilonWarmup(keras.callbacks.Callback):
     model never leaves it); a short ramp of the budget avoids it. Validation
     attacks always use the full budget.
 
+    The ramp is in epochs whatever the dataset: after batch `b` of an epoch
+    `e` of `S` batches, the budget fraction is `(e + (b + 1) / S - start) / epochs`
+    (clipped to [0, 1]). When the dataset's length is unknown (e.g. after
+    `filter`, or `mix_with`), `S` is learned from the first epoch of each
+    `fit`, and during an epoch of unknown length the budget is the ramp's value
+    at the middle of that epoch, `(e + 1/2 - start) / epochs`. Epochs are
+    counted from the epoch `fit` starts at, so a run resumed by
+    `BackupAndRestore` continues the ramp where it stopped.
+
     Args:
-        epochs: length of the ramp in epochs (may be fractional); 0 disables.
+        epochs: length of the ramp in epochs (may be fractional); 0 disables
+            (the full budget from `start` on).
         start: epochs of clean training (budget 0) before the ramp begins (may
             be fractional). A model that has not left chance level yet (e.g.
             while a cyclic learning rate is still small) gains nothing from
             adversarial examples and can collapse under them.
+
+    Raises:
+        ValueError: epochs < 0 or start < 0.
     """
 
     def __init__(self, epochs: float, start: float = 0.0):
@@ -122,20 +135,40 @@ class EpsilonWarmup(keras.callbacks.Callback):
         self.epochs = float(epochs)
         self.start = float(start)
         self._epoch = 0
+        self._steps = None  # batches per epoch, known or learned
+        self._seen = 0
+
+    def fraction(self, progress: float) -> float:
+        """The budget fraction after `progress` epochs of training (in [0, 1])."""
+        done = progress - self.start
+        if self.epochs <= 0:
+            return 1.0 if done > 0 else 0.0
+        return float(min(1.0, max(0.0, done / self.epochs)))
 
     def _set(self, fraction):
-        self.model.eps_scale.assign(float(min(1.0, max(0.0, fraction))))
+        self.model.eps_scale.assign(fraction)
+
+    def on_train_begin(self, logs=None):
+        steps = (self.params or {}).get("steps")
+        self._steps = int(steps) if steps else None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
+        self._epoch = int(epoch)
+        self._seen = 0
 
     def on_train_batch_begin(self, batch, logs=None):
-        steps = self.params.get("steps") or 1
-        done = self._epoch + (batch + 1) / steps - self.start
-        if self.epochs <= 0:
-            self._set(1.0 if done > 0 else 0.0)
+        if self._steps is None:
+            self._set(self.fraction(self._epoch + 0.5))
             return
-        self._set(done / self.epochs)
+        within = min(1.0, (batch + 1) / self._steps)
+        self._set(self.fraction(self._epoch + within))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._seen = batch + 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._steps is None and self._seen > 0:
+            self._steps = self._seen
 
     def on_train_end(self, logs=None):
         self._set(1.0)

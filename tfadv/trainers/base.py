@@ -1,0 +1,101 @@
+"""Keras plumbing shared by the trainers: metric directions, loss tracking, replicas."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+# Keras' monitor callbacks (EarlyStopping, ModelCheckpoint, ReduceLROnPlateau)
+# infer the direction of a metric in mode="auto" only for metrics held in a
+# CompileMetrics or MetricsList (keras/src/callbacks/monitor_callback.py).
+from keras.src.trainers.compile_utils import MetricsList
+
+from tfadv.losses.reduction import unscale_for_replicas
+
+UP, DOWN = "up", "down"
+
+
+def directed_mean(name, direction):
+    """A `keras.metrics.Mean` that tells Keras' callbacks which way is better.
+
+    Args:
+        name: the metric's name (the log key; "val_" + name in validation).
+        direction: "up" (higher is better) or "down".
+
+    Returns:
+        `keras.metrics.Mean` with Keras' `_direction` set.
+
+    Raises:
+        ValueError: another direction.
+    """
+    if direction not in (UP, DOWN):
+        raise ValueError(f'Expected direction "up" or "down". Received: {direction!r}')
+    metric = keras.metrics.Mean(name=name)
+    metric._direction = direction
+    return metric
+
+
+class MetricGroup(MetricsList):
+    """The metrics a trainer reports itself, beyond those given to `compile()`.
+
+    Held in one group so that Keras' monitor callbacks find them (and their
+    directions) in `mode="auto"`: `EarlyStopping(monitor="val_robust_accuracy")`
+    maximises, `monitor="val_robust_loss"` minimises. `result()` is the dict
+    `{name: value}`, which `Model.get_metrics_result` flattens into the logs.
+
+    Args:
+        metrics: Keras metrics, each with a `_direction` ("up" or "down").
+        name: the group's name.
+
+    Raises:
+        ValueError: a metric without a direction, or two with one name.
+    """
+
+    def __init__(self, metrics, name="tfadv_metrics"):
+        metrics = list(metrics)
+        names = [m.name for m in metrics]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Expected distinct metric names. Received: {names}")
+        for m in metrics:
+            if getattr(m, "_direction", None) not in (UP, DOWN):
+                raise ValueError(
+                    f"Metric {m.name!r} needs a direction ('up' or 'down') for Keras' "
+                    "monitor callbacks; build it with tfadv.trainers.base.directed_mean."
+                )
+        super().__init__(metrics, name=name)
+
+    def result(self):
+        return {m.name: m.result() for m in self.metrics}
+
+    def __getitem__(self, name):
+        for m in self.metrics:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def __contains__(self, name):
+        return any(m.name == name for m in self.metrics)
+
+
+def track_loss(tracker, loss, batch_size):
+    """Records a step's loss the way Keras' own `train_step` does.
+
+    The loss a replica computes is its share (divided by the replicas in
+    sync); the tracker records it times the replicas, weighted by the
+    replica's batch size, so that the logged loss is the global-batch loss
+    and an empty replica counts for nothing.
+    """
+    tracker.update_state(unscale_for_replicas(tf.cast(loss, tf.float32)),
+                         sample_weight=batch_size)
+
+
+def for_strategy(strategy, logs):
+    """Step logs in a form Keras can reduce across workers.
+
+    Keras 3.15 reduces step outputs across workers with reduce(MEAN, axis=0),
+    which fails on scalars (tensorflow/tensorflow#72388). Rank-1 logs reduce
+    to the same scalars.
+    """
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+    return logs
