@@ -124,3 +124,13 @@ def test_metrics_a_phase_never_updates_are_not_logged(data):
     h = m.fit(x, y, batch_size=16, epochs=1, validation_data=(x, y), verbose=0).history
     assert "dodge_success" not in h  # no threshold to judge success at
     assert "val_robust_accuracy" not in h  # no validation attack
+
+
+def test_eval_threshold_follows_the_one_threshold_rule():
+    from tests.conftest import tiny_embedder
+    from tfadv.attacks import dodging_pgd
+    from tfadv.trainers import EmbeddingAdversarialModel
+
+    with pytest.raises(ValueError, match=r"eval_threshold to be a cosine similarity"):
+        EmbeddingAdversarialModel(tiny_embedder(), 2, eval_attack=dodging_pgd(eps=2, steps=1),
+                                  eval_threshold=1.7)

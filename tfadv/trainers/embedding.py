@@ -34,6 +34,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from tfadv.config import check_threshold
 from tfadv.attacks import objectives as objectives_lib
 from tfadv.attacks.base import Attack
 from tfadv.layers.centers import ClassCenters
@@ -169,7 +170,8 @@ class EmbeddingAdversarialModel(keras.Model):
         self.center_weight = float(center_weight)
         self.distill_weight = float(distill_weight)
         self.eval_attack = eval_attack
-        self.eval_threshold = None if eval_threshold is None else float(eval_threshold)
+        self.eval_threshold = (None if eval_threshold is None
+                               else check_threshold(eval_threshold, name="eval_threshold"))
         dim = embedder.output_shape[-1]
         self.centers = (ClassCenters(num_classes, dim, alpha=center_alpha, name="centers")
                         if self.center_weight > 0 else None)
