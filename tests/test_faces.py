@@ -92,6 +92,84 @@ def test_read_image_applies_exif_orientation(tmp_path):
     assert read_image(tmp_path / "rot.jpg").shape == (50, 20, 3)
 
 
+def _exif(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+@pytest.mark.parametrize("orientation,stored", [
+    (1, lambda a: a),
+    (3, lambda a: np.rot90(a, 2)),
+    (6, lambda a: np.rot90(a, 1)),  # stored turned left: display turns it 90 deg clockwise
+    (8, lambda a: np.rot90(a, -1)),
+    (2, lambda a: a[:, ::-1]),
+])
+def test_read_image_exif_orientation_gives_the_upright_pixels(tmp_path, orientation, stored):
+    upright = _rgb(20, 50, seed=orientation)
+    path = tmp_path / f"o{orientation}.png"  # lossless, so the pixels compare exactly
+    pixels = np.ascontiguousarray(stored(upright))
+    Image.fromarray(pixels).save(path, exif=_exif(orientation))
+    np.testing.assert_array_equal(read_image(path), upright)
+    jpeg = tmp_path / f"o{orientation}.jpg"
+    Image.fromarray(pixels).save(jpeg, quality=100, subsampling=0, exif=_exif(orientation))
+    out = read_image(jpeg)
+    assert out.shape == upright.shape
+    assert np.abs(out.astype(int) - upright).mean() < 3  # JPEG noise, not a rotation
+
+
+def test_read_image_composites_transparency_on_white(tmp_path):
+    rgb = _rgb(8, 6, seed=1)
+    alpha = np.array([0, 64, 128, 191, 255, 255], np.uint8)[None, :].repeat(8, axis=0)
+    Image.fromarray(np.dstack([rgb, alpha])).save(tmp_path / "rgba.png")
+    a = alpha[..., None] / 255.0
+    want = np.rint(rgb * a + 255.0 * (1 - a))
+    np.testing.assert_allclose(read_image(tmp_path / "rgba.png"), want, atol=1)
+
+    grey = rgb[..., 0]
+    Image.fromarray(np.dstack([grey, alpha]), "LA").save(tmp_path / "la.png")
+    np.testing.assert_allclose(read_image(tmp_path / "la.png")[..., 1],
+                               np.rint(grey * a[..., 0] + 255.0 * (1 - a[..., 0])), atol=1)
+
+    # A palette image whose entry 0 is transparent: those pixels are white, the rest exact.
+    index = (np.arange(48).reshape(8, 6) % 4).astype(np.uint8)
+    colours = np.array([[10, 20, 30], [200, 0, 0], [0, 200, 0], [0, 0, 200]], np.uint8)
+    pal = Image.fromarray(index, "P")
+    pal.putpalette(colours.reshape(-1).tolist())
+    pal.save(tmp_path / "pal.png", transparency=0)
+    want = colours[index]
+    want[index == 0] = 255
+    np.testing.assert_array_equal(read_image(tmp_path / "pal.png"), want)
+    pal.save(tmp_path / "opaque.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "opaque.png"), colours[index])
+
+
+def test_read_image_scales_16_bit_greyscale_by_its_white_level(tmp_path):
+    grey16 = (np.arange(48).reshape(8, 6) * 1000 + 7).astype(np.uint16)  # 7 .. 47007
+    want = np.repeat(np.rint(grey16 / 257.0).astype(np.uint8)[..., None], 3, axis=-1)
+    for name in ("grey16.png", "grey16.tif", "grey16.pgm"):  # PIL: "I;16", "I;16", "I"
+        Image.fromarray(grey16).save(tmp_path / name)
+        np.testing.assert_array_equal(read_image(tmp_path / name), want, err_msg=name)
+    # Dark 16-bit pixels stay dark (not stretched to the image's own maximum) ...
+    dark = np.full((4, 4), 880, np.uint16)
+    Image.fromarray(dark).save(tmp_path / "dark.pgm")
+    np.testing.assert_array_equal(read_image(tmp_path / "dark.pgm"), 3)
+    # ... and EXIF orientation applies to 16-bit images too.
+    Image.fromarray(np.rot90(grey16, 1).copy()).save(tmp_path / "rot16.png", exif=_exif(6))
+    np.testing.assert_array_equal(read_image(tmp_path / "rot16.png"), want)
+
+
+def test_read_image_cmyk(tmp_path):
+    rgb = _rgb(8, 6, seed=2)
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    cmyk.save(tmp_path / "cmyk.tif")
+    want = np.asarray(cmyk.convert("RGB"))
+    np.testing.assert_array_equal(read_image(tmp_path / "cmyk.tif"), want)
+    cmyk.save(tmp_path / "cmyk.jpg", quality=100)  # CMYK JPEGs as print workflows write them
+    out = read_image(tmp_path / "cmyk.jpg").astype(int)
+    assert np.abs(out - want).mean() < 8
+
+
 def test_read_image_errors(tmp_path):
     (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     with pytest.raises(BadImageError, match="Could not decode"):

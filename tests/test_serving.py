@@ -499,36 +499,6 @@ def test_a_taken_port_is_a_clear_error(served):
         ModelServer(base, name=NAME, port=0, rest_port=server.rest_port).start()
 
 
-def test_query_cli(served, tmp_path, capsys):
-    from PIL import Image
-
-    from tfadv.cli import main
-    from tfadv.serving.cli_commands import load_image
-
-    model, server, _ = served
-    rng = np.random.default_rng(0)
-    paths = []
-    for i, ext in enumerate(("png", "jpg")):
-        path = str(tmp_path / f"face{i}.{ext}")
-        Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    assert main(["query", server.grpc_target, "--name", NAME, *paths, "--json"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["path"] for r in lines] == paths
-    for r in lines:
-        image = load_image(r["path"], SIZE).astype("float32")[None]
-        np.testing.assert_allclose(r["embedding"], model(image).numpy()[0], atol=1e-5)
-    bad = str(tmp_path / "notes.txt")
-    open(bad, "w").write("not an image")
-    assert main(["query", server.grpc_target, "--name", NAME, paths[0], bad, "--json"]) == 2
-    captured = capsys.readouterr()
-    lines = [json.loads(line) for line in captured.out.splitlines()]
-    assert "embedding" in lines[0] and "Could not read" in lines[1]["error"]
-    assert "1 of 2 images could not be read" in captured.err
-    assert main(["query", server.grpc_target, "--name", "nobody", paths[0]]) == 2
-    assert "NOT_FOUND" in capsys.readouterr().err
-
-
 @pytest.mark.slow
 def test_serve_cli_exits_0_on_sigterm_after_in_flight_requests(served, tmp_path):
     _, _, base = served

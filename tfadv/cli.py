@@ -8,6 +8,7 @@ import os
 import sys
 
 from tfadv import argtypes
+from tfadv import demo as demo_defaults  # stdlib imports only
 from tfadv.config import CENTER_TARGETS
 from tfadv.serving.cli_commands import add_commands as add_serving_commands
 
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model D: the features center loss pulls")
     s.add_argument("--seed", type=int, default=None)
     d = sub.add_parser("demo", help="the whole robust FaceNet story on the demo faces")
-    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--out", default=demo_defaults.DEFAULT_OUT)
     d.add_argument("--epochs", type=_pos_int, default=6)
     d.add_argument("--quick", action="store_true")
 
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", default=None, help="an embedder .keras file")
     fe.add_argument("images", nargs="+")
     fe.add_argument("--json", action="store_true", help="print a JSON list")
+    fe.add_argument("--no-crop", action="store_true",
+                    help="the images are already face crops: no face detection, the centre "
+                         "square is resized")
     fe.set_defaults(func=cmd_facenet_embed)
 
     ft = fsub.add_parser("finetune", help="adversarial fine-tuning with before/after report")
@@ -208,7 +212,8 @@ def cmd_facenet(args):
 def cmd_facenet_embed(args):
     from tfadv.recipes.facenet import embed_files
 
-    results = embed_files(args.images, preset=args.preset, model=args.model)
+    results = embed_files(args.images, preset=args.preset, model=args.model,
+                          detector="none" if args.no_crop else None)
     if args.json:
         print(json.dumps(results))
     else:

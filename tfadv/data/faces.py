@@ -43,8 +43,9 @@ import numpy as np
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                     ".ppm", ".pgm", ".pbm")
 DEFAULT_MARGIN = 0.2
-# Bump when the crop geometry changes, so old cache entries stop matching.
-_CACHE_FORMAT = 1
+# Bump when the decoding or the crop geometry changes, so old cache entries stop matching
+# (2: 16-bit PPM/PGM greyscale scaled by its white level instead of stretched).
+_CACHE_FORMAT = 2
 
 # Skip reasons: the text before ":" is the category counted by `FaceSet.counts`.
 UNREADABLE = "unreadable image"
@@ -84,14 +85,43 @@ class Face:
 # --------------------------------------------------------------------------- reading
 
 
-def _to_rgb_array(img) -> np.ndarray:
+def _white_level(img) -> float | None:
+    """The sample value of white in a 16-bit greyscale file, read before decoding.
+
+    PIL opens 16-bit greyscale as "I;16*", or as "I" for 16-bit PPM/PGM
+    (scaled to 0..65535 by PIL whatever the file's maxval), for 16-bit PNGs
+    in older PIL versions, and for TIFF's signed 16-bit samples. None when
+    the file does not say (32-bit and float samples).
+    """
+    if img.mode.startswith("I;16"):
+        return 65535.0
+    if img.mode != "I":
+        return None
+    if img.format in ("PNG", "PPM"):
+        return 65535.0
+    for tile in getattr(img, "tile", None) or ():
+        rawmode = tile[3]  # the decoder's args: a raw mode, or a tuple starting with one
+        if isinstance(rawmode, tuple):
+            rawmode = next((a for a in rawmode if isinstance(a, str)), "")
+        if isinstance(rawmode, str) and rawmode.startswith("I;16"):
+            return 32767.0 if rawmode.endswith("S") else 65535.0
+    return None
+
+
+def _to_rgb_array(img, white=None) -> np.ndarray:
     from PIL import Image
 
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        # 16-bit / 32-bit greyscale: PIL's convert("L") clips, so scale instead.
+        # 16/32-bit and float greyscale: PIL's convert("L") clips at 255, so scale
+        # by the file's white level; when the file does not give one, floats in
+        # [0, 1] are taken as normalised, and larger ranges are fitted to 0..255.
         arr = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16"):
-            arr = arr / 257.0
+        if white is None and img.mode.startswith("I;16"):
+            white = 65535.0
+        if white is not None:
+            arr = arr * (255.0 / white)
+        elif img.mode == "F" and arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            arr = arr * 255.0
         elif arr.size and arr.max() > 255.0:
             arr = arr * (255.0 / arr.max())
         grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
@@ -108,10 +138,16 @@ def _to_rgb_array(img) -> np.ndarray:
 def read_image(path) -> np.ndarray:
     """Reads a photo as RGB uint8, whatever its mode.
 
-    Greyscale (8 or 16 bit) is repeated to 3 channels, images with an alpha
-    channel or a transparent palette are composited onto white, CMYK, YCbCr,
-    palette and 1-bit images are converted by PIL, and the EXIF orientation tag
-    is applied (phone photos). Animated files give their first frame.
+    This is the one image reader of tfadv: `load_face`, `load_face_folder`,
+    `tfadv facenet embed`, `tfadv query` and the serving client all read
+    through it, so a file gives the same pixels whichever command reads it.
+
+    The EXIF orientation tag is applied (phone photos stored sideways come
+    out upright). Greyscale is repeated to 3 channels; 16-bit greyscale is
+    scaled by its white level (65535 -> 255), not clipped. Images with an
+    alpha channel or a transparent palette entry are composited onto white
+    (partly transparent pixels are blended). CMYK, YCbCr, palette and 1-bit
+    images are converted by PIL. Animated files give their first frame.
 
     Args:
         path: file path.
@@ -131,12 +167,13 @@ def read_image(path) -> np.ndarray:
         raise FileNotFoundError(f"Image file not found: {path!r}. Check the path.")
     try:
         with Image.open(path) as img:
+            white = _white_level(img)  # from the file's sample format, before decoding
             img.load()
             try:
                 img = ImageOps.exif_transpose(img)
             except Exception:  # a malformed EXIF block should not lose the pixels
                 pass
-            arr = _to_rgb_array(img)
+            arr = _to_rgb_array(img, white)
     except Exception as e:  # PIL raises many types for corrupt files
         raise BadImageError(
             f"Could not decode {path!r} as an image ({type(e).__name__}: {e}). "

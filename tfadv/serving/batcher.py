@@ -6,6 +6,13 @@ for more until `batch_timeout_micros` after that oldest task arrived; then it
 concatenates the inputs along axis 0, runs the model once, and hands each
 caller its slice of the outputs. The semantics follow TF Serving's
 `BatchingParameters`.
+
+A task may carry a deadline and an `alive` check (for gRPC: the call's
+deadline and `context.is_active`; for REST: whether the client is still
+connected). A task whose deadline has passed or whose client has gone is
+never run: it is dropped from the queue when a batch is formed, and its
+caller stops waiting at the deadline, so a burst of expired requests costs
+no model time and does not delay the live requests queued behind it.
 """
 
 from __future__ import annotations
@@ -20,16 +27,72 @@ from tfadv.export.batching import BatchingParameters
 from tfadv.serving.errors import ServingError
 
 
-class _Task:
-    __slots__ = ("inputs", "size", "enqueued", "done", "outputs", "error")
+# How often a waiting caller asks `alive()` whether its client is still there.
+_ALIVE_POLL_S = 0.05
 
-    def __init__(self, inputs, size):
+
+def gone_reason(deadline: float | None = None, alive=None) -> str | None:
+    """Why a request should not run any more, or None while it should.
+
+    Args:
+        deadline: `time.monotonic()` seconds after which nobody waits for
+            the answer; None for no deadline.
+        alive: callable returning False once the client has gone (cancelled
+            the call or closed the connection); None if unknown.
+
+    Returns:
+        A sentence for the error message, or None.
+    """
+    if deadline is not None and time.monotonic() >= deadline:
+        return "its deadline passed"
+    if alive is not None:
+        try:
+            if not alive():
+                return "its client cancelled it or went away"
+        except Exception:  # a broken check must not keep a dead request queued
+            return "its client could not be reached"
+    return None
+
+
+def check_alive(deadline: float | None = None, alive=None, when: str = "before it ran"):
+    """Raises DEADLINE_EXCEEDED if the request's deadline passed or its client left.
+
+    Args:
+        deadline, alive: as `gone_reason`.
+        when: where it was noticed, for the message.
+
+    Raises:
+        ServingError: DEADLINE_EXCEEDED, so that no model time is spent on it.
+    """
+    reason = gone_reason(deadline, alive)
+    if reason is not None:
+        raise _expired(reason, when)
+
+
+def _expired(reason, when):
+    return ServingError(
+        "DEADLINE_EXCEEDED",
+        f"The request was dropped {when}: {reason}. Give it a longer deadline, or send fewer "
+        "requests at once (the server was busy).")
+
+
+class _Task:
+    __slots__ = ("inputs", "size", "enqueued", "deadline", "alive", "done", "outputs", "error")
+
+    def __init__(self, inputs, size, deadline=None, alive=None):
         self.inputs = inputs
         self.size = size
         self.enqueued = time.monotonic()
+        self.deadline = deadline
+        self.alive = alive
         self.done = threading.Event()
         self.outputs = None
         self.error = None
+
+    def gone(self) -> str | None:
+        if self.deadline is None and self.alive is None:
+            return None
+        return gone_reason(self.deadline, self.alive)
 
 
 class Batcher:
@@ -67,16 +130,29 @@ class Batcher:
     def params(self) -> BatchingParameters:
         return self._params
 
-    def submit(self, inputs: dict, size: int) -> dict:
+    def submit(self, inputs: dict, size: int, *, deadline: float | None = None,
+               alive=None) -> dict:
         """Runs `fn` on `inputs` as part of a batch; blocks until done.
 
         After `close()` the call runs directly, so a request that picked up
         this batcher just before a version switch still gets its answer.
 
+        Args:
+            inputs: dict of arrays, `size` examples along axis 0.
+            size: the number of examples.
+            deadline: `time.monotonic()` seconds; a task still queued then is
+                dropped and this call returns at once. None: no deadline.
+            alive: callable returning False once the client has gone; a
+                queued task whose client has gone is dropped (polled every
+                50 ms while waiting, and again when a batch is formed).
+
         Raises:
-            ServingError: UNAVAILABLE when the queue is full; whatever `fn` raised.
+            ServingError: UNAVAILABLE when the queue is full;
+                DEADLINE_EXCEEDED when the task was dropped (deadline passed,
+                client gone) before it ran; whatever `fn` raised.
         """
-        task = _Task(inputs, size)
+        check_alive(deadline, alive, "before it was queued")
+        task = _Task(inputs, size, deadline, alive)
         limit = self._params.max_enqueued_batches * self._params.max_batch_size
         with self._cond:
             if self._closed:
@@ -95,10 +171,51 @@ class Batcher:
                     self._cond.notify()
         if task is None:
             return self._fn(inputs)
-        task.done.wait()
+        self._wait(task)
         if task.error is not None:
             raise task.error
         return task.outputs
+
+    def _wait(self, task):
+        """Waits for `task`; gives up (dropping it if still queued) once it is gone."""
+        if task.deadline is None and task.alive is None:
+            task.done.wait()
+            return
+        while True:
+            timeout = _ALIVE_POLL_S if task.alive is not None else None
+            if task.deadline is not None:
+                left = max(0.0, task.deadline - time.monotonic())
+                timeout = left if timeout is None else min(timeout, left)
+            if task.done.wait(timeout):
+                return
+            reason = task.gone()
+            if reason is None:
+                continue
+            with self._cond:
+                if task.done.is_set():
+                    return
+                try:
+                    self._queue.remove(task)
+                    self._queued_examples -= task.size
+                    when = "while it waited in the batching queue"
+                except ValueError:  # already in a running batch; its result is dropped
+                    when = "while its batch ran"
+            raise _expired(reason, when)
+
+    def _drop_gone(self):
+        """Removes queued tasks whose deadline passed or whose client left (lock held)."""
+        if not any(t.deadline is not None or t.alive is not None for t in self._queue):
+            return
+        kept = collections.deque()
+        for task in self._queue:
+            reason = task.gone()
+            if reason is None:
+                kept.append(task)
+                continue
+            self._queued_examples -= task.size
+            task.error = _expired(reason, "while it waited in the batching queue")
+            task.done.set()
+        self._queue = kept
 
     def _take_batch(self):
         """Blocks for the next batch of tasks; None once closed and drained."""
@@ -109,14 +226,19 @@ class Batcher:
                     if self._closed:
                         return None
                     self._cond.wait()
-                # Wait for the batch to fill, at most until the oldest task's deadline.
-                deadline = self._queue[0].enqueued + self._timeout
+                self._drop_gone()
+                if not self._queue:
+                    continue
+                # Wait for the batch to fill, at most batch_timeout after the oldest task came.
+                fill_until = self._queue[0].enqueued + self._timeout
                 while self._queue and self._queued_examples < limit and not self._closed:
-                    remaining = deadline - time.monotonic()
+                    remaining = fill_until - time.monotonic()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-                if not self._queue:  # another batch thread took them
+                # Tasks that expired while earlier batches ran never reach the model.
+                self._drop_gone()
+                if not self._queue:  # another batch thread took them, or all were gone
                     continue
                 batch = [self._queue.popleft()]
                 total = batch[0].size

@@ -48,7 +48,7 @@ def add_commands(subparsers, commands: dict):
     e.add_argument("--name", default=C.DEFAULT_MODEL_NAME, help="model name")
     e.add_argument("--version", type=_positive, default=None,
                    help="version number (default: the next one; never overwrites)")
-    e.add_argument("--threshold", type=float, default=None,
+    e.add_argument("--threshold", type=argtypes.cosine_threshold, default=None,
                    help="cosine threshold for `verify` (default: from threshold.json)")
     e.add_argument("--warmup-batch-sizes", type=_sizes, default=[1],
                    help="batch sizes of the warm-up requests, e.g. 1,8")
@@ -79,9 +79,13 @@ def add_commands(subparsers, commands: dict):
     s.add_argument("--no-warmup", action="store_true", help="skip the warm-up requests")
     _batching_args(s, for_server=True)
 
-    q = subparsers.add_parser("query", help="embed image files with a served model over gRPC")
+    q = subparsers.add_parser("query", help="embed the face in image files with a served model "
+                                            "over gRPC (MTCNN crop, as `tfadv facenet embed`)")
     q.add_argument("target", help="HOST:PORT of the gRPC endpoint")
     q.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
+    q.add_argument("--no-crop", action="store_true",
+                   help="the images are already face crops: no face detection, the centre "
+                        "square is resized")
     q.add_argument("--name", default=C.DEFAULT_MODEL_NAME, help="model name")
     q.add_argument("--version", type=_positive, default=None, help="pin a version")
     q.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
@@ -154,32 +158,8 @@ def cmd_serve(args):
           warmup=not args.no_warmup)
 
 
-def load_image(path: str, size: tuple[int, int]):
-    """An image file as uint8 RGB [H, W, 3], resized to `size` = (H, W).
-
-    Raises:
-        FileNotFoundError: if there is no such file.
-        ValueError: if it is not an image.
-    """
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No image at {path!r}.")
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            h, w = size
-            if img.size != (w, h):
-                img = img.resize((w, h), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"Could not read {path!r} as an image ({err}).") from None
-
-
 def cmd_query(args):
     import grpc
-    import numpy as np
 
     from tfadv.serving.client import Client
 
@@ -187,24 +167,10 @@ def cmd_query(args):
                     batch_size=args.batch_size, root_certificates=args.ssl_root_cert)
     try:
         try:
-            size = client.image_size
+            results = client.embed_files(args.images, crop=not args.no_crop)
         except grpc.RpcError as err:
             raise ValueError(f"{args.target}: {err.code().name}: {err.details()}") from None
-        results, images = [], []
-        for path in args.images:
-            try:
-                images.append(load_image(path, size))
-                results.append({"path": path})
-            except (FileNotFoundError, ValueError) as err:
-                results.append({"path": path, "error": str(err)})
         ok = [r for r in results if "error" not in r]
-        if ok:
-            try:
-                emb = client.embed(np.stack(images))
-            except grpc.RpcError as err:
-                raise ValueError(f"{args.target}: {err.code().name}: {err.details()}") from None
-            for r, e in zip(ok, emb):
-                r["embedding"] = [float(v) for v in e]
         for r in results:
             if args.json:
                 print(json.dumps(r))
@@ -217,6 +183,7 @@ def cmd_query(args):
         sys.stdout.flush()
         failed = len(results) - len(ok)
         if failed:
-            raise ValueError(f"{failed} of {len(results)} images could not be read.")
+            raise ValueError(f"{failed} of {len(results)} images could not be read or have "
+                             "no face (see the errors above).")
     finally:
         client.close()

@@ -46,6 +46,7 @@ class Client:
     with Client("127.0.0.1:8500", name="facenet") as client:
         emb = client.embed(images)              # [N, 160, 160, 3] uint8 or float32 -> [N, D]
         sim, same = client.verify(faces_a, faces_b)
+        results = client.embed_files(["photo.jpg"])  # MTCNN face crop, as `tfadv facenet embed`
     ```
     """
 
@@ -166,6 +167,61 @@ class Client:
         parts = [self.predict({C.IMAGES: images[i:i + self.batch_size]}, signature)[C.EMBEDDINGS]
                  for i in range(0, len(images), self.batch_size)]
         return np.concatenate(parts, axis=0)
+
+    def embed_files(self, paths, *, crop: bool = True, detector=None,
+                    cache: bool = True) -> list[dict]:
+        """Embeddings of photo files, read and cropped exactly as the rest of tfadv does.
+
+        Each file goes through `tfadv.data.faces.load_face` (the one reader:
+        EXIF orientation applied, transparency composited on white, 16-bit
+        greyscale scaled, palette and CMYK converted; then the MTCNN crop of
+        the largest face with the default margin), the same path as
+        `tfadv facenet embed`, training and generation, so the same file gives
+        the same embedding whichever command embeds it.
+
+        Args:
+            paths: image files.
+            crop: crop the largest face (default); False for files that are
+                already face crops (centre square, resized; as `--no-crop`
+                and `detector="none"` elsewhere).
+            detector: a FaceDetector-like object instead of the shared MTCNN
+                one (only with `crop=True`).
+            cache: read and write tfadv's crop cache (see `load_face`).
+
+        Returns:
+            One dict per path, in order: `{"path", "embedding": [D floats]}`,
+            or `{"path", "error": message}` for a file that is missing, not an
+            image, or has no face.
+
+        Raises:
+            ValueError: if the served model's input is not square (face crops
+                are), or `detector` is given with `crop=False`.
+            grpc.RpcError: with the server's status code and message.
+        """
+        from tfadv.data import faces
+
+        if detector is not None and not crop:
+            raise ValueError("crop=False takes the centre of each image and uses no detector; "
+                             "pass either crop=False or a detector, not both.")
+        height, width = self.image_size
+        if height != width:
+            raise ValueError(f"Model {self.name!r} takes {height}x{width} images, but face crops "
+                             "are square; call `embed` with your own [N, H, W, 3] pixels.")
+        results, crops = [], []
+        for path in paths:
+            try:
+                crops.append(faces.load_face(path, size=height,
+                                             detector=(detector if crop else "none"),
+                                             cache=cache))
+                results.append({"path": str(path)})
+            except (OSError, ValueError) as err:  # missing, unreadable, no face
+                results.append({"path": str(path), "error": str(err)})
+        if crops:
+            embeddings = self.embed(np.stack(crops))
+            ok = [r for r in results if "error" not in r]
+            for r, e in zip(ok, embeddings):
+                r["embedding"] = [float(v) for v in e]
+        return results
 
     def verify(self, images_a, images_b) -> tuple[np.ndarray, np.ndarray]:
         """Whether pairs of face images show the same person.

@@ -22,7 +22,7 @@ import numpy as np
 from tfadv.export import contract as C
 from tfadv.export.batching import BatchingParameters
 from tfadv.export.saved_model import list_versions
-from tfadv.serving.batcher import Batcher
+from tfadv.serving.batcher import Batcher, check_alive
 from tfadv.serving.config import ModelConfig
 from tfadv.serving.errors import invalid, not_found
 from tfadv.serving.tensors import numpy_dtype
@@ -158,10 +158,24 @@ class Signature:
         """Whether requests to this signature are merged into batches."""
         return self._batcher is not None
 
-    def run(self, inputs: dict, batch: int) -> dict:
-        """Runs the signature (through the batcher when batching is on)."""
+    def run(self, inputs: dict, batch: int, *, deadline: float | None = None,
+            alive=None) -> dict:
+        """Runs the signature (through the batcher when batching is on).
+
+        Args:
+            inputs: validated arrays.
+            batch: their batch size.
+            deadline: `time.monotonic()` seconds after which nobody waits for
+                the answer; None for none.
+            alive: callable returning False once the client has gone.
+
+        Raises:
+            ServingError: DEADLINE_EXCEEDED, without running the model, when
+                the deadline passed or the client left before it ran.
+        """
         if self._batcher is not None:
-            return self._batcher.submit(inputs, batch)
+            return self._batcher.submit(inputs, batch, deadline=deadline, alive=alive)
+        check_alive(deadline, alive)
         return self._call(inputs)
 
     def close(self):
@@ -257,8 +271,16 @@ class Servable:
                             f"version {self.version}; available: {sorted(self.signatures)}.")
         return sig
 
-    def predict(self, signature_name: str, inputs: dict, output_filter=()) -> dict:
+    def predict(self, signature_name: str, inputs: dict, output_filter=(), *,
+                deadline: float | None = None, alive=None) -> dict:
         """Validates and runs one request.
+
+        Args:
+            signature_name: the signature key.
+            inputs: dict of arrays.
+            output_filter: output keys to return (all if empty).
+            deadline, alive: as `Signature.run`; a request whose client has
+                gone is not run.
 
         Returns:
             A dict of output arrays (only `output_filter` keys if given).
@@ -269,7 +291,7 @@ class Servable:
             raise invalid(f"output_filter names {unknown}, which signature '{sig.name}' does not "
                           f"have; its outputs: {sorted(sig.outputs)}.")
         batch = sig.validate(inputs, self._dtype_hints)
-        outputs = sig.run(inputs, batch)
+        outputs = sig.run(inputs, batch, deadline=deadline, alive=alive)
         if output_filter:
             outputs = {k: outputs[k] for k in output_filter}
         return outputs

@@ -14,6 +14,18 @@ version or signature; INVALID_ARGUMENT, with the expected spec, for a request
 that does not fit the signature) and over REST the matching HTTP status with
 a body `{"error": "..."}`. The server keeps serving after any bad request.
 
+REST bodies may be sent with `Content-Length` or `Transfer-Encoding: chunked`,
+and compressed with `Content-Encoding: gzip` (or `deflate`); the size limit
+(`max_message_mb`) applies to the body on the wire and again after
+decompression, which stops as soon as the limit is passed (413). Every
+answer leaves the connection in step: the body is read (or, when it is too
+big to read, the connection is closed after the answer), so a refused
+request is never parsed as the next one.
+
+A request whose gRPC deadline has passed, or whose client has cancelled or
+disconnected, is dropped before it reaches the model (DEADLINE_EXCEEDED), also
+from the batching queue.
+
 Example:
 
 ```python
@@ -26,15 +38,20 @@ with ModelServer("exported/facenet", name="facenet", port=0, rest_port=0) as ser
 
 from __future__ import annotations
 
+import gzip
 import http.server
+import io
 import json
 import logging
 import re
+import select
 import signal
+import socket
 import ssl
 import sys
 import threading
 import time
+import zlib
 from concurrent import futures
 
 import numpy as np
@@ -42,6 +59,7 @@ import numpy as np
 from tfadv.export import contract as C
 from tfadv.export.batching import BatchingParameters
 from tfadv.serving import config as cfg
+from tfadv.serving.batcher import check_alive
 from tfadv.serving.errors import ServingError, invalid, not_found
 from tfadv.serving.models import ModelRegistry
 
@@ -101,16 +119,18 @@ def _status_response(registry, name, version=None, label=None):
     return response
 
 
-def _predict(registry, request):
+def _predict(registry, request, deadline=None, alive=None):
     from tensorflow_serving.apis import predict_pb2
 
     from tfadv.serving.tensors import to_numpy, to_tensor_proto
 
+    check_alive(deadline, alive, "before it was decoded")  # e.g. it waited for a worker
     servable = registry.lookup(request.model_spec.name, *_version_of(request.model_spec))
     signature_name = request.model_spec.signature_name or C.SERVING_SIGNATURE
     servable.signature(signature_name)  # NOT_FOUND before any input is decoded
     inputs = {k: to_numpy(v, f"input '{k}'") for k, v in request.inputs.items()}
-    outputs = servable.predict(signature_name, inputs, tuple(request.output_filter))
+    outputs = servable.predict(signature_name, inputs, tuple(request.output_filter),
+                               deadline=deadline, alive=alive)
     response = predict_pb2.PredictResponse()
     response.model_spec.name = servable.name
     response.model_spec.version.value = servable.version
@@ -140,13 +160,20 @@ def _guard(server, context, fn, *args):
         server._leave()
 
 
+def _liveness(context):
+    """(deadline in `time.monotonic()` seconds or None, alive check) of a gRPC call."""
+    remaining = context.time_remaining()  # about 9.2e18 s for a call without a deadline
+    deadline = None if remaining is None or remaining > 1e9 else time.monotonic() + remaining
+    return deadline, context.is_active
+
+
 def _servicers(server):
     (_, _, _, model_service_pb2_grpc, _, prediction_service_pb2_grpc) = _grpc_modules()
     registry = server.registry
 
     class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         def Predict(self, request, context):  # noqa: N802 (gRPC method names)
-            return _guard(server, context, _predict, registry, request)
+            return _guard(server, context, _predict, registry, request, *_liveness(context))
 
         def GetModelMetadata(self, request, context):  # noqa: N802
             return _guard(server, context, _metadata_response, registry, request)
@@ -187,7 +214,7 @@ def _json_array(values, spec, key):
     return array.astype(spec.dtype, copy=False)
 
 
-def _rest_predict(registry, name, version, label, body):
+def _rest_predict(registry, name, version, label, body, alive=None):
     try:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
@@ -232,7 +259,7 @@ def _rest_predict(registry, name, version, label, body):
     output_filter = request.get("output_filter", [])
     if not isinstance(output_filter, list) or not all(isinstance(k, str) for k in output_filter):
         raise invalid("'output_filter' must be a list of output names.")
-    outputs = servable.predict(signature_name, arrays, tuple(output_filter))
+    outputs = servable.predict(signature_name, arrays, tuple(output_filter), alive=alive)
     if row:
         if len(outputs) == 1:
             return {"predictions": next(iter(outputs.values())).tolist()}
@@ -242,6 +269,120 @@ def _rest_predict(registry, name, version, label, body):
     if len(outputs) == 1:
         return {"outputs": next(iter(outputs.values())).tolist()}
     return {"outputs": {k: v.tolist() for k, v in outputs.items()}}
+
+
+class _HTTPRefusal(Exception):
+    """A REST request refused for the way its body was sent (statuses outside TF's codes)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+_MAX_LINE = 65536  # longest chunk-size or trailer line
+_MAX_TRAILERS = 100
+_PIECE = 1 << 20  # chunk data is read in pieces, whatever size a chunk claims
+_DRAIN_MAX_BYTES = 8 * _MB  # a refused body up to this size is read and dropped ...
+_DRAIN_TIMEOUT_S = 2.0  # ... if it keeps arriving; otherwise the connection is closed
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+
+
+def _chunks(rfile):
+    """Yields the data of a `Transfer-Encoding: chunked` body (RFC 9112 section 7.1)
+    in pieces of at most 1 MB, then reads the trailer section.
+
+    Raises:
+        _HTTPRefusal: 400 for a malformed or truncated body.
+        OSError: when the connection fails or times out.
+    """
+    while True:
+        line = rfile.readline(_MAX_LINE + 1)
+        if len(line) > _MAX_LINE or not line.endswith(b"\n"):
+            raise _HTTPRefusal(400, "The chunked request body ended early or has a chunk-size "
+                                    "line longer than 64 KB.")
+        size_text = line.split(b";", 1)[0].strip()
+        if not _HEX.fullmatch(size_text):
+            raise _HTTPRefusal(400, f"Bad chunk size {size_text[:20]!r} in the chunked request "
+                                    "body; expected hexadecimal digits.")
+        size = int(size_text, 16)
+        if size == 0:
+            break
+        while size:
+            piece = rfile.read(min(size, _PIECE))
+            if not piece:
+                raise _HTTPRefusal(400, "The chunked request body ended inside a chunk.")
+            size -= len(piece)
+            yield piece
+        if rfile.read(2) != b"\r\n":
+            raise _HTTPRefusal(400, "Chunk data in the request body is not followed by CRLF.")
+    for _ in range(_MAX_TRAILERS):
+        line = rfile.readline(_MAX_LINE + 1)
+        if len(line) > _MAX_LINE or not line.endswith(b"\n"):
+            raise _HTTPRefusal(400, "The chunked request body ended inside its trailer section.")
+        if line in (b"\r\n", b"\n"):
+            return
+    raise _HTTPRefusal(400, f"The chunked request body has more than {_MAX_TRAILERS} trailer "
+                            "lines.")
+
+
+def _too_big(limit_mb, what):
+    return _HTTPRefusal(413, f"The request body {what} more than the limit of {limit_mb} MB; "
+                             "send fewer examples per request (or start the server with a "
+                             "larger --max-message-mb).")
+
+
+def _decompress(body: bytes, codings: list, limit: int, limit_mb) -> bytes:
+    """Undoes the request's Content-Encoding, stopping once `limit` bytes are passed.
+
+    Raises:
+        _HTTPRefusal: 415 for an unknown coding, 413 when the decoded body is
+            over the limit (it is never expanded further), 400 for bad data.
+    """
+    for coding in reversed(codings):
+        if coding == "identity":
+            continue
+        try:
+            if coding in ("gzip", "x-gzip"):
+                with gzip.GzipFile(fileobj=io.BytesIO(body)) as f:
+                    decoded = f.read(limit + 1)
+            elif coding == "deflate":
+                inflater = zlib.decompressobj()
+                decoded = inflater.decompress(body, limit + 1)
+                if len(decoded) <= limit and (not inflater.eof or inflater.unused_data):
+                    raise zlib.error("truncated data or data after the end of the stream")
+            else:
+                raise _HTTPRefusal(415, f"Content-Encoding {coding!r} is not supported; send "
+                                        "the body uncompressed or with Content-Encoding: gzip.")
+        except (OSError, EOFError, zlib.error) as err:
+            raise _HTTPRefusal(400, f"The request body is not valid {coding} data ({err}); "
+                                    "compress it whole, or drop the Content-Encoding "
+                                    "header.") from None
+        if len(decoded) > limit:
+            raise _too_big(limit_mb, f"decompresses ({coding}) to")
+        body = decoded
+    return body
+
+
+def _header_list(headers, name):
+    """The comma-separated values of every `name` header, lower-cased."""
+    return [v.strip().lower() for line in headers.get_all(name, [])
+            for v in line.split(",") if v.strip()]
+
+
+def _peer_closed(sock) -> bool:
+    """Whether the client has closed its side of the connection (FIN or reset seen)."""
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:
+            readable = bool(select.select([sock], [], [], 0)[0])
+        # Peek at the TCP stream itself (TLS too): b"" only at end of stream.
+        return readable and socket.socket.recv(sock, 1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
 
 
 def _to_json(message):
@@ -254,8 +395,15 @@ def _to_json(message):
 def _rest_handler(server):
     registry = server.registry
     max_body = server.max_message_mb * _MB
+    limit_mb = server.max_message_mb
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        """One connection. Per request: frame the body (Content-Length or chunked),
+        read it within the limit, decode its Content-Encoding, route, answer. A
+        body left unread by a refusal is read and dropped before the answer when
+        small, else the connection closes after the answer: what follows on a
+        kept-alive connection is always the start of the next request."""
+
         protocol_version = "HTTP/1.1"
         server_version = "tfadv-serving"
         timeout = 60  # idle keep-alive connections close after this
@@ -263,21 +411,143 @@ def _rest_handler(server):
         def log_message(self, fmt, *args):
             log.debug("rest %s " + fmt, self.address_string(), *args)
 
+        # ------------------------------------------------ the body on the wire
+
+        def _frame(self):
+            """Reads the framing headers (sets what is left to read of the body).
+
+            Raises:
+                _HTTPRefusal: for framing this server cannot follow; the body's
+                    end is then unknown, so the connection closes.
+            """
+            self._chunked, self._unread, self._lost = None, 0, False
+            codings = _header_list(self.headers, "Transfer-Encoding")
+            lengths = _header_list(self.headers, "Content-Length")
+            if codings:
+                if lengths:  # ambiguous framing: the classic request-smuggling shape
+                    raise _HTTPRefusal(400, "Send either Content-Length or "
+                                            "Transfer-Encoding: chunked, not both.")
+                if codings != ["chunked"]:
+                    raise _HTTPRefusal(501, f"Transfer-Encoding {', '.join(codings)} is not "
+                                            "supported; send the body with Content-Length or "
+                                            "Transfer-Encoding: chunked (compress it with "
+                                            "Content-Encoding: gzip).")
+                self._chunked = _chunks(self.rfile)
+            elif lengths:
+                if len(set(lengths)) != 1 or not lengths[0].isdigit():
+                    raise _HTTPRefusal(400, f"Bad Content-Length {', '.join(lengths)!r}; "
+                                            "expected one number of bytes.")
+                self._unread = int(lengths[0])
+
+        def _read_body(self) -> bytes:
+            """The whole body as sent (b"" when there is none).
+
+            Raises:
+                _HTTPRefusal: 413 over the limit (the rest is left to
+                    `_finish_body`), 400 when it is malformed or cut short.
+            """
+            try:
+                if self._chunked is not None:
+                    parts, total = [], 0
+                    for piece in self._chunked:
+                        total += len(piece)
+                        if total > max_body:
+                            raise _too_big(limit_mb, "has")
+                        parts.append(piece)
+                    self._chunked = None
+                    return b"".join(parts)
+                if self._unread > max_body:
+                    raise _too_big(limit_mb, f"has {self._unread} bytes,")
+                want, self._unread = self._unread, 0
+                body = self.rfile.read(want) if want else b""
+            except OSError as err:  # timed out or reset part-way: the framing is lost
+                self._lost = True
+                raise _HTTPRefusal(400, f"The request body could not be read ({err}).") from None
+            except _HTTPRefusal as err:
+                self._lost = err.status != 413
+                raise
+            if len(body) < want:
+                self._lost = True
+                raise _HTTPRefusal(400, f"The request body ended after {len(body)} of the "
+                                        f"{want} bytes its Content-Length announced.")
+            return body
+
+        def _finish_body(self) -> bool:
+            """Reads and drops what is left of the body; False if the connection must close."""
+            if self._lost:
+                return False
+            if self._chunked is None and not self._unread:
+                return True
+            budget = _DRAIN_MAX_BYTES
+            try:
+                self.connection.settimeout(_DRAIN_TIMEOUT_S)
+                if self._chunked is not None:
+                    for piece in self._chunked:
+                        budget -= len(piece)
+                        if budget < 0:
+                            return False
+                    self._chunked = None
+                    return True
+                if self._unread > budget:
+                    return False
+                while self._unread:
+                    piece = self.rfile.read(min(self._unread, _PIECE))
+                    if not piece:
+                        return False
+                    self._unread -= len(piece)
+                return True
+            except (OSError, _HTTPRefusal):
+                return False
+            finally:
+                try:
+                    self.connection.settimeout(self.timeout)
+                except OSError:
+                    pass
+
+        def handle_expect_100(self):
+            # Refuse an announced oversized body before the client sends it.
+            lengths = _header_list(self.headers, "Content-Length")
+            if lengths and lengths[0].isdigit() and int(lengths[0]) > max_body:
+                self.close_connection = True
+                self._send(413, {"error": _too_big(limit_mb, f"has {lengths[0]} bytes,").message})
+                return False
+            return super().handle_expect_100()
+
+        # ------------------------------------------------ answers
+
         def _send(self, status, payload):
             body = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
 
+        def _answer(self, status, payload):
+            if not self._finish_body():
+                self.close_connection = True
+            try:
+                self._send(status, payload)
+            except OSError:
+                self.close_connection = True  # the client went away
+
         def _handle(self, method):
+            try:
+                self._frame()
+            except _HTTPRefusal as err:
+                self._lost = True
+                self._answer(err.status, {"error": err.message})
+                return
             if not server._enter():
                 self.close_connection = True
-                self._send(503, {"error": _SHUTTING_DOWN})
+                self._answer(503, {"error": _SHUTTING_DOWN})
                 return
             try:
                 status, payload = 200, self._route(method)
+            except _HTTPRefusal as err:
+                status, payload = err.status, {"error": err.message}
             except ServingError as err:
                 status, payload = err.http_status, {"error": err.message}
             except Exception as err:  # the server must survive any request
@@ -285,22 +555,15 @@ def _rest_handler(server):
                 status, payload = 500, {"error": f"{type(err).__name__}: {err}"}
             finally:
                 server._leave()
-            try:
-                self._send(status, payload)
-            except OSError:
-                pass  # the client went away
+            self._answer(status, payload)
 
         def _route(self, method):
             path = self.path.split("?", 1)[0]
             m = _ROUTE.match(path)
-            body = b""
-            if method == "POST":
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > max_body:
-                    self.close_connection = True
-                    raise invalid(f"The request body has {length} bytes, more than the limit "
-                                  f"of {server.max_message_mb} MB.")
-                body = self.rfile.read(length)
+            body = self._read_body()  # whatever the method: the next request starts after it
+            if body:
+                body = _decompress(body, _header_list(self.headers, "Content-Encoding"),
+                                   max_body, limit_mb)
             if m is None:
                 raise not_found(f"Malformed request: {method} {path}")
             name, label, tail = m["name"], m["label"], m["tail"]
@@ -318,7 +581,10 @@ def _rest_handler(server):
                                        "version": str(servable.version)},
                         "metadata": {"signature_def": {"signature_def": defs}}}
             if method == "POST" and tail == ":predict":
-                return _rest_predict(registry, name, version, label, body)
+                # REST has no deadline; a client that has hung up is not waited for.
+                connection = self.connection
+                return _rest_predict(registry, name, version, label, body,
+                                     alive=lambda: not _peer_closed(connection))
             if method == "POST" and tail in (":classify", ":regress"):
                 raise ServingError("UNIMPLEMENTED", f"{tail[1:]} is not served; use :predict.")
             raise not_found(f"Malformed request: {method} {path}")
@@ -328,6 +594,16 @@ def _rest_handler(server):
 
         def do_POST(self):  # noqa: N802
             self._handle("POST")
+
+        # Other methods get a JSON 404 like any unknown route, after their body is read.
+        def do_PUT(self):  # noqa: N802
+            self._handle("PUT")
+
+        def do_DELETE(self):  # noqa: N802
+            self._handle("DELETE")
+
+        def do_PATCH(self):  # noqa: N802
+            self._handle("PATCH")
 
     return Handler
 
