@@ -24,6 +24,16 @@ def tiny_cnn(input_shape=(12, 12, 1), num_classes=4):
     return keras.Model(inputs, out)
 
 
+def tiny_feature_net():
+    """A 6x6 classifier with a 3-D layer named "features" (center loss tests)."""
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((6, 6, 1))
+    h = keras.layers.Flatten()(inputs)
+    h = keras.layers.Dense(8, activation="tanh")(h)
+    f = keras.layers.Dense(3, activation="tanh", name="features")(h)
+    return keras.Model(inputs, keras.layers.Dense(3, name="classifier")(f))
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_cnn()

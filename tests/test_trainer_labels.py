@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tfadv
-from tests.conftest import tiny_embedder
+from tests.conftest import tiny_embedder, tiny_feature_net
 from tfadv.attacks import PGD, dodging_pgd
 from tfadv.config import CenterLossConfig
 from tfadv.trainers import EmbeddingAdversarialModel
@@ -28,15 +28,6 @@ FORMATS = {
 }
 
 
-def feature_net():
-    keras.utils.set_random_seed(7)
-    inputs = keras.Input((6, 6, 1))
-    h = keras.layers.Flatten()(inputs)
-    h = keras.layers.Dense(8, activation="tanh")(h)
-    f = keras.layers.Dense(3, activation="tanh", name="features")(h)
-    return keras.Model(inputs, keras.layers.Dense(3, name="classifier")(f))
-
-
 def adversarial_step(fmt, method, center):
     y, loss = FORMATS[fmt]
     keras.utils.set_random_seed(0)
@@ -46,7 +37,7 @@ def adversarial_step(fmt, method, center):
         kwargs["center_loss"] = CenterLossConfig(
             num_classes=3, weight=0.5, on="both", centers=center, inverse_eps=0.1,
             inverse_step_size=0.05, inverse_steps=2)
-    model = tfadv.AdversarialModel(feature_net(), method=method, eval_attack=attack, **kwargs)
+    model = tfadv.AdversarialModel(tiny_feature_net(), method=method, eval_attack=attack, **kwargs)
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss=loss)
     if center is not None:
         model.centers.centers.assign(np.full((3, 3), 0.2, np.float32))
@@ -71,7 +62,7 @@ def test_adversarial_model_label_formats_give_the_same_step(method, center):
 
 
 def test_one_hot_of_the_wrong_width_is_explained():
-    model = tfadv.AdversarialModel(feature_net(), attack=PGD(eps=0.1, steps=1))
+    model = tfadv.AdversarialModel(tiny_feature_net(), attack=PGD(eps=0.1, steps=1))
     model.compile(optimizer="sgd", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     with pytest.raises(ValueError, match="One-hot labels have 4 columns"):
         model.fit(X, np.eye(4, dtype="float32")[Y], batch_size=8, epochs=1, verbose=0)

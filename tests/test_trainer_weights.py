@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import tfadv
-from tests.conftest import tiny_embedder
+from tests.conftest import tiny_embedder, tiny_feature_net
 from tfadv.attacks import PGD, dodging_pgd
 from tfadv.config import CenterLossConfig
 from tfadv.layers import ClassCenters
@@ -27,15 +27,6 @@ Y_ADV = np.array([0, 1, 0])
 X_EMB = np.stack([RNG.uniform(0, 60, (8, 8, 3)) + 50 * k for k in (0, 1, 0)]).astype("float32")
 Y_EMB = Y_ADV
 C0 = np.array([[0.3, -0.2, 0.1], [-0.4, 0.2, 0.5], [0.1, 0.1, 0.1]], np.float32)
-
-
-def feature_net():
-    keras.utils.set_random_seed(7)
-    inputs = keras.Input((6, 6, 1))
-    h = keras.layers.Flatten()(inputs)
-    h = keras.layers.Dense(8, activation="tanh")(h)
-    f = keras.layers.Dense(3, activation="tanh", name="features")(h)
-    return keras.Model(inputs, keras.layers.Dense(3, name="classifier")(f))
 
 
 METHODS = {
@@ -61,7 +52,7 @@ def adversarial_model(method, center):
         kwargs["center_loss"] = CenterLossConfig(
             num_classes=3, weight=0.5, alpha=0.5, inverse_eps=0.1, inverse_step_size=0.05,
             inverse_steps=2, **CENTERS[center])
-    base = feature_net()
+    base = tiny_feature_net()
     model = tfadv.AdversarialModel(base, **kwargs)
     model.compile(optimizer=keras.optimizers.SGD(0.5),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
