@@ -292,3 +292,162 @@ def test_mixed_float16_backward_pass_does_not_mask_gradients():
     keras.mixed_precision.set_global_policy("float32")
     assert accs["float32"] == 0.0
     assert accs["mixed_float16"] == accs["float32"], accs
+
+
+# -- the same kinds, found in review ------------------------------------------------
+
+
+def _confident_float64():
+    d = 8
+    w = np.zeros((d, 3))
+    w[:, 0], w[:, 1] = 1.0, -1.0
+    inp = keras.Input((d,), dtype="float64")
+    out = keras.layers.Dense(3, dtype="float64", kernel_initializer=keras.initializers.Constant(w),
+                             bias_initializer=keras.initializers.Constant([200.0, 0, 0]))(inp)
+    return keras.Model(inp, out), np.full((2, d), 0.5, np.float64), np.array([0, 0])
+
+
+def test_confident_float64_model_still_gets_a_step():
+    # Its input gradient (about 5e-91) is zero in float32.
+    m, x, y = _confident_float64()
+    for attack, size in ((attacks.PGD(eps=0.1, steps=3, random_start=False), 0.1),
+                         (attacks.FGSM(eps=0.1), 0.1),
+                         (attacks.PGD(eps=0.5, steps=3, norm="2", random_start=False), 0.5)):
+        delta = attack(m, x, y).numpy() - x
+        norm = np.abs(delta).max(1) if attack.norm == "inf" else np.linalg.norm(delta, axis=1)
+        np.testing.assert_allclose(norm, size, rtol=1e-6)
+
+
+def test_float16_logits_still_get_a_step():
+    # mixed_float16 with Keras' default float16 logits and a logit gap of 48: the
+    # softmax gradient (e^-48) does not exist in float16.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        w = np.zeros((8, 3), np.float32)
+        w[:, 0], w[:, 1] = 1.0, -1.0
+        m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(
+            3, kernel_initializer=keras.initializers.Constant(w),
+            bias_initializer=keras.initializers.Constant([40.0, 0, 0]))])
+        x = np.full((2, 8), 0.5, np.float32)
+        assert m(x).dtype == tf.float16
+        for attack in (attacks.PGD(eps=0.1, steps=2, random_start=False),
+                       attacks.PGD(eps=0.5, steps=2, norm="2", random_start=False)):
+            assert np.abs(attack(m, x, np.array([0, 0])).numpy() - x).max() > 0.09
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_cw_refuses_single_logit_models():
+    with pytest.raises(ValueError, match="at least 2 output classes"):
+        attacks.CarliniWagnerL2(max_iterations=2)(_linear(num_classes=1), _points(4),
+                                                  np.zeros(4, np.int64))
+
+
+def test_centre_extraction_from_a_dataset_follows_the_label_contract():
+    from tfadv.evaluation.centers import extract_centers
+    from tfadv.models import mnist_feature_net
+
+    net = mnist_feature_net(arch="small")
+    x = np.random.default_rng(0).uniform(0, 1, (8, 28, 28, 1)).astype("float32")
+    y = np.array([0, 1, 2, 3] * 2)
+    ref, counts = extract_centers(net, (x, y), num_classes=4)
+    onehot = tf.data.Dataset.from_tensor_slices((x, np.eye(4, dtype="float32")[y])).batch(4)
+    got, got_counts = extract_centers(net, onehot, num_classes=4)
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    np.testing.assert_array_equal(got_counts, counts)
+    halves = tf.data.Dataset.from_tensor_slices((x, y + 0.5)).batch(4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not whole numbers"):
+        extract_centers(net, halves, num_classes=4)
+
+
+def test_apgd_with_other_targets_returns_the_highest_loss_iterate():
+    m = _linear()
+    x = _points(16)
+    y = np.argmax(m(x).numpy(), -1)
+
+    def my_ce(logits, target):  # an unregistered callable: labels passed unchanged
+        return objectives.cross_entropy(logits, tf.reshape(target, [-1]))
+
+    keras.utils.set_random_seed(0)
+    col = attacks.APGD(eps=0.1, steps=5, objective=my_ce)(m, x, y[:, None]).numpy()
+    keras.utils.set_random_seed(0)
+    flat = attacks.APGD(eps=0.1, steps=5, objective=my_ce)(m, x, y).numpy()
+    np.testing.assert_allclose(col, flat, atol=1e-6)
+    # KL towards the clean probabilities (TRADES' inner problem) runs too.
+    probs = tf.nn.softmax(m(x))
+    x_kl = attacks.APGD(eps=0.1, steps=5, objective="kl")(m, x, probs).numpy()
+    kl = objectives.kl_divergence(m(x_kl), probs).numpy()
+    assert np.all(kl > 0)
+
+
+def test_attacks_with_different_callables_of_one_name_are_different():
+    def make(sign):
+        def loss(logits, target):
+            return sign * objectives.cross_entropy(logits, target)
+        return loss
+
+    up = attacks.PGD(eps=0.2, steps=5, random_start=False, objective=make(1.0))
+    down = attacks.PGD(eps=0.2, steps=5, random_start=False, objective=make(-1.0))
+    assert up != down and len({up, down}) == 2
+    assert up == attacks.PGD(eps=0.2, steps=5, random_start=False, objective=up.objective)
+    m = _linear()
+    x = _points(64)
+    y = np.argmax(m(x).numpy(), -1)
+    first = evaluate_robustness(m, x, y, up).robust_accuracy
+    second = evaluate_robustness(m, x, y, down).robust_accuracy
+    assert first < 1.0 and second == 1.0
+
+
+def test_tensor_thresholds_follow_the_one_rule():
+    from tfadv.attacks.embedding import attack_success
+
+    e = np.ones((2, 3), np.float32)
+    for thr in (tf.constant(1.5), tf.Variable(-1.5)):
+        with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+            attack_success(e, e, thr, "dodging")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[-1, 1\]"):
+        tf.function(lambda t: attack_success(e, e, t, "dodging"))(tf.constant(1.5))
+
+
+def test_best_threshold_of_cosines_stays_in_the_cosine_range(tmp_path):
+    from tfadv.evaluation.verification import best_threshold, load_threshold, save_threshold
+
+    from tfadv.evaluation.verification import accuracy_at, verification_report
+
+
+    scores, same = np.array([1.0, 0.9, 0.5]), np.array([False, False, True])
+    # Uncapped, "accept none" (2/3 right) sits above 1; capped at 1.0 the
+    # identical pair is accepted (1/3 right), as good as "accept all".
+    assert best_threshold(scores, same) == (float(np.nextafter(1.0, 2.0)), 2 / 3)
+    threshold, accuracy = best_threshold(scores, same, max_threshold=1.0)
+    assert threshold == 1.0 and accuracy == pytest.approx(1 / 3)
+    assert accuracy == accuracy_at(scores, same, threshold)
+    # Two photos that embed identically but are different people.
+    emb = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    report = verification_report(emb, pairs=([0, 0, 2], [1, 2, 3], [False, False, True]),
+                                 folds=2)
+    assert report["threshold"] == 1.0
+    save_threshold(tmp_path, report["threshold"])
+    assert load_threshold(tmp_path) == 1.0
+
+
+@pytest.mark.parametrize("spelling,norm", [("Linf", "inf"), ("infinity", "inf"), ("L2", "2")])
+def test_cli_norm_options_take_every_spelling(spelling, norm):
+    from tfadv.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["eval", "m.keras", "--norm", spelling]).norm == norm
+    assert parser.parse_args(["curve", "m.keras", "--out", "o", "--norm", spelling]).norm == norm
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "m.keras", "--norm", "l1"])
+
+
+def test_norm_ops_propagate_and_broadcast_like_linf():
+    x = tf.constant([[np.inf, 1.0], [np.nan, 3.0], [3.0, 4.0]])
+    np.testing.assert_array_equal(lp_norm(x, "2").numpy(), [np.inf, np.nan, 5.0])
+    np.testing.assert_array_equal(project(tf.constant([[np.nan, 2.0]]), 1.0, "inf").numpy(),
+                                  [[0.0, 1.0]])
+    d = random_start(tf.constant([2, 50]), tf.constant([0.1, 1.0]), "inf").numpy()
+    assert np.abs(d[0]).max() <= 0.1 and np.abs(d[1]).max() > 0.5
+    d2 = random_start(tf.constant([2, 50]), tf.constant([0.1, 1.0]), "2").numpy()
+    assert np.linalg.norm(d2[0]) <= 0.1 + 1e-6 and np.linalg.norm(d2[1]) > 0.5

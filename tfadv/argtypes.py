@@ -25,13 +25,26 @@ def nonneg_float(text):
 def cosine_threshold(text):
     """A cosine-similarity threshold: a finite number in [-1, 1].
 
-    The rule is `tfadv.evaluation.verification.check_threshold`, the one the
+    The rule is `tfadv.config.check_threshold`, the one the
     threshold files are read with.
     """
-    from tfadv.evaluation.verification import check_threshold
+    from tfadv.config import check_threshold
 
     try:
         return check_threshold(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a cosine threshold, a number in [-1, 1]; got {text!r}") from None
+
+
+def norm(text):
+    """A perturbation norm in any usual spelling ("inf", "Linf", "l_inf", "infinity",
+    "2", "L2"), returned as "inf" or "2" (`tfadv.ops.canonical_norm`)."""
+    from tfadv.ops.norms import canonical_norm
+
+    try:
+        return canonical_norm(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'expected a norm: "inf" (also Linf, l_inf, infinity) or "2" (also L2); '
+            f"got {text!r}") from None

@@ -6,6 +6,7 @@ import math
 
 import tensorflow as tf
 
+from tfadv.attacks import objectives as objectives_lib
 from tfadv.attacks.base import Attack, _check_number, input_gradient
 from tfadv.ops import norms
 
@@ -38,6 +39,9 @@ class APGD(Attack):
 
     Returns, per example, the first iterate the model misclassifies (for
     targeted: classifies as the target), else the iterate of highest loss.
+    With an objective whose target is not class labels ("kl", a custom
+    callable), success is not defined and the iterate of highest loss is
+    returned.
 
     Args:
         eps: budget; steps: iterations (100 in the paper).
@@ -91,7 +95,16 @@ class APGD(Attack):
         n = tf.shape(x)[0]
         bshape = [-1] + [1] * (len(x.shape) - 1)
 
+        # Success (misclassified, or classified as the target) needs class labels:
+        # with an objective that takes another target (KL's probabilities, a
+        # custom callable) APGD returns the iterate of highest loss instead,
+        # unless a subclass defines its own success (embeddings at a threshold).
+        tracks = (objectives_lib.targets_labels(objective)
+                  or type(self).is_success is not APGD.is_success)
+
         def success(out):
+            if not tracks:
+                return tf.zeros([tf.shape(out)[0]], tf.bool)
             return self.is_success(out, y)
 
         x0 = x

@@ -71,7 +71,8 @@ def input_gradient(model, x, target, objective, *, direction_only=False):
             gradients for many examples and gradient attacks silently fail.
 
     Returns:
-        (loss [N] float32, outputs, gradient with the shape and dtype of x;
+        (loss [N] float32 (float64 for float64 outputs), outputs, gradient
+        with the shape and dtype of x;
         with `direction_only`, each example's gradient times a positive
         power of two).
 
@@ -82,22 +83,27 @@ def input_gradient(model, x, target, objective, *, direction_only=False):
         tape.watch(x)
         outputs = call_model(model, x)
         if direction_only and tf.is_tensor(outputs) and outputs.dtype.is_floating:
+            # The loss gradient at the outputs is taken in float32 (float64 for
+            # float64), not in a float16 output's own dtype, where a confident
+            # softmax's gradient is already flushed to zero.
             with tf.GradientTape() as inner:
-                inner.watch(outputs)
-                loss = objective(outputs, target)
-            upstream = inner.gradient(loss, outputs)
+                wide = tf.cast(outputs, norms.working_dtype(outputs.dtype))
+                inner.watch(wide)
+                loss = objective(wide, target)
+            upstream = inner.gradient(loss, wide)
         else:
             upstream = None
             loss = objective(outputs, target)
     if upstream is None:
         grad = tape.gradient(loss, x)
     else:
-        up = tf.cast(upstream, tf.float32)
-        up = tf.where(tf.math.is_finite(up), up, tf.zeros_like(up))
+        up = tf.where(tf.math.is_finite(upstream), upstream, tf.zeros_like(upstream))
         axes = list(range(1, len(up.shape)))
         largest = tf.reduce_max(tf.abs(up), axis=axes, keepdims=True)
-        exponent = tf.where(largest > 0, tf.round(tf.math.log(largest) / math.log(2.0)), 0.0)
-        up = up * tf.pow(2.0, -exponent)
+        exponent = tf.where(largest > 0,
+                            tf.round(tf.math.log(largest) / tf.cast(math.log(2.0), up.dtype)),
+                            tf.zeros_like(largest))
+        up = up * tf.pow(tf.cast(2.0, up.dtype), -exponent)
         grad = tape.gradient(outputs, x, output_gradients=tf.cast(up, outputs.dtype))
     if grad is None:
         raise ValueError(
@@ -278,8 +284,19 @@ class Attack:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
 
+    def _identity(self):
+        """What makes two attacks the same attack: class, config and the objective.
+
+        A callable objective that is not registered is in the config only by
+        its `__name__`; two different functions of the same name are two
+        different attacks, so the function itself is part of the identity.
+        """
+        objective = self.objective
+        registered = isinstance(objective, str) or objectives_lib.is_registered(objective)
+        return (type(self), repr(self.get_config()), None if registered else objective)
+
     def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
+        return isinstance(other, Attack) and self._identity() == other._identity()
 
     def __hash__(self):
-        return hash((type(self).__name__, repr(self)))
+        return hash(self._identity())

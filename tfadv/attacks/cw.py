@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfadv.attacks import objectives as objectives_lib
 from tfadv.attacks.base import Attack, _check_number, call_model
 from tfadv.ops import norms
 
@@ -66,8 +67,13 @@ class CarliniWagnerL2(Attack):
         self.initial_const = float(initial_const)
 
     def _prepare_target(self, y, outputs0):
-        """What `_margin` compares the outputs with (one-hot labels here)."""
-        return tf.one_hot(tf.cast(y, tf.int32), outputs0.shape[-1], dtype=tf.float32)
+        """What `_margin` compares the outputs with (one-hot labels here).
+
+        Raises:
+            ValueError: a model with fewer than 2 output classes.
+        """
+        num_classes = objectives_lib.check_num_classes(outputs0, "C&W margin", 2)
+        return tf.one_hot(tf.cast(y, tf.int32), num_classes, dtype=tf.float32)
 
     def _margin(self, logits, onehot):
         """Positive while the attack has not yet succeeded with the confidence."""

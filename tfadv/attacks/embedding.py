@@ -78,9 +78,15 @@ def attack_success(embeddings, reference, threshold, mode):
         ValueError: a threshold that is not a cosine similarity in [-1, 1].
     """
     sim = cosine_similarity(embeddings, reference)
-    if not tf.is_tensor(threshold):
-        threshold = check_threshold(threshold)
-    thr = tf.cast(threshold, tf.float32)
+    if not tf.is_tensor(threshold) or tf.executing_eagerly():
+        thr = tf.constant(check_threshold(float(np.asarray(threshold))), tf.float32)
+    else:
+        thr = tf.cast(threshold, tf.float32)
+        in_range = tf.reduce_all(tf.abs(thr) <= 1.0)
+        with tf.control_dependencies([tf.debugging.Assert(
+                in_range, ["Expected threshold to be a cosine similarity, a finite number "
+                           "in [-1, 1]. Received:", thr])]):
+            thr = tf.identity(thr)
     return sim < thr if _check_mode(mode) == "dodging" else sim >= thr
 
 

@@ -3,7 +3,8 @@
 An objective is a callable `objective(outputs, target) -> loss [N]`, where
 `outputs` is what the model returns for the perturbed input and `target` is
 what the attack was called with (labels, probabilities or embeddings). All
-objectives compute in float32 whatever the model's compute dtype.
+objectives compute in float32 whatever the model's compute dtype (float64 for float64
+outputs).
 """
 
 from __future__ import annotations
@@ -24,7 +25,19 @@ TARGET_OTHER = "other"
 
 
 def _f32(t):
-    return tf.cast(t, tf.float32)
+    """`t` in float32, or float64 when it is float64 (a float64 model's confident
+    logits have gradients far below float32's smallest value)."""
+    t = tf.convert_to_tensor(t)
+    return t if t.dtype == tf.float64 else tf.cast(t, tf.float32)
+
+
+def check_num_classes(logits, objective, minimum, instead=None):
+    """Static number of classes C of `logits` [N, C]; a ValueError when C < `minimum`.
+
+    Raises:
+        ValueError: fewer than `minimum` classes.
+    """
+    return _num_classes(logits, objective, minimum, _SINGLE_LOGIT if instead is None else instead)
 
 
 def _num_classes(logits, objective, minimum, instead):
@@ -68,7 +81,7 @@ def cross_entropy(logits, target):
             pass `argmax` labels; for soft targets use `kl_divergence`.
 
     Returns:
-        float32 [N].
+        float32 [N] (float64 for float64 logits).
 
     Raises:
         ValueError: fewer than 2 classes, or labels outside the contract.
@@ -78,7 +91,8 @@ def cross_entropy(logits, target):
     target = tf.convert_to_tensor(target)
     if (target.dtype.is_floating and target.shape.rank == 2 and target.shape[-1] != 1
             and target.shape[-1] == num_classes):
-        return tf.nn.softmax_cross_entropy_with_logits(labels=_f32(target), logits=logits)
+        return tf.nn.softmax_cross_entropy_with_logits(labels=tf.cast(target, logits.dtype),
+                                                       logits=logits)
     return tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=sparse_labels(target, num_classes), logits=logits
     )
@@ -95,7 +109,7 @@ def margin(logits, target):
         logits: [N, C] with C >= 2; target: class labels (label contract).
 
     Returns:
-        float32 [N].
+        float32 [N] (float64 for float64 logits).
 
     Raises:
         ValueError: fewer than 2 classes.
@@ -116,14 +130,14 @@ def kl_divergence(logits, target_probs):
         logits: [N, C] with C >= 2; target_probs: [N, C] probabilities.
 
     Returns:
-        float32 [N].
+        float32 [N] (float64 for float64 logits).
 
     Raises:
         ValueError: fewer than 2 classes (the softmax of one logit is constant).
     """
     logits = _f32(logits)
     _num_classes(logits, "KL", 2, _SINGLE_LOGIT)
-    p = _f32(target_probs)
+    p = tf.cast(target_probs, logits.dtype)
     log_q = tf.nn.log_softmax(logits, axis=-1)
     log_p = tf.math.log(tf.maximum(p, 1e-12))
     return tf.reduce_sum(p * (log_p - log_q), axis=-1)
@@ -140,7 +154,7 @@ def dlr(logits, target):
         target: class labels (label contract).
 
     Returns:
-        float32 [N].
+        float32 [N] (float64 for float64 logits).
 
     Raises:
         ValueError: fewer than 3 classes. For 2 classes DLR is not defined;
@@ -191,6 +205,11 @@ def register(name: str, fn: Objective) -> None:
     if not callable(fn):
         raise ValueError(f"Expected a callable objective. Received: {fn!r}")
     _OBJECTIVES[name.lower()] = fn
+
+
+def is_registered(objective) -> bool:
+    """Whether `objective` (a callable) is one of the registered objectives."""
+    return any(fn is objective for fn in _OBJECTIVES.values())
 
 
 def name_of(objective) -> str:

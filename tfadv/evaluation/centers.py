@@ -25,7 +25,7 @@ from tfadv.models.features import CLASSIFIER_LAYER, FEATURE_LAYER, feature_model
 from tfadv.ops import norms
 from tfadv.evaluation.compiled import compiled
 from tfadv.ops.classwise import class_sums
-from tfadv.ops.labels import sparse_labels_np
+from tfadv.ops.labels import sparse_labels, sparse_labels_np
 
 
 def _as_dataset(data, batch_size):
@@ -77,6 +77,7 @@ def _extraction_fn(model, feature_layer, num_classes, attack, with_deltas):
             counts = tf.zeros([num_classes], tf.float32)
             for xb, yb in ds:
                 xb = tf.cast(xb, tf.float32)
+                yb = sparse_labels(yb, num_classes)
                 if attack is not None:
                     xb = attack(model_ref(), xb, yb)
                 if with_deltas:
@@ -114,6 +115,7 @@ def universal_inverse_perturbations(model, data, *, num_classes=10, eps=4 / 255,
     @tf.function
     def epoch(ds):
         for xb, yb in ds:
+            yb = sparse_labels(yb, num_classes)
             labels = tf.cast(yb, tf.int32)
             xb = tf.cast(xb, tf.float32)
             x_in = norms.clip_to_bounds(xb + tf.gather(deltas, labels), bounds)

@@ -176,7 +176,7 @@ def tar_at_far(scores, is_same, far=1e-2, *, return_threshold=False):
     return (tar, float(thresholds[k])) if return_threshold else tar
 
 
-def best_threshold(scores, is_same):
+def best_threshold(scores, is_same, *, max_threshold=None):
     """The threshold with the highest accuracy on these pairs.
 
     Every split of the sorted scores is tried (including "accept none" and
@@ -188,18 +188,29 @@ def best_threshold(scores, is_same):
     Args:
         scores: similarity of each pair, shape `(P,)`.
         is_same: whether each pair is the same person, shape `(P,)`.
+        max_threshold: the largest threshold allowed (1.0 for cosine
+            similarities: "accept none" sits one ulp above the top score, past
+            1 when two photos embed identically). Where "accept none" would
+            exceed it, the candidate is `max_threshold` itself, with the
+            accuracy it really has.
 
     Returns:
-        `(threshold, accuracy)`.
+        `(threshold, accuracy)`; `accuracy_at(scores, is_same, threshold)`
+        equals the returned accuracy.
     """
     scores, is_same = _scores_and_labels(scores, is_same)
     thresholds, tps, fps = _cumulative_counts(scores, is_same)
     neg = is_same.size - int(is_same.sum())
     # correct = accepted same + rejected different; index 0 = accept none.
     correct = np.r_[neg, tps + (neg - fps)]
+    top = float(np.nextafter(thresholds[0], np.inf))
+    if max_threshold is not None and top > max_threshold:
+        top = float(max_threshold)
+        accepted = scores >= top
+        correct[0] = int(np.sum(accepted & is_same) + np.sum(~accepted & ~is_same))
     k = int(np.argmax(correct))
     if k == 0:
-        threshold = float(np.nextafter(thresholds[0], np.inf))
+        threshold = top
     elif k == len(thresholds):
         threshold = float(thresholds[-1])
     else:
@@ -314,7 +325,7 @@ def verification_report(embeddings, labels=None, pairs=None, *, num_pairs=None,
     scores = cosine_similarity(embeddings[idx_a], embeddings[idx_b])
     _, is_same = _scores_and_labels(scores, is_same)
     kfold = kfold_accuracy(scores, is_same, folds=min(int(folds), scores.size), seed=seed)
-    threshold, threshold_accuracy = best_threshold(scores, is_same)
+    threshold, threshold_accuracy = best_threshold(scores, is_same, max_threshold=1.0)
     report = {
         "accuracy": kfold.mean,
         "accuracy_std": kfold.std,

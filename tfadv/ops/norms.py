@@ -92,7 +92,12 @@ def lp_norm(x, norm):
     if norm == "inf":
         return tf.reduce_max(tf.abs(x), axis=axes)
     u, scale = _finite_scaled(x)
-    return tf.cast(_l2_of_unit(u) * scale, x.dtype)
+    value = tf.cast(_l2_of_unit(u) * scale, x.dtype)
+    # A NaN entry makes the norm NaN, an infinite one makes it inf (as for Linf).
+    value = tf.where(tf.reduce_any(tf.math.is_inf(x), axis=axes),
+                     tf.constant(float("inf"), x.dtype), value)
+    return tf.where(tf.reduce_any(tf.math.is_nan(x), axis=axes),
+                    tf.constant(float("nan"), x.dtype), value)
 
 
 def normalize_gradient(grad, norm):
@@ -131,13 +136,15 @@ def project(delta, eps, norm):
     Returns:
         The projected perturbations, same shape and dtype as `delta`; for L2
         computed in float32 (float64 for float64 input) with per-example
-        rescaling, so that no finite `delta` gives a non-finite result.
+        rescaling, so that no finite `delta` gives a non-finite result. NaN
+        entries become 0 in both norms.
     """
     norm = canonical_norm(norm)
     if norm == "inf":
         eps = tf.cast(eps, delta.dtype)
         if len(eps.shape) == 1:
             eps = _expand(eps, delta)
+        delta = tf.where(tf.math.is_nan(delta), tf.zeros_like(delta), delta)
         return tf.clip_by_value(delta, -eps, eps)
     work = working_dtype(delta.dtype)
     eps = tf.cast(eps, work)
@@ -159,10 +166,18 @@ def random_start(shape, eps, norm, dtype=tf.float32):
     Linf: uniform in [-eps, eps] per coordinate. L2: uniform in the ball
     (Gaussian direction, radius eps * U^(1/d)). Drawn in float32 (float64
     for float64) and cast to `dtype`.
+
+    Args:
+        shape: [N, ...] (a shape tensor or list).
+        eps: radius, a scalar or a per-example vector [N] (or [N, 1, ...]).
+        norm: "inf" or "2".
+        dtype: dtype of the result.
     """
     norm = canonical_norm(norm)
     work = working_dtype(dtype)
     eps = tf.cast(eps, work)
+    if len(eps.shape) == 1:  # one radius per example
+        eps = tf.reshape(eps, tf.concat([[-1], tf.ones_like(shape[1:])], 0))
     if norm == "inf":
         return tf.cast(tf.random.uniform(shape, -1.0, 1.0, dtype=work) * eps, dtype)
     direction = tf.random.normal(shape, dtype=work)

@@ -175,9 +175,7 @@ def choose_threshold(model, splits: FaceSplits, batch_size=32) -> float:
 
     x, y = _subset(splits.train, splits.train_ids)
     threshold = float(V.verification_report(_embed(model, x, batch_size), y)["threshold"])
-    # "Accept none" sits one ulp above the top score, past 1 when two photos embed
-    # identically; 1.0 is the same decision inside the cosine range.
-    return min(threshold, 1.0)
+    return threshold
 
 
 def _impersonation_targets(labels, present):

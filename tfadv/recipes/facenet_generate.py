@@ -248,9 +248,9 @@ def default_threshold(embeddings, labels):
         raise ValueError("Cannot fit a default threshold: the faces need at least one "
                          "same-person and one different-person pair. Pass threshold=.")
     embeddings = np.asarray(embeddings, np.float32)
-    threshold = float(best_threshold(cosine_similarity(embeddings[i], embeddings[j]), same)[0])
-    # "Accept none" sits one ulp above the top score (past 1 for identical embeddings).
-    return min(threshold, 1.0)
+    threshold = float(best_threshold(cosine_similarity(embeddings[i], embeddings[j]), same,
+                                     max_threshold=1.0)[0])
+    return threshold
 
 
 def _embed(model, images, batch_size):
@@ -606,7 +606,7 @@ def add_generate_command(subparsers, name: str = "generate"):
     g.add_argument("--steps", type=_positive_int, default=20)
     g.add_argument("--step-size", type=_nonneg_float, default=None,
                    help="default eps/4 (Linf) or eps/5 (L2)")
-    g.add_argument("--norm", choices=("inf", "2"), default="inf")
+    g.add_argument("--norm", type=argtypes.norm, default="inf")
     g.add_argument("--no-random-start", dest="random_start", action="store_false")
     g.add_argument("--cw-iterations", type=_positive_int, default=100)
     g.add_argument("--cw-search-steps", type=_positive_int, default=5)
