@@ -23,7 +23,8 @@ from tfadv.losses.reduction import global_batch_mean, sample_weights
 from tfadv.models.features import logits_and_features
 from tfadv.ops.classwise import class_sums
 from tfadv.ops.labels import sparse_labels
-from tfadv.trainers.base import DOWN, MetricGroup, directed_mean, for_strategy, track_loss
+from tfadv.trainers.base import (DOWN, MetricGroup, apply_gradients, directed_mean,
+                                 for_strategy, track_loss)
 
 METHODS = ("standard", "pgd", "trades")
 
@@ -330,7 +331,7 @@ class AdversarialModel(keras.Model):
     def _apply(self, tape, loss):
         variables = self.trainable_variables
         grads = tape.gradient(loss, variables)
-        self.optimizer.apply(grads, variables)
+        apply_gradients(self.optimizer, grads, variables)
 
     def _train_logs(self, x, y, y_pred, sample_weight):
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

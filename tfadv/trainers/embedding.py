@@ -41,7 +41,8 @@ from tfadv.layers.centers import ClassCenters
 from tfadv.losses.center_loss import center_loss as center_loss_fn
 from tfadv.losses.reduction import global_batch_mean, sample_weights
 from tfadv.ops.labels import sparse_labels
-from tfadv.trainers.base import DOWN, UP, MetricGroup, directed_mean, for_strategy, track_loss
+from tfadv.trainers.base import (DOWN, UP, MetricGroup, apply_gradients, directed_mean,
+                                 for_strategy, track_loss)
 
 ATTACK_ON = ("embedding", "classification")
 
@@ -288,7 +289,7 @@ class EmbeddingAdversarialModel(keras.Model):
             scaled = self.optimizer.scale_loss(loss)
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
-        self.optimizer.apply(grads, variables)
+        apply_gradients(self.optimizer, grads, variables)
         if self.centers is not None:
             self.centers.update(e_adv, y, sample_weight=sw)
             m["center_loss"].update_state(c_loss, sample_weight=sw)
