@@ -1,6 +1,7 @@
 """Requests whose deadline passed or whose client left are never computed (batcher, gRPC, REST)."""
 
 import socket
+import struct
 import threading
 import time
 
@@ -224,7 +225,10 @@ def test_rest_request_of_a_client_that_hung_up_is_not_computed(slow_server):
     sock.sendall(f"POST /v1/models/{NAME}:predict HTTP/1.1\r\nHost: x\r\n"
                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     time.sleep(0.3)  # the request is queued behind the blocker
-    sock.close()  # the client hangs up
+    # The client aborts: a reset, as a killed or timed-out client's socket sends when
+    # answers are pending. (A FIN alone is a legal half-close: see the test below.)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
     time.sleep(0.3)  # the waiting handler notices (it polls every 50 ms)
     state["release"].set()
     blocker.join(60)
@@ -237,3 +241,33 @@ def test_rest_request_of_a_client_that_hung_up_is_not_computed(slow_server):
     np.testing.assert_allclose(answer["predictions"], model(pixels(2, seed=2)).numpy(),
                                atol=1e-5)
     assert state["seen"] == [1, 2]  # the hung-up request's 3 images never ran
+
+
+def test_rest_half_close_after_the_request_still_gets_every_answer(slow_server):
+    import json
+
+    model, server, state = slow_server
+    state["release"].set()
+    body = json.dumps({"instances": pixels(2, seed=5).tolist()}).encode()
+    host, port = server.rest_url.rsplit("//", 1)[1].rsplit(":", 1)
+    request = (f"POST /v1/models/{NAME}:predict HTTP/1.1\r\nHost: x\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(request + request)  # two pipelined requests
+        sock.shutdown(socket.SHUT_WR)  # done sending, still reading
+        sock.settimeout(30)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    expected = model(pixels(2, seed=5)).numpy()
+    for _ in range(2):
+        head, data = data.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0], head
+        length = int([line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")][0])
+        answer, data = json.loads(data[:length]), data[length:]
+        np.testing.assert_allclose(answer["predictions"], expected, atol=1e-5)
+    assert data == b""

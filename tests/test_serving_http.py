@@ -167,6 +167,7 @@ def _bomb(expanded_mb):
      "not valid gzip"),
     ("bad deflate", b"not zlib", ["Content-Encoding: deflate"], 400, "not valid deflate"),
     ("not JSON", b"{nope", [], 400, "not valid JSON"),
+    ("deep JSON", b"[" * 100000, [], 400, "too deeply"),
     ("over the limit", bytes(LIMIT_MB * (1 << 20) + 1), [], 413, "more than the limit"),
 ], ids=lambda c: c[0])
 def test_refused_bodies_get_their_status_and_the_connection_stays_in_step(served, case):

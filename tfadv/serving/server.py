@@ -219,6 +219,8 @@ def _rest_predict(registry, name, version, label, body, alive=None):
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
         raise invalid(f"The request body is not valid JSON: {err}.") from None
+    except RecursionError:
+        raise invalid("The request body nests JSON arrays or objects too deeply.") from None
     if not isinstance(request, dict):
         raise invalid("The request body must be a JSON object with 'instances' or 'inputs'.")
     servable = registry.lookup(name, version, label)
@@ -371,16 +373,29 @@ def _header_list(headers, name):
 
 
 def _peer_closed(sock) -> bool:
-    """Whether the client has closed its side of the connection (FIN or reset seen)."""
+    """Whether the client is gone: its connection was reset (or is no longer usable).
+
+    A FIN alone is not "gone": HTTP allows a client to half-close after
+    sending its request(s) and still read the answers (`nc -N`, pipelining
+    tools), so end of stream is not a reason to drop a request. A reset
+    (a client that aborted, or closed with unread data) is.
+    """
     try:
         if hasattr(select, "poll"):
             poller = select.poll()
             poller.register(sock, select.POLLIN)
-            readable = bool(poller.poll(0))
+            events = poller.poll(0)
+            if any(ev & (select.POLLERR | select.POLLNVAL) for _, ev in events):
+                return True
+            readable = bool(events)
         else:
             readable = bool(select.select([sock], [], [], 0)[0])
-        # Peek at the TCP stream itself (TLS too): b"" only at end of stream.
-        return readable and socket.socket.recv(sock, 1, socket.MSG_PEEK) == b""
+        if readable:
+            # Peek at the TCP stream itself (TLS too): raises on a reset.
+            socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return False
+    except (BlockingIOError, InterruptedError):
+        return False
     except (OSError, ValueError):
         return True
 
