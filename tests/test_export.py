@@ -216,6 +216,30 @@ def test_batching_parameters_text_round_trip():
         BatchingParameters(max_batch_size=0)
 
 
+def test_batching_parameters_match_text_format():
+    from google.protobuf import text_format
+    from tfadv.export.batching import BatchingParametersProto
+
+    assert BatchingParametersProto.DESCRIPTOR.full_name == "tensorflow.serving.BatchingParameters"
+    params = BatchingParameters.with_padding(16, batch_timeout_micros=0, max_enqueued_batches=3)
+    proto = text_format.Parse(params.to_text(), BatchingParametersProto())
+    assert proto.max_batch_size.value == 16 and proto.batch_timeout_micros.value == 0
+    assert proto.HasField("batch_timeout_micros")  # written even at zero
+    assert list(proto.allowed_batch_sizes) == [1, 2, 4, 8, 16]
+    assert params.to_text() == text_format.MessageToString(params.to_proto())
+    assert BatchingParameters.from_proto(proto) == params
+    one_line = text_format.MessageToString(params.to_proto(), as_one_line=True)
+    assert BatchingParameters.from_text(one_line) == params
+    shipped = os.path.join(os.path.dirname(__file__), "..", "serving", "batching_parameters.txt")
+    assert BatchingParameters.read(shipped) == BatchingParameters.with_padding(32)
+    assert BatchingParameters.from_text("") == BatchingParameters()
+    for bad in ("max_batch_size: 3", "max_batch_size { value: x }", "allowed_batch_sizes: 1.5"):
+        with pytest.raises(ValueError, match="Could not parse"):
+            BatchingParameters.from_text(bad)
+    with pytest.raises(ValueError, match="max_enqueued_batches to be an integer >= 1"):
+        BatchingParameters.from_text("max_enqueued_batches { value: -1 }")
+
+
 def test_cli_export(tmp_path, capsys):
     from tfadv.cli import main
 

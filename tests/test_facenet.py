@@ -1,5 +1,7 @@
 """FaceNet model: preprocessing inside, presets, verified weights, safe-mode round trip."""
 
+import hashlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -106,6 +108,14 @@ def test_checksum_mismatch_is_reported(tmp_path):
     bad.write_bytes(b"not the weights")
     with pytest.raises(ValueError, match="Checksum mismatch"):
         assets.verify_sha256(bad, assets.FACENET_H5_SHA256)
+
+
+@pytest.mark.parametrize("size", [0, 15, (1 << 20) + 7])
+def test_sha256_of_matches_hashlib(tmp_path, size):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    f = tmp_path / "blob"
+    f.write_bytes(data)
+    assert assets.sha256_of(f) == hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture(scope="module")

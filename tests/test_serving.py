@@ -320,6 +320,86 @@ def test_client_retries_unavailable_then_gives_up():
     client.close()
 
 
+class _ScriptedModelService(model_service_pb2_grpc.ModelServiceServicer):
+    """GetModelStatus fails with the scripted codes, then answers; records each attempt."""
+
+    def __init__(self, codes):
+        self.codes = list(codes)
+        self.attempts = []
+
+    def GetModelStatus(self, request, context):
+        self.attempts.append(time.perf_counter())
+        if self.codes:
+            context.abort(self.codes.pop(0), "scripted failure")
+        response = get_model_status_pb2.GetModelStatusResponse()
+        status = response.model_version_status.add(version=1)
+        status.state = get_model_status_pb2.ModelVersionStatus.State.AVAILABLE
+        return response
+
+
+@pytest.fixture
+def scripted():
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    servicer = _ScriptedModelService([])
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+@pytest.mark.parametrize("retries", [0, 1, 4])
+def test_client_retry_policy_attempts_unavailable(scripted, retries):
+    servicer, target = scripted
+    servicer.codes = [grpc.StatusCode.UNAVAILABLE] * 10
+    with Client(target, retries=retries, backoff=0.02, timeout=10.0) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.status()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(servicer.attempts) == retries + 1
+    gaps = np.diff(servicer.attempts)
+    # Exponential backoff, gRPC's jitter is +-20%: gap k waits about 0.02 * 2**k s.
+    assert all(g >= 0.02 * 2 ** k * 0.8 - 0.005 for k, g in enumerate(gaps)), gaps
+
+
+def test_client_retry_policy_recovers_and_skips_other_codes(scripted):
+    servicer, target = scripted
+    servicer.codes = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+    with Client(target, retries=2, backoff=0.01) as client:
+        assert client.status()[0]["state"] == "AVAILABLE"
+        assert len(servicer.attempts) == 3
+        for code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                     grpc.StatusCode.INVALID_ARGUMENT):
+            servicer.attempts.clear()
+            servicer.codes = [code]
+            with pytest.raises(grpc.RpcError) as info:
+                client.status()
+            assert info.value.code() == code and len(servicer.attempts) == 1
+
+
+def test_client_retry_policy_config():
+    from tfadv.serving.client import MAX_RETRIES, retry_channel_options, retry_service_config
+
+    config = retry_service_config(retries=3, backoff=0.1)
+    (method,) = config["methodConfig"]
+    assert method["name"] == [{}]
+    assert method["retryPolicy"] == {
+        "maxAttempts": 4, "initialBackoff": "0.100000000s", "maxBackoff": "0.400000000s",
+        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+    options = dict(retry_channel_options(3, 0.1))
+    assert options["grpc.enable_retries"] == 1
+    assert json.loads(options["grpc.service_config"]) == config
+    assert retry_channel_options(0) == [("grpc.enable_retries", 0)]
+    with pytest.raises(ValueError, match="retries <= 4"):
+        Client("127.0.0.1:1", retries=MAX_RETRIES + 1)
+    with pytest.raises(ValueError, match="retries"):
+        Client("127.0.0.1:1", retries=-1)
+    with pytest.raises(ValueError, match="backoff > 0"):
+        retry_service_config(2, 0.0)
+
+
 # ------------------------------------------------------------------ load and hot reload
 
 

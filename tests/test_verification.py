@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 import pytest
+from sklearn import metrics
+from sklearn.model_selection import StratifiedKFold
 
 from tfadv.data.pairs import cross_pairs, make_pairs, read_lfw_pairs
 from tfadv.evaluation import verification as V
@@ -119,7 +121,6 @@ def test_cosine_similarity():
 
 
 def test_roc_and_auc_match_sklearn():
-    metrics = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(0)
     cases = [(SCORES, IS_SAME)]
     for n in (5, 17, 60):  # coarse scores: many ties
@@ -134,6 +135,32 @@ def test_roc_and_auc_match_sklearn():
         np.testing.assert_allclose(thr[1:], sk_thr[1:])
         assert thr[0] == np.inf
         assert V.roc_auc(scores, y) == pytest.approx(metrics.roc_auc_score(y, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_roc_auc_and_tar_at_far_against_sklearn_on_random_ties(seed):
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(20, 400))
+    y = rng.integers(0, 2, n)  # 0/1 labels, as sklearn takes them
+    y[:2] = [1, 0]
+    levels = int(rng.integers(2, 12))  # few distinct values: ties within and across classes
+    scores = np.round(rng.integers(0, levels, n) / levels + 0.3 * y, 3)
+    far, tar, thr = V.roc_curve(scores, y)
+    fpr, tpr, sk_thr = metrics.roc_curve(y, scores, drop_intermediate=False)
+    np.testing.assert_array_equal(far, fpr)
+    np.testing.assert_array_equal(tar, tpr)
+    np.testing.assert_array_equal(thr[1:], sk_thr[1:])
+    assert len(thr) == len(np.unique(scores)) + 1
+    assert V.roc_auc(scores, y) == metrics.roc_auc_score(y, scores)
+    assert V.roc_auc(scores, y) == pytest.approx(metrics.auc(fpr, tpr), abs=1e-12)
+    for level in (0.05, 0.2, 0.5):
+        if (y == 0).sum() < 1 / level:
+            continue
+        got, threshold = V.tar_at_far(scores, y, level, return_threshold=True)
+        ok = fpr <= level + 1e-12
+        assert got == tpr[ok].max()
+        accepted = scores >= threshold
+        assert accepted[y == 0].mean() <= level + 1e-12 and accepted[y == 1].mean() == got
 
 
 def test_metric_input_errors():
@@ -212,6 +239,41 @@ def test_kfold_accuracy():
     assert len(V.kfold_accuracy(separable, y, fold_ids=fold_ids).fold_accuracies) == 4
     with pytest.raises(ValueError, match="folds"):
         V.kfold_accuracy(separable, y, folds=1)
+
+
+def test_kfold_accuracy_is_sklearn_stratified_kfold():
+    rng = np.random.default_rng(4)
+    y = rng.random(600) < 0.3
+    scores = np.round(np.where(y, rng.normal(0.6, 0.3, y.size), rng.normal(0.1, 0.3, y.size)), 1)
+    result = V.kfold_accuracy(scores, y, folds=10, seed=7)
+    expected_acc, expected_thr = [], []
+    for train, test in StratifiedKFold(10, shuffle=True, random_state=7).split(scores, y):
+        threshold, _ = V.best_threshold(scores[train], y[train])
+        expected_thr.append(threshold)
+        expected_acc.append(np.mean((scores[test] >= threshold) == y[test]))
+    np.testing.assert_array_equal(result.fold_thresholds, expected_thr)
+    np.testing.assert_allclose(result.fold_accuracies, expected_acc)
+    assert result.mean == pytest.approx(np.mean(expected_acc))
+    assert result.std == pytest.approx(np.std(expected_acc))  # population std, as LFW reports
+    again = V.kfold_accuracy(scores, y, folds=10, seed=7)
+    np.testing.assert_array_equal(again.fold_accuracies, result.fold_accuracies)
+    # Official folds given as ids (any labels, -1 included) are used as they are.
+    fold_ids = np.repeat([-1, 3, 8], 200)
+    by_ids = V.kfold_accuracy(scores, y, fold_ids=fold_ids)
+    for k, fold in enumerate((-1, 3, 8)):
+        test = fold_ids == fold
+        threshold, _ = V.best_threshold(scores[~test], y[~test])
+        assert by_ids.fold_thresholds[k] == threshold
+        assert by_ids.fold_accuracies[k] == V.accuracy_at(scores[test], y[test], threshold)
+
+
+def test_kfold_accuracy_with_fewer_pairs_of_each_kind_than_folds():
+    y = np.array([1, 0, 1, 0, 1, 0, 1, 0, 0, 1, 1, 0], bool)  # 6 and 6, 10 folds
+    scores = np.linspace(0.0, 1.0, y.size)
+    result = V.kfold_accuracy(scores, y, folds=10)
+    assert len(result.fold_accuracies) == 10 and np.isfinite(result.mean)
+    one_kind = V.kfold_accuracy(scores, np.ones(12, bool), folds=4)
+    assert len(one_kind.fold_accuracies) == 4 and one_kind.mean > 0.5
 
 
 def _clustered_embeddings(num_ids=6, per_id=8, dim=16, noise=0.1, seed=0):

@@ -41,11 +41,9 @@ def cache_dir() -> Path:
 
 
 def sha256_of(path) -> str:
-    digest = hashlib.sha256()
+    """The hex sha256 digest of the file at `path`."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify_sha256(path, expected: str) -> None:

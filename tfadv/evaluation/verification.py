@@ -8,7 +8,7 @@ fraction of same-person pairs accepted.
 
 All functions take NumPy arrays (or anything `np.asarray` accepts, such as
 tensors) and run on the host: the pair counts of a verification protocol are
-small.
+small. The ROC curve, the AUC and the k-fold split are scikit-learn's.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
+from sklearn import metrics as _metrics
+from sklearn.model_selection import KFold, PredefinedSplit, StratifiedKFold
 
 from tfadv.config import check_threshold  # noqa: F401 (re-exported: the one rule)
 from tfadv.export.contract import THRESHOLD_FILE, THRESHOLD_KEY
@@ -49,7 +51,11 @@ def _scores_and_labels(scores, is_same):
 
 
 def _cumulative_counts(scores, is_same):
-    """Distinct thresholds (descending) and the accepted same/different counts at each."""
+    """Distinct thresholds (descending) and the accepted same/different counts at each.
+
+    Unlike `sklearn.metrics.roc_curve`, this also works when only one kind of
+    pair is present, which `best_threshold` needs (a fold may hold one kind).
+    """
     order = np.argsort(-scores, kind="stable")
     s, y = scores[order], is_same[order]
     # The last index of each run of equal scores: a threshold accepts a whole tie group.
@@ -57,6 +63,14 @@ def _cumulative_counts(scores, is_same):
     tps = np.cumsum(y)[last]
     fps = (last + 1) - tps
     return s[last], tps, fps
+
+
+def _check_both_kinds(is_same):
+    pos = int(is_same.sum())
+    neg = is_same.size - pos
+    if pos == 0 or neg == 0:
+        raise ValueError(f"A ROC curve needs both same and different pairs. Received {pos} same "
+                         f"and {neg} different pairs.")
 
 
 def cosine_similarity(a, b, *, eps=1e-12) -> np.ndarray:
@@ -99,10 +113,10 @@ def similarity_matrix(a, b) -> np.ndarray:
 def roc_curve(scores, is_same):
     """The ROC curve at every distinct score.
 
-    The same points as `sklearn.metrics.roc_curve(is_same, scores,
-    drop_intermediate=False)`: the first point is `(0, 0)` at threshold
-    `+inf`, then one point per distinct score, in decreasing order. Tied
-    scores move together (one point per tie group).
+    `sklearn.metrics.roc_curve(is_same, scores, drop_intermediate=False)`: the
+    first point is `(0, 0)` at threshold `+inf`, then one point per distinct
+    score, in decreasing order. Tied scores move together (one point per tie
+    group).
 
     Args:
         scores: similarity of each pair, shape `(P,)`.
@@ -115,21 +129,21 @@ def roc_curve(scores, is_same):
         ValueError: only one kind of pair is present (the curve needs both).
     """
     scores, is_same = _scores_and_labels(scores, is_same)
-    pos = int(is_same.sum())
-    neg = is_same.size - pos
-    if pos == 0 or neg == 0:
-        raise ValueError(f"A ROC curve needs both same and different pairs. Received {pos} same "
-                         f"and {neg} different pairs.")
-    thresholds, tps, fps = _cumulative_counts(scores, is_same)
-    far = np.r_[0.0, fps / neg]
-    tar = np.r_[0.0, tps / pos]
-    return far, tar, np.r_[np.inf, thresholds]
+    _check_both_kinds(is_same)
+    far, tar, thresholds = _metrics.roc_curve(is_same, scores, drop_intermediate=False)
+    thresholds = thresholds.astype(np.float64)
+    thresholds[0] = np.inf  # scikit-learn < 1.3 put max(scores) + 1 there
+    return far, tar, thresholds
 
 
 def roc_auc(scores, is_same) -> float:
-    """Area under the ROC curve (trapezoids; a tie between a same and a different pair counts 1/2)."""
-    far, tar, _ = roc_curve(scores, is_same)
-    return float(np.sum(np.diff(far) * (tar[1:] + tar[:-1]) / 2.0))
+    """Area under the ROC curve, by `sklearn.metrics.roc_auc_score`.
+
+    A tie between a same and a different pair counts 1/2.
+    """
+    scores, is_same = _scores_and_labels(scores, is_same)
+    _check_both_kinds(is_same)
+    return float(_metrics.roc_auc_score(is_same, scores))
 
 
 def tar_at_far(scores, is_same, far=1e-2, *, return_threshold=False):
@@ -239,7 +253,9 @@ def kfold_accuracy(scores, is_same, folds=10, *, seed=0, fold_ids=None) -> KFold
     The pairs are split into `folds` parts; for each, the threshold is
     chosen by `best_threshold` on the other parts and the accuracy measured on
     it. The mean is an unbiased estimate of the accuracy of a threshold set on
-    other data.
+    other data. As in LFW's View 2 (each of its 10 folds holds 300 same and
+    300 different pairs), the random split is stratified: every fold keeps the
+    proportion of same pairs (`sklearn.model_selection.StratifiedKFold`).
 
     Args:
         scores: similarity of each pair, shape `(P,)`.
@@ -247,7 +263,7 @@ def kfold_accuracy(scores, is_same, folds=10, *, seed=0, fold_ids=None) -> KFold
         folds: number of folds (>= 2), ignored when `fold_ids` is given.
         seed: seed of the random assignment of pairs to folds.
         fold_ids: optional fold index per pair (e.g. `LfwPairs.fold`, for
-            LFW's official View 2 folds).
+            LFW's official View 2 folds); folds are taken in ascending id order.
 
     Returns:
         `KFoldAccuracy(mean, std, fold_accuracies, fold_thresholds)`; `std` is
@@ -258,10 +274,10 @@ def kfold_accuracy(scores, is_same, folds=10, *, seed=0, fold_ids=None) -> KFold
         if not 2 <= int(folds) <= scores.size:
             raise ValueError(f"Expected 2 <= folds <= number of pairs ({scores.size}). "
                              f"Received: folds={folds}")
-        perm = np.random.default_rng(seed).permutation(scores.size)
-        fold_ids = np.empty(scores.size, np.int64)
-        for k, part in enumerate(np.array_split(perm, int(folds))):
-            fold_ids[part] = k
+        if max(int(is_same.sum()), int((~is_same).sum())) >= int(folds):
+            splitter = StratifiedKFold(n_splits=int(folds), shuffle=True, random_state=seed)
+        else:  # too few pairs of either kind to stratify (StratifiedKFold refuses)
+            splitter = KFold(n_splits=int(folds), shuffle=True, random_state=seed)
     else:
         fold_ids = np.asarray(fold_ids)
         if fold_ids.shape != scores.shape:
@@ -269,10 +285,16 @@ def kfold_accuracy(scores, is_same, folds=10, *, seed=0, fold_ids=None) -> KFold
                              f"{fold_ids.shape}, scores.shape={scores.shape}")
         if len(np.unique(fold_ids)) < 2:
             raise ValueError("Expected at least 2 distinct fold ids.")
+        # Renumbered 0..K-1: PredefinedSplit reads -1 as "never tested", not as a fold.
+        splitter = PredefinedSplit(np.unique(fold_ids, return_inverse=True)[1].reshape(-1))
+    with warnings.catch_warnings():
+        # Fewer same (or different) pairs than folds: some folds hold none, as with any split.
+        warnings.filterwarnings("ignore", message="The least populated class",
+                                category=UserWarning)
+        splits = list(splitter.split(scores, is_same))
     accuracies, thresholds = [], []
-    for k in np.unique(fold_ids):
-        test = fold_ids == k
-        threshold, _ = best_threshold(scores[~test], is_same[~test])
+    for train, test in splits:
+        threshold, _ = best_threshold(scores[train], is_same[train])
         accuracies.append(accuracy_at(scores[test], is_same[test], threshold))
         thresholds.append(threshold)
     accuracies = np.asarray(accuracies)

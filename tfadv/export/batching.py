@@ -1,8 +1,11 @@
 """TF Serving's `BatchingParameters` text format, shared by the exporter and the server.
 
-The proto (`tensorflow_serving/servables/tensorflow/session_bundle_config.proto`)
-is not part of `tensorflow-serving-api`, so the few fields used here are written
-and read as text directly. The file the exporter writes is the one passed to
+Parsing and writing go through `google.protobuf.text_format` with TF Serving's
+`tensorflow.serving.BatchingParameters` message
+(`tensorflow_serving/servables/tensorflow/session_bundle_config.proto`). That
+proto is not part of `tensorflow-serving-api`, so when `tensorflow_serving`
+does not ship it the message is declared here, with the same package, names,
+types and field numbers. The file the exporter writes is the one passed to
 `tensorflow_model_server --enable_batching --batching_parameters_file=...`, and
 `tfadv serve --batching-parameters-file` reads the same file.
 """
@@ -11,10 +14,49 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+from google.protobuf import wrappers_pb2
 
 _WRAPPED = ("max_batch_size", "batch_timeout_micros", "num_batch_threads",
             "max_enqueued_batches")
+
+
+def _declare_batching_parameters_proto():
+    """`tensorflow.serving.BatchingParameters`, declared in a private descriptor pool."""
+    F = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(
+        name="tensorflow_serving/servables/tensorflow/session_bundle_config.proto",
+        package="tensorflow.serving", syntax="proto3",
+        dependency=["google/protobuf/wrappers.proto"])
+    message = file.message_type.add(name="BatchingParameters")
+    fields = [
+        ("max_batch_size", 1, F.TYPE_MESSAGE, ".google.protobuf.Int64Value"),
+        ("batch_timeout_micros", 2, F.TYPE_MESSAGE, ".google.protobuf.Int64Value"),
+        ("max_enqueued_batches", 3, F.TYPE_MESSAGE, ".google.protobuf.Int64Value"),
+        ("num_batch_threads", 4, F.TYPE_MESSAGE, ".google.protobuf.Int64Value"),
+        ("thread_pool_name", 5, F.TYPE_MESSAGE, ".google.protobuf.StringValue"),
+        ("allowed_batch_sizes", 6, F.TYPE_INT64, None),
+        ("pad_variable_length_inputs", 7, F.TYPE_BOOL, None),
+        ("enable_large_batch_splitting", 8, F.TYPE_BOOL, None),
+    ]
+    for name, number, type_, type_name in fields:
+        label = F.LABEL_REPEATED if name == "allowed_batch_sizes" else F.LABEL_OPTIONAL
+        field = message.field.add(name=name, number=number, type=type_, label=label)
+        if type_name:
+            field.type_name = type_name
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    pool.Add(file)
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))
+
+
+try:
+    from tensorflow_serving.servables.tensorflow.session_bundle_config_pb2 import (
+        BatchingParameters as BatchingParametersProto)
+except ImportError:
+    BatchingParametersProto = _declare_batching_parameters_proto()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,47 +123,44 @@ class BatchingParameters:
                 return size
         return n
 
+    def to_proto(self):
+        """This configuration as a `tensorflow.serving.BatchingParameters` message."""
+        proto = BatchingParametersProto()
+        for field in _WRAPPED:
+            getattr(proto, field).value = getattr(self, field)
+        proto.allowed_batch_sizes.extend(self.allowed_batch_sizes)
+        return proto
+
+    @classmethod
+    def from_proto(cls, proto) -> "BatchingParameters":
+        """Reads a `BatchingParameters` message; fields left unset keep their defaults."""
+        values = {f: getattr(proto, f).value for f in _WRAPPED if proto.HasField(f)}
+        return cls(**values, allowed_batch_sizes=tuple(proto.allowed_batch_sizes))
+
     def to_text(self) -> str:
         """The BatchingParameters text proto TF Serving reads."""
-        text = "".join(f"{f} {{ value: {getattr(self, f)} }}\n" for f in _WRAPPED)
-        return text + "".join(f"allowed_batch_sizes: {v}\n" for v in self.allowed_batch_sizes)
+        return text_format.MessageToString(self.to_proto())
 
     @classmethod
     def from_text(cls, text: str) -> "BatchingParameters":
         """Parses the text format; fields left out keep their defaults.
 
+        `thread_pool_name`, `pad_variable_length_inputs` and
+        `enable_large_batch_splitting` are accepted so that files written for
+        TF Serving load here too; this server pads along the batch axis only.
+
         Raises:
             ValueError: for a field this server does not know or a malformed value.
         """
-        values, allowed = {}, []
-        body = re.sub(r"#[^\n]*", "", text)
-        pos = 0
-        wrapped = re.compile(r"\s*(\w+)\s*\{\s*value\s*:\s*(-?\d+)\s*\}\s*")
-        plain = re.compile(r"\s*(\w+)\s*:\s*([^\s{}]+)\s*")
-        while pos < len(body):
-            if not body[pos:].strip():
-                break
-            m = wrapped.match(body, pos)
-            if m and m.group(1) in _WRAPPED:
-                values[m.group(1)] = int(m.group(2))
-                pos = m.end()
-                continue
-            m = plain.match(body, pos)
-            if m and m.group(1) == "allowed_batch_sizes" and m.group(2).isdigit():
-                allowed.append(int(m.group(2)))
-                pos = m.end()
-                continue
-            if m and m.group(1) in ("pad_variable_length_inputs", "enable_large_batch_splitting"):
-                # Accepted so that files written for TF Serving load here too;
-                # this server pads along the batch axis only.
-                pos = m.end()
-                continue
-            snippet = body[pos:pos + 40].strip().splitlines()[0]
+        try:
+            proto = text_format.Parse(text, BatchingParametersProto())
+        except text_format.ParseError as e:
             raise ValueError(
-                f"Could not parse the batching parameters near {snippet!r}. Expected lines "
-                f"such as 'max_batch_size {{ value: 32 }}' with fields {', '.join(_WRAPPED)}."
-            )
-        return cls(**values, allowed_batch_sizes=tuple(allowed))
+                f"Could not parse the batching parameters: {str(e).rstrip('.')}. Expected "
+                f"lines such as 'max_batch_size {{ value: 32 }}' with fields "
+                f"{', '.join(_WRAPPED)}, and 'allowed_batch_sizes: 32'."
+            ) from None
+        return cls.from_proto(proto)
 
     @classmethod
     def read(cls, path: str) -> "BatchingParameters":

@@ -6,7 +6,7 @@ It uses the stock `tensorflow_serving.apis` stubs, so it talks to
 
 from __future__ import annotations
 
-import random
+import json
 import time
 
 import numpy as np
@@ -14,29 +14,81 @@ import numpy as np
 from tfadv.export import contract as C
 
 _MB = 1 << 20
+# gRPC clamps a retry policy's maxAttempts at 5 (the first attempt and 4 retries).
+MAX_RETRIES = 4
+
+
+def retry_service_config(retries: int = 3, backoff: float = 0.1) -> dict:
+    """The gRPC service config that retries UNAVAILABLE calls with exponential backoff.
+
+    Args:
+        retries: extra attempts after an UNAVAILABLE error, 1 to `MAX_RETRIES`.
+        backoff: first retry delay in seconds; doubles per attempt (gRPC
+            spreads each delay by +-20% so that clients do not retry in lockstep).
+
+    Returns:
+        A service config dict with one `retryPolicy` for every method, for the
+        `grpc.service_config` channel option (as JSON).
+    """
+    if not 1 <= retries <= MAX_RETRIES:
+        raise ValueError(f"Expected 1 <= retries <= {MAX_RETRIES} (gRPC makes at most "
+                         f"{MAX_RETRIES + 1} attempts). Received: retries={retries}")
+    if not backoff > 0:
+        raise ValueError(f"Expected backoff > 0 seconds. Received: backoff={backoff}")
+
+    def duration(seconds):
+        return f"{max(seconds, 1e-9):.9f}s"
+
+    return {"methodConfig": [{
+        "name": [{}],  # every service and method of the channel
+        "retryPolicy": {
+            "maxAttempts": retries + 1,
+            "initialBackoff": duration(backoff),
+            "maxBackoff": duration(backoff * 2 ** (retries - 1)),
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }]}
+
+
+def retry_channel_options(retries: int = 3, backoff: float = 0.1) -> list:
+    """gRPC channel options that make the channel retry UNAVAILABLE calls.
+
+    For a channel opened outside `Client` (pass it as `channel=`):
+    `grpc.insecure_channel(target, options=retry_channel_options())`.
+    With `retries=0`, options that turn gRPC's retries off.
+    """
+    if retries == 0:
+        return [("grpc.enable_retries", 0)]
+    return [("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(retry_service_config(retries, backoff)))]
 
 
 class Client:
     """Embeddings and verification from a model served over TF Serving's gRPC API.
 
-    Every call has a deadline (`timeout`); calls that fail with UNAVAILABLE
-    (server starting, restarting or overloaded) are retried with exponential
-    backoff; any other error is raised at once as the `grpc.RpcError` the
-    server sent (its `.code()` and `.details()` say what to fix).
+    Every call has a deadline (`timeout`, covering its retries); calls that
+    fail with UNAVAILABLE (server starting, restarting or overloaded) are
+    retried with exponential backoff by gRPC's own retry policy (see
+    `retry_service_config`); any other error is raised at once as the
+    `grpc.RpcError` the server sent (its `.code()` and `.details()` say what
+    to fix).
 
     Args:
         target: "host:port" of the gRPC endpoint.
         name: the model name.
         version: a version number to pin; None for the newest.
-        timeout: deadline of each call, in seconds.
+        timeout: deadline of each call, retries included, in seconds.
         max_message_mb: send and receive message limit (big batches of
             160x160 images need more than gRPC's 4 MB default).
-        retries: extra attempts after an UNAVAILABLE error.
+        retries: extra attempts after an UNAVAILABLE error, 0 to `MAX_RETRIES`.
         backoff: first retry delay in seconds; doubles per attempt.
         batch_size: `embed` and `verify` send at most this many examples per
             call (the server refuses batches above its limit).
         root_certificates: PEM bytes or a path; given, the channel uses TLS.
-        channel: an existing `grpc.Channel` to use instead of opening one.
+        channel: an existing `grpc.Channel` to use instead of opening one;
+            it retries as it was opened to (`retries` and `backoff` are not
+            applied to it: open it with `retry_channel_options`).
 
     Example:
 
@@ -59,8 +111,9 @@ class Client:
 
         if timeout <= 0:
             raise ValueError(f"Expected timeout > 0 seconds. Received: timeout={timeout}")
-        if retries < 0:
-            raise ValueError(f"Expected retries >= 0. Received: retries={retries}")
+        if not 0 <= retries <= MAX_RETRIES:
+            raise ValueError(f"Expected 0 <= retries <= {MAX_RETRIES} (gRPC makes at most "
+                             f"{MAX_RETRIES + 1} attempts). Received: retries={retries}")
         if batch_size < 1:
             raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size}")
         self.target = target
@@ -73,7 +126,8 @@ class Client:
         self._own_channel = channel is None
         if channel is None:
             options = [("grpc.max_send_message_length", max_message_mb * _MB),
-                       ("grpc.max_receive_message_length", max_message_mb * _MB)]
+                       ("grpc.max_receive_message_length", max_message_mb * _MB),
+                       *retry_channel_options(retries, backoff)]
             if root_certificates is not None:
                 if isinstance(root_certificates, str):
                     with open(root_certificates, "rb") as f:
@@ -90,17 +144,7 @@ class Client:
     # ------------------------------------------------------------ plumbing
 
     def _call(self, method, request):
-        import grpc
-
-        for attempt in range(self.retries + 1):
-            try:
-                return method(request, timeout=self.timeout)
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
-                    raise
-                # Jitter keeps many clients from retrying in lockstep.
-                time.sleep(self.backoff * (2 ** attempt) * (0.5 + random.random()))
-        raise AssertionError("unreachable")  # pragma: no cover
+        return method(request, timeout=self.timeout)
 
     def _spec(self, spec, signature_name=""):
         spec.name = self.name
