@@ -208,3 +208,19 @@ def test_robust_accuracy_sees_through_a_saturated_softmax(feature_net, mnist_sma
     plain = robust_results(feature_net, x, y, cfg)
     assert plain["clean_accuracy"] == pytest.approx(r["clean_accuracy"])
     assert plain["robust_after"]["apgd_ce"] < after["apgd_ce"]
+
+
+def test_an_undertrained_study_does_not_answer_the_question():
+    from tfadv.recipes.centers import _verdict
+
+    def model(acc, var):
+        return {"clean_accuracy": acc, "variance_to_separation": var, "robust_accuracy": 0.0,
+                "comparisons": {}}
+
+    quick = {"_n": {"test": 300}, "A": model(0.49, 0.02), "C": model(0.50, 0.02)}
+    answer = [v for v in _verdict(quick) if v.startswith("Answer:")]
+    assert answer and answer[0].startswith("Answer: undecided") and "A (0.490 clean)" in answer[0]
+    full = {"_n": {"test": 1000}, "A": model(0.944, 0.0199), "C": model(0.921, 0.0271)}
+    answer = [v for v in _verdict(full) if v.startswith("Answer:")]
+    assert answer == ["Answer: on this evidence inverse adversaries can NOT simply replace the "
+                      "learned centres (accuracy measurably lower)."]
