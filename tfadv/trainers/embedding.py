@@ -38,6 +38,7 @@ from tfadv.config import check_threshold
 from tfadv.attacks import objectives as objectives_lib
 from tfadv.attacks.base import Attack
 from tfadv.layers.centers import ClassCenters
+from tfadv.layers.cosine import CosineClassifier
 from tfadv.losses.center_loss import center_loss as center_loss_fn
 from tfadv.losses.reduction import global_batch_mean, sample_weights
 from tfadv.ops.labels import sparse_labels
@@ -45,43 +46,6 @@ from tfadv.trainers.base import (DOWN, UP, MetricGroup, apply_gradients, directe
                                  for_strategy, track_loss)
 
 ATTACK_ON = ("embedding", "classification")
-
-
-@keras.saving.register_keras_serializable(package="tfadv")
-class CosineClassifier(keras.layers.Layer):
-    """Logits `scale * cos(embedding, w_j)` for class weights `w_j`.
-
-    Args:
-        num_classes: classes.
-        scale: logit scale (a cosine in [-1, 1] times 16 gives a usable softmax).
-
-    Shape:
-        [N, D] -> [N, num_classes] float32.
-    """
-
-    def __init__(self, num_classes, scale=16.0, **kwargs):
-        super().__init__(**kwargs)
-        if int(num_classes) < 1:
-            raise ValueError(f"Expected num_classes >= 1. Received: {num_classes}")
-        self.num_classes = int(num_classes)
-        self.scale = float(scale)
-
-    def build(self, input_shape):
-        self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.num_classes),
-                                      initializer="glorot_uniform")
-
-    def call(self, inputs):
-        e = tf.math.l2_normalize(tf.cast(inputs, tf.float32), axis=-1)
-        w = tf.math.l2_normalize(tf.cast(self.kernel, tf.float32), axis=0)
-        return self.scale * tf.matmul(e, w)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.num_classes)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(num_classes=self.num_classes, scale=self.scale)
-        return config
 
 
 def _cos(a, b):
