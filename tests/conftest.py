@@ -24,6 +24,21 @@ def tiny_cnn(input_shape=(12, 12, 1), num_classes=4):
     return keras.Model(inputs, out)
 
 
+def finite_difference_grads(params, fn, step=1e-6):
+    """Central-difference gradients of `fn(list of float64 arrays) -> float` at `params`."""
+    grads = []
+    for i, p in enumerate(params):
+        g = np.zeros(p.shape)
+        for idx in np.ndindex(p.shape):
+            plus = [q.astype(np.float64).copy() for q in params]
+            minus = [q.astype(np.float64).copy() for q in params]
+            plus[i][idx] += step
+            minus[i][idx] -= step
+            g[idx] = (fn(plus) - fn(minus)) / (2 * step)
+        grads.append(g)
+    return grads
+
+
 def tiny_feature_net():
     """A 6x6 classifier with a 3-D layer named "features" (center loss tests)."""
     keras.utils.set_random_seed(7)

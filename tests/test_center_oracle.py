@@ -17,7 +17,7 @@ import pytest
 
 import tfadv
 from tfadv.attacks import PGD, InversePGD
-from tests.conftest import tiny_feature_net
+from tests.conftest import finite_difference_grads as fd_grads, tiny_feature_net
 
 NUM_CLASSES, LR, WEIGHT = 3, 0.2, 0.7
 INV = dict(inverse_eps=0.1, inverse_step_size=0.04, inverse_steps=3)
@@ -60,20 +60,6 @@ def total_loss(weights, inputs, ce_w, labels, feats_of, center_w, centers_y):
     f = feats_of(f)
     cl = 0.5 * np.sum((f - centers_y) ** 2, 1)
     return np.sum(ce_w * ce) / len(ce) + WEIGHT * np.sum(center_w * cl) / len(cl), cl
-
-
-def fd_grads(weights, fn, h=1e-6):
-    grads = []
-    for k, w in enumerate(weights):
-        g = np.zeros(w.shape)
-        for idx in np.ndindex(w.shape):
-            plus = [v.astype(np.float64).copy() for v in weights]
-            minus = [v.astype(np.float64).copy() for v in weights]
-            plus[k][idx] += h
-            minus[k][idx] -= h
-            g[idx] = (fn(plus) - fn(minus)) / (2 * h)
-        grads.append(g)
-    return grads
 
 
 def make(method, on):

@@ -23,6 +23,7 @@ import pytest
 
 from tfadv.attacks import FGSM
 from tfadv.trainers import EmbeddingAdversarialModel
+from tests.conftest import finite_difference_grads as fd_grads
 
 D_IN, D, C = 4, 3, 3
 SCALE, EPS, LR, ALPHA = 4.0, 0.05, 0.3, 0.5
@@ -100,20 +101,6 @@ def terms(params, x, x_adv, y, s, target, centers):
             + TERMS["distill_weight"] * mean(1 - cos(e_clean, t)))
     return loss, dict(ce=ce_clean, center=center, e_adv=e_adv,
                       adv_cosine=cos(e_adv, e_clean), teacher_cosine=cos(e_clean, t))
-
-
-def fd_grads(params, fn, step=1e-6):
-    grads = []
-    for i, p in enumerate(params):
-        g = np.zeros(p.shape)
-        for idx in np.ndindex(p.shape):
-            plus = [q.astype(np.float64).copy() for q in params]
-            minus = [q.astype(np.float64).copy() for q in params]
-            plus[i][idx] += step
-            minus[i][idx] -= step
-            g[idx] = (fn(plus) - fn(minus)) / (2 * step)
-        grads.append(g)
-    return grads
 
 
 def weighted_mean(v, s):
