@@ -546,6 +546,39 @@ def load_face(path, *, size=160, detector=None, margin=DEFAULT_MARGIN, align=Fal
 # --------------------------------------------------------------------------- folders
 
 
+def embed_files(paths, embed, *, size, detector=None, cache=True) -> list[dict]:
+    """Embeddings of the faces in image files, one `load_face` crop each; errors per file.
+
+    The one path from photo files to embeddings for every command and client:
+    each file is read and cropped by `load_face`, the crops are embedded in
+    one call, and a file that is missing, unreadable or has no face gets an
+    error entry instead of stopping the others.
+
+    Args:
+        paths: image files.
+        embed: `crops [N, size, size, 3] uint8 -> embeddings [N, D]` (an
+            in-process model or a served one).
+        size: crop side in pixels (the model's input size).
+        detector, cache: as `load_face` ("none" for files that are already crops).
+
+    Returns:
+        One dict per path, in order: `{"path", "embedding": [D floats]}` or
+        `{"path", "error": message}`.
+    """
+    results, crops = [], []
+    for path in paths:
+        try:
+            crops.append(load_face(path, size=size, detector=detector, cache=cache))
+            results.append({"path": str(path)})
+        except (OSError, ValueError) as err:  # missing, unreadable, no face
+            results.append({"path": str(path), "error": str(err)})
+    if crops:
+        ok = [r for r in results if "error" not in r]
+        for r, e in zip(ok, np.asarray(embed(np.stack(crops)))):
+            r["embedding"] = [float(v) for v in e]
+    return results
+
+
 @dataclasses.dataclass
 class FaceSet:
     """Face crops of a folder-per-identity photo collection.

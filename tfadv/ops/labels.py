@@ -80,25 +80,7 @@ def sparse_labels_np(y, num_classes=None) -> np.ndarray:
     """NumPy version of `sparse_labels` for evaluation code: returns int64 `[N]`.
 
     Raises:
-        ValueError: as `sparse_labels`.
+        ValueError: as `sparse_labels` (always eager here).
     """
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim == 2:
-        if num_classes is not None and y.shape[1] != int(num_classes):
-            raise ValueError(
-                f"One-hot labels have {y.shape[1]} columns but the model has {num_classes} "
-                f"classes. Pass [N] class indices or one-hot rows of width {num_classes}."
-            )
-        return np.argmax(y, axis=-1).astype(np.int64)
-    if y.ndim != 1:
-        raise ValueError(_message(f"shape {list(y.shape)}"))
-    if np.issubdtype(y.dtype, np.integer):
-        return y.astype(np.int64)
-    if not np.issubdtype(y.dtype, np.floating):
-        raise ValueError(_message(f"dtype {y.dtype}"))
-    if not np.all(y == np.round(y)):
-        raise ValueError(_message(f"float labels that are not whole numbers, e.g. "
-                                  f"{y[y != np.round(y)][:3]}"))
-    return y.astype(np.int64)
+    with tf.init_scope():  # eager even when called while a function is traced
+        return sparse_labels(np.asarray(y), num_classes).numpy()

@@ -693,21 +693,9 @@ def embed_files(paths, *, preset=None, model=None, detector=None) -> list[dict]:
     from tfadv.data import faces as faces_lib
 
     net = load_model_or_preset(preset, model)
-    size = int(net.input_shape[1])
-    results, crops, where = [], [], []
-    for p in paths:
-        try:
-            crops.append(faces_lib.load_face(p, size=size, detector=detector)
-                         .astype("float32"))
-            where.append(len(results))
-            results.append({"path": str(p)})
-        except (OSError, ValueError) as err:
-            results.append({"path": str(p), "error": str(err)})
-    if crops:
-        emb = _embed(net, np.stack(crops))
-        for i, e in zip(where, emb):
-            results[i]["embedding"] = [float(v) for v in e]
-    return results
+    return faces_lib.embed_files(
+        paths, lambda crops: _embed(net, crops.astype("float32")),
+        size=int(net.input_shape[1]), detector=detector)
 
 
 # -- hyper-parameter sweep -------------------------------------------------------

@@ -251,21 +251,8 @@ class Client:
         if height != width:
             raise ValueError(f"Model {self.name!r} takes {height}x{width} images, but face crops "
                              "are square; call `embed` with your own [N, H, W, 3] pixels.")
-        results, crops = [], []
-        for path in paths:
-            try:
-                crops.append(faces.load_face(path, size=height,
-                                             detector=(detector if crop else "none"),
-                                             cache=cache))
-                results.append({"path": str(path)})
-            except (OSError, ValueError) as err:  # missing, unreadable, no face
-                results.append({"path": str(path), "error": str(err)})
-        if crops:
-            embeddings = self.embed(np.stack(crops))
-            ok = [r for r in results if "error" not in r]
-            for r, e in zip(ok, embeddings):
-                r["embedding"] = [float(v) for v in e]
-        return results
+        return faces.embed_files(paths, self.embed, size=height,
+                                 detector=detector if crop else "none", cache=cache)
 
     def verify(self, images_a, images_b) -> tuple[np.ndarray, np.ndarray]:
         """Whether pairs of face images show the same person.
