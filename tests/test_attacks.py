@@ -239,3 +239,48 @@ def test_unroll_choice_gives_the_same_attack(tiny_model, batch, steps):
 def test_unroll_must_be_a_bool_or_none():
     with pytest.raises(ValueError, match="unroll"):
         attacks.PGD(eps=0.1, unroll="yes")
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_per_call_eps_is_the_attack_built_at_that_budget(name, trained_mnist_model, data):
+    """attack(model, x, y, eps=e) == the same attack built with eps=e (step sizes
+    are proportional to eps in the table), for a scalar and a per-example budget."""
+    factory, norm, _ = ATTACKS[name]
+    x, y = data
+    x, y = x[:16], y[:16]
+    e = EPS[norm]
+    big = factory(2 * e)
+    if hasattr(big, "random_start"):
+        big.random_start = False
+    small = factory(e)
+    if hasattr(small, "random_start"):
+        small.random_start = False
+    want = small(trained_mnist_model, x, y).numpy()
+    np.testing.assert_allclose(big(trained_mnist_model, x, y, eps=e).numpy(), want, atol=1e-5)
+    per_example = tf.fill([len(x)], tf.constant(e, tf.float32))
+    np.testing.assert_allclose(big(trained_mnist_model, x, y, eps=per_example).numpy(), want,
+                               atol=1e-5)
+
+
+def test_per_call_eps_varies_per_example_without_retracing(trained_mnist_model, data):
+    x, y = data
+    x, y = x[:8], y[:8]
+    attack = attacks.PGD(eps=0.2, steps=5, random_start=False)
+    fn = tf.function(lambda x, y, e: attack(trained_mnist_model, x, y, eps=e))
+    budgets = np.linspace(0.0, 0.2, len(x)).astype(np.float32)
+    x_adv = fn(tf.constant(x), tf.constant(y), tf.constant(budgets)).numpy()
+    assert np.all(np.abs(x_adv - x).reshape(len(x), -1).max(1) <= budgets + 1e-6)
+    np.testing.assert_array_equal(x_adv[0], x[0])  # budget 0: unchanged
+    for e in (0.05, 0.1):
+        fn(tf.constant(x), tf.constant(y), tf.fill([len(x)], e))
+    assert fn.experimental_get_tracing_count() == 1
+
+
+def test_per_call_eps_errors(trained_mnist_model, data):
+    x, y = data
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        attacks.PGD(eps=0.1)(trained_mnist_model, x[:2], y[:2], eps=-0.1)
+    with pytest.raises(ValueError, match="positive eps"):
+        attacks.PGD(eps=0.0)(trained_mnist_model, x[:2], y[:2], eps=0.1)
+    with pytest.raises(ValueError, match="positive eps"):
+        attacks.CarliniWagnerL2()(trained_mnist_model, x[:2], y[:2], eps=0.1)

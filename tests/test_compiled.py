@@ -58,14 +58,14 @@ def test_fifty_fresh_equal_attacks_trace_once():
     np.testing.assert_allclose(outs[0], eager.numpy(), atol=1e-4)
 
 
-def test_scaled_attack_is_the_attack_at_the_scaled_budget():
+def test_per_call_eps_is_the_attack_at_that_budget():
     model = tiny_embedder()
     x = _pixels(4, seed=1)
     ref = model(_pixels(4, seed=2)).numpy()
-    unit = E.embedding_pgd("impersonation", eps=1.0, steps=3, random_start=False)
-    fn = C.compiled_attack(model, unit, scaled=True)
+    largest = E.embedding_pgd("impersonation", eps=8.0, steps=3, random_start=False)
+    fn = C.compiled_attack(model, largest, with_eps=True)
     for eps in (2.0, 4.0, 8.0):
-        got = fn(tf.constant(x), tf.constant(ref), tf.fill([4, 1, 1, 1], eps)).numpy()
+        got = fn(tf.constant(x), tf.constant(ref), tf.fill([4], eps)).numpy()
         want = E.embedding_pgd("impersonation", eps=eps, steps=3, random_start=False)(
             model, x, ref).numpy()
         np.testing.assert_allclose(got, want, atol=1e-3)

@@ -198,13 +198,13 @@ def test_mirrored_strategy_matches_single_device():
     assert result["weights_moved"] > 1e-3, result
 
 
-def test_eps_scale_scales_the_training_attack():
-    """eps_scale = 0.5 trains on the FGSM point of half the budget (closed form)."""
+def test_eps_fraction_scales_the_training_attack():
+    """eps_fraction = 0.5 trains on the FGSM point of half the budget (closed form)."""
     base = linear_model()
     model = tfadv.AdversarialModel(base, attack=ONE_STEP)
     model.compile(optimizer=keras.optimizers.SGD(LR),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.eps_scale.assign(0.5)
+    model.eps_fraction.assign(0.5)
     model.fit(X, Y, batch_size=2, epochs=1, shuffle=False, verbose=0)
     gx, _, _ = ce_grads(X, Y)
     x_adv = np.clip(X + 0.5 * EPS * np.sign(gx), 0, 1)
@@ -212,13 +212,13 @@ def test_eps_scale_scales_the_training_attack():
     np.testing.assert_allclose(base.get_weights()[0], W - LR * gw, atol=1e-6)
 
 
-def _eps_scales_seen(model, x, y, epochs, warmup):
+def _eps_fractions_seen(model, x, y, epochs, warmup):
     """The training attack's budget fraction after every step of a fit with `warmup`."""
     seen = []
 
     class Spy(keras.callbacks.Callback):
         def on_train_batch_end(self, b, logs=None):
-            seen.append(float(self.model.eps_scale.numpy()))
+            seen.append(float(self.model.eps_fraction.numpy()))
 
     model.fit(x, y, batch_size=4, epochs=epochs, verbose=0, callbacks=[warmup, Spy()])
     return seen
@@ -227,9 +227,9 @@ def _eps_scales_seen(model, x, y, epochs, warmup):
 def test_epsilon_warmup_ramps_linearly(tiny_model, batch):
     x, y = batch
     model = _compiled(tiny_model, attack=PGD(eps=0.1, steps=1))
-    seen = _eps_scales_seen(model, x, y, 3, tfadv.trainers.EpsilonWarmup(2))
+    seen = _eps_fractions_seen(model, x, y, 3, tfadv.trainers.EpsilonWarmup(2))
     np.testing.assert_allclose(seen, [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0] + [1.0] * 4)
-    assert float(model.eps_scale.numpy()) == 1.0
+    assert float(model.eps_fraction.numpy()) == 1.0
     with pytest.raises(ValueError, match="epochs"):
         tfadv.trainers.EpsilonWarmup(-1)
 
@@ -238,9 +238,9 @@ def test_epsilon_warmup_starts_after_clean_epochs(tiny_model, batch):
     x, y = batch
     model = _compiled(tiny_model, attack=PGD(eps=0.1, steps=1))
     # 4 steps per epoch: one clean epoch, then a one-epoch ramp, then the full budget.
-    seen = _eps_scales_seen(model, x, y, 3, tfadv.trainers.EpsilonWarmup(1, start=1))
+    seen = _eps_fractions_seen(model, x, y, 3, tfadv.trainers.EpsilonWarmup(1, start=1))
     np.testing.assert_allclose(seen, [0.0] * 4 + [0.25, 0.5, 0.75, 1.0] + [1.0] * 4)
-    seen = _eps_scales_seen(model, x, y, 2, tfadv.trainers.EpsilonWarmup(0, start=1))
+    seen = _eps_fractions_seen(model, x, y, 2, tfadv.trainers.EpsilonWarmup(0, start=1))
     np.testing.assert_allclose(seen, [0.0] * 4 + [1.0] * 4)
     with pytest.raises(ValueError, match="start"):
         tfadv.trainers.EpsilonWarmup(1, start=-1)

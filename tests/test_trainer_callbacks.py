@@ -90,7 +90,7 @@ class BudgetSpy(keras.callbacks.Callback):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        self.seen.setdefault(self.epoch, []).append(float(self.model.eps_scale.numpy()))
+        self.seen.setdefault(self.epoch, []).append(float(self.model.eps_fraction.numpy()))
         if self.stop_at == (self.epoch, batch):
             raise KeyboardInterrupt("killed")
 
@@ -120,7 +120,7 @@ def test_epsilon_warmup_counts_epochs_on_a_dataset_of_unknown_length():
     np.testing.assert_allclose(spy.seen[0], [0.25] * 4)
     np.testing.assert_allclose(spy.seen[1], [0.625, 0.75, 0.875, 1.0])
     np.testing.assert_allclose(spy.seen[2], [1.0] * 4)
-    assert float(model.eps_scale.numpy()) == 1.0
+    assert float(model.eps_fraction.numpy()) == 1.0
 
 
 def test_epsilon_warmup_fraction_is_the_ramp_in_epochs():

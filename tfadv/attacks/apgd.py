@@ -132,7 +132,7 @@ class APGD(Attack):
             x_prev=x0,
             loss_k=loss0,
             grad_k=grad0,
-            eta=tf.fill([n], 2.0 * tf.cast(eps, tf.float32)),
+            eta=2.0 * tf.broadcast_to(tf.reshape(tf.cast(eps, tf.float32), [-1]), [n]),
             x_best=x0,
             loss_best=loss0,
             grad_best=grad0,

@@ -146,7 +146,7 @@ class Attack:
         self.objective = objective
 
     # -- calling -----------------------------------------------------------
-    def __call__(self, model, x, y, *, objective=None, eps_scale=None):
+    def __call__(self, model, x, y, *, eps=None, objective=None):
         """Crafts adversarial examples.
 
         Args:
@@ -159,10 +159,14 @@ class Attack:
                 one-hot `[N, C]` (`tfadv.ops.sparse_labels`); or, for
                 objectives that take another target (`"kl"`: probabilities
                 [N, C]; `"cosine_distance"`: embeddings [N, D]), that target.
+            eps: optional budget for this call, in the units of x: a float,
+                a scalar tensor (e.g. a variable a warm-up schedule ramps) or
+                a per-example tensor [N]. The step size scales with it
+                (`step_size * eps / self.eps`), so the attack keeps its shape
+                at every budget. Pass a tensor inside a `tf.function`: one
+                trace then serves every budget (a robustness curve is one
+                compiled function over a list of budgets). None: `self.eps`.
             objective: overrides the configured objective for this call.
-            eps_scale: optional scalar (float or tensor, e.g. a variable a
-                training schedule ramps from 0 to 1) multiplying the budget
-                and the step size for this call.
 
         Returns:
             `x_adv`, same shape and dtype as `x`, with no gradient attached,
@@ -173,7 +177,9 @@ class Attack:
                 inside a `tf.function` the same message comes as an
                 `InvalidArgumentError` from a `tf.debugging` assertion);
                 labels outside the label contract; an objective that needs
-                more classes than the model has (e.g. DLR with 2 classes).
+                more classes than the model has (e.g. DLR with 2 classes);
+                a per-call `eps` on an attack built without a positive eps,
+                or a negative or non-finite one.
         """
         x = tf.convert_to_tensor(x)
         if not x.dtype.is_floating:
@@ -186,7 +192,7 @@ class Attack:
         objective = objectives_lib.get(self.objective if objective is None else objective)
         y = self.prepare_target(y, objective)
         x = self._assert_in_bounds(x)
-        scale = tf.constant(1.0, x.dtype) if eps_scale is None else tf.cast(eps_scale, x.dtype)
+        scale = self._budget_scale(eps, x)
         x_adv = self.perturb(model, x, y, objective, scale)
         if self.eps is not None:
             # A no-op for x inside bounds; keeps x_adv in the ball where the
@@ -194,6 +200,30 @@ class Attack:
             x_adv = x + norms.project(x_adv - x, tf.constant(self.eps, x.dtype) * scale,
                                       self.norm)
         return tf.stop_gradient(tf.cast(x_adv, in_dtype))
+
+    def _budget_scale(self, eps, x):
+        """The per-call budget as a multiple of `self.eps`, broadcasting against x."""
+        if eps is None:
+            return tf.constant(1.0, x.dtype)
+        if self.eps is None or self.eps <= 0:
+            raise ValueError(
+                f"{type(self).__name__} was built with eps={self.eps!r}; a per-call eps scales "
+                f"the configured budget and step size, so build the attack with a positive eps "
+                f"(e.g. the largest budget you will pass).")
+        e = tf.cast(eps, x.dtype)
+        if e.shape.rank == 1:
+            e = tf.reshape(e, tf.concat([[-1], tf.ones([tf.rank(x) - 1], tf.int32)], 0))
+        elif e.shape.rank not in (0, None) and e.shape.rank != x.shape.rank:
+            raise ValueError(f"Expected eps to be a scalar or a per-example [N] tensor. "
+                             f"Received shape {e.shape}")
+        ok = tf.reduce_all(tf.math.is_finite(e) & (e >= 0))
+        if tf.executing_eagerly():
+            if not bool(ok):
+                raise ValueError(f"Expected eps to be finite and >= 0. Received: eps={eps!r}")
+        else:
+            with tf.control_dependencies([tf.debugging.Assert(ok, ["eps must be finite and >= 0"])]):
+                e = tf.identity(e)
+        return e / tf.constant(self.eps, x.dtype)
 
     def prepare_target(self, y, objective):
         """The target the objective receives: `[N]` int64 labels for label objectives.

@@ -145,7 +145,7 @@ class CarliniWagnerL2(Attack):
 
         found = tf.math.is_finite(best_l2)
         if self.eps is not None:
-            found = found & (tf.sqrt(best_l2) <= self.eps * tf.cast(scale, tf.float32))
+            found = found & (tf.sqrt(best_l2) <= self.eps * tf.reshape(tf.cast(scale, tf.float32), [-1]))
         mask = tf.reshape(found, [-1] + [1] * len(axes))
         return tf.where(mask, best_x, x)
 

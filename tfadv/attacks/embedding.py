@@ -257,7 +257,7 @@ def minimal_eps(attack: PGD, model, x, reference, threshold, mode="dodging", *,
     # with the model: later calls with an equal attack reuse the trace.
     from tfadv.evaluation.compiled import compiled_attack
 
-    run = compiled_attack(model, attack, scaled=True)
+    run = compiled_attack(model, attack, with_eps=True)
     for start in range(0, n, batch_size):
         xb = tf.constant(x[start:start + batch_size])
         rb = tf.constant(reference[start:start + batch_size])
@@ -266,8 +266,7 @@ def minimal_eps(attack: PGD, model, x, reference, threshold, mode="dodging", *,
         hi = np.ones(len(xb))
 
         def succeeds(scale):
-            s = tf.reshape(tf.constant(scale, tf.float32), [-1] + [1] * (len(xb.shape) - 1))
-            x_adv = run(xb, rb, s)
+            x_adv = run(xb, rb, tf.constant(scale * attack.eps, tf.float32))
             return attack_success(call_model(model, x_adv), rb, threshold, mode).numpy()
 
         ok_max = succeeds(hi)

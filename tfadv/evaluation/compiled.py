@@ -99,19 +99,19 @@ def clear(model=None) -> None:
         pass
 
 
-def compiled_attack(model, attack, *, scaled: bool = False):
+def compiled_attack(model, attack, *, with_eps: bool = False):
     """`attack` on `model` as one `tf.function`, shared by every equal attack.
 
     Args:
         model: the model attacked (held weakly, see `compiled`).
         attack: a `tfadv.attacks.Attack`; attacks with equal configs share
             the function (and its trace).
-        scaled: add a third argument, `eps_scale` (a scalar or a per-example
-            tensor broadcasting against x, e.g. [N, 1, 1, 1]), multiplying the
-            budget and the step size: one trace then serves every budget.
+        with_eps: add a third argument, the budget `eps` of the call (a
+            scalar or a per-example [N] tensor, see `Attack.__call__`): one
+            trace then serves every budget.
 
     Returns:
-        `fn(x, y) -> x_adv` or, with `scaled=True`, `fn(x, y, eps_scale)`;
+        `fn(x, y) -> x_adv` or, with `with_eps=True`, `fn(x, y, eps)`;
         x float [N, ...] tensors, y the attack's targets (labels [N] or
         reference embeddings [N, D]). Shapes may vary between calls
         (`reduce_retracing=True`).
@@ -123,15 +123,15 @@ def compiled_attack(model, attack, *, scaled: bool = False):
 
     def make(model_ref):
         # Attacks loop with tf.while_loop or Python-level config only: no AutoGraph needed.
-        if scaled:
-            def run(x, y, eps_scale):
-                return attack(model_ref(), x, y, eps_scale=eps_scale)
+        if with_eps:
+            def run(x, y, eps):
+                return attack(model_ref(), x, y, eps=eps)
         else:
             def run(x, y):
                 return attack(model_ref(), x, y)
         return tf.function(run, reduce_retracing=True, autograph=False)
 
-    return compiled(model, ("attack", attack, bool(scaled)), make)
+    return compiled(model, ("attack", attack, bool(with_eps)), make)
 
 
 def tracing_count(model) -> int:

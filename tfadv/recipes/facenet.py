@@ -184,13 +184,13 @@ def _impersonation_targets(labels, present):
     return np.array([nxt[int(c)] for c in labels])
 
 
-def _run_attack(attack, model, x, ref, batch_size, eps_scale=None):
+def _run_attack(attack, model, x, ref, batch_size, eps=None):
     """The attack over batches of NumPy arrays; returns x_adv (NumPy, like x).
 
     The attack runs as one `tf.function` per model and attack config, cached
     with the model (`tfadv.evaluation.compiled`): equal attacks built in later
-    calls reuse its trace. With `eps_scale` (a float) the budget and the step
-    size are multiplied by it, so one trace serves every point of a curve.
+    calls reuse its trace. With `eps` (a float) the attack runs at that budget
+    (its step size scaled alike), so one trace serves every point of a curve.
     """
     import tensorflow as tf
 
@@ -198,17 +198,16 @@ def _run_attack(attack, model, x, ref, batch_size, eps_scale=None):
 
     if len(x) == 0:
         return x
-    fn = compiled_attack(model, attack, scaled=eps_scale is not None)
+    fn = compiled_attack(model, attack, with_eps=eps is not None)
     out = []
     for i in range(0, len(x), batch_size):
         xb = tf.constant(x[i:i + batch_size])
         rb = tf.constant(ref[i:i + batch_size])
-        if eps_scale is None:
+        if eps is None:
             out.append(np.asarray(fn(xb, rb)))
         else:
-            # Per example ([n, 1, 1, 1]), the shape minimal_eps passes: one signature.
-            s = tf.fill([len(xb)] + [1] * (len(x.shape) - 1), tf.constant(eps_scale, xb.dtype))
-            out.append(np.asarray(fn(xb, rb, s)))
+            # Per example ([n]), the shape minimal_eps passes: one signature.
+            out.append(np.asarray(fn(xb, rb, tf.fill([len(xb)], tf.constant(eps, xb.dtype)))))
     return np.concatenate(out)
 
 
@@ -384,13 +383,13 @@ def evaluate_face_model(model, splits: FaceSplits, threshold: float,
         f"({time.perf_counter() - t:.0f} s)")
     curves = {}
     for mode, (mask, ref) in modes.items():
-        # One attack at eps 1, scaled to each budget (step eps / 4 kept): one trace per mode.
-        unit = E.embedding_pgd(mode, eps=1.0, steps=cfg.curve_steps,
+        # One attack at the largest budget, called at each (step eps / 4 kept): one trace per mode.
+        unit = E.embedding_pgd(mode, eps=float(max(cfg.curve_eps)), steps=cfg.curve_steps,
                                random_start=cfg.random_start, unroll=False)
         rates = []
         for eps in cfg.curve_eps:
             x_adv = _run_attack(unit, model, x[mask], ref[mask], cfg.batch_size,
-                                eps_scale=float(eps))
+                                eps=float(eps))
             ok = _succeeded(model, x_adv, ref[mask], threshold, mode, cfg.batch_size)
             rates.append(float(ok.mean()) if len(ok) else float("nan"))
         curves[mode] = {"eps": list(cfg.curve_eps), "success": rates}

@@ -447,18 +447,18 @@ def generate(model_or_preset, faces_dir, out_dir, *, attacks: Sequence[str] = DE
         if not compiled or getattr(fn, "attack", None) is None:
             return lambda x, ref: fn(model, x, ref)
         if name in BUDGETLESS:
-            base, scale = fn.attack, 1.0
+            f = compiled_attack(model, fn.attack)
+            return lambda x, ref: f(x, ref)
         else:
-            # The budget is an input (eps_scale on an eps=1 attack), so one trace
-            # serves every eps; the step is kept relative to eps.
+            # The budget is an input of the call (on an eps=1 attack), so one
+            # trace serves every eps; the step is kept relative to eps.
             rel = (default_step_size(1.0, norm) if step_size is None
                    else (float(step_size) / eps if eps > 0 else 0.0))
             base = make_attack(name, mode, 1.0, **{**settings, "step_size": rel})[0].attack
-            scale = eps
         # Cached with the model, keyed by the attack's config: equal attacks (other
         # budgets, later generate calls) reuse one trace.
-        f = compiled_attack(model, base, scaled=True)
-        return lambda x, ref: f(x, ref, tf.constant(scale, tf.float32))
+        f = compiled_attack(model, base, with_eps=True)
+        return lambda x, ref: f(x, ref, tf.constant(eps, tf.float32))
 
     rates: dict = {}
     seconds: dict = {}

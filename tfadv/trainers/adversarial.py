@@ -155,13 +155,19 @@ class AdversarialModel(keras.Model):
                 steps=self.center_cfg.inverse_steps)
         self.extra_metrics = MetricGroup(own_metrics, name="adversarial_metrics")
         # Fraction of the training attack's budget in use; EpsilonWarmup ramps it.
-        self.eps_scale = self.add_weight(
-            shape=(), initializer="ones", trainable=False, name="eps_scale", dtype="float32"
+        self.eps_fraction = self.add_weight(
+            shape=(), initializer="ones", trainable=False, name="eps_fraction", dtype="float32"
         )
         if base.built:
             # The wrapper owns no weights of its own: built whenever its base is,
             # so that saving and BackupAndRestore see every variable.
             self.built = True
+
+    def _budget(self):
+        """This step's training budget: the attack's eps times the warm-up fraction."""
+        if self.attack.eps is None:
+            return None
+        return self.attack.eps * self.eps_fraction
 
     # Keras needs to know how to run the model for predict() and summary().
     def call(self, inputs, training=False):
@@ -219,7 +225,7 @@ class AdversarialModel(keras.Model):
             return self._trades_step(x, y, labels, sample_weight, sw)
         cfg = self.center_cfg
         attacked = self.method != "standard" and self.adv_ratio > 0.0
-        x_adv = self.attack(self.base, x, labels, eps_scale=self.eps_scale) if attacked else None
+        x_adv = self.attack(self.base, x, labels, eps=self._budget()) if attacked else None
         n = tf.shape(x)[0]
         need_clean_features = cfg is not None and cfg.on in ("clean", "both")
         if not attacked:
@@ -302,7 +308,7 @@ class AdversarialModel(keras.Model):
     def _trades_step(self, x, y, labels, sample_weight, sw):
         clean_probs = tf.nn.softmax(tf.cast(self.base(x, training=False), tf.float32))
         x_adv = self.attack(self.base, x, clean_probs, objective=objectives_lib.kl_divergence,
-                            eps_scale=self.eps_scale)
+                            eps=self._budget())
         n = tf.shape(x)[0]
         cfg = self.center_cfg
         centers_y = self._batch_centers(x, labels, sw) if cfg is not None else None

@@ -146,7 +146,7 @@ class EpsilonWarmup(keras.callbacks.Callback):
         return float(min(1.0, max(0.0, done / self.epochs)))
 
     def _set(self, fraction):
-        self.model.eps_scale.assign(fraction)
+        self.model.eps_fraction.assign(fraction)
 
     def on_train_begin(self, logs=None):
         steps = (self.params or {}).get("steps")
