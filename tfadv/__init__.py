@@ -1,6 +1,10 @@
-"""tfadv: adversarial training and robustness evaluation for Keras models."""
+"""tfadv: adversarial training and robustness evaluation for Keras models.
 
-from tfadv import assets, attacks, data, evaluation, layers, losses, models, ops, trainers
+Importing tfadv imports TensorFlow and registers tfadv's Keras objects, so
+`keras.saving.load_model` reads its models after a plain `import tfadv`.
+"""
+
+from tfadv import assets, attacks, config, data, evaluation, layers, losses, models, ops, trainers
 from tfadv.config import CenterLossConfig
 from tfadv.trainers import AdversarialModel
 
@@ -11,6 +15,7 @@ __all__ = [
     "CenterLossConfig",
     "assets",
     "attacks",
+    "config",
     "data",
     "evaluation",
     "layers",

@@ -28,89 +28,12 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-ATTACKS = ("fgsm", "pgd", "apgd", "cw")
-
-
-@dataclass
-class FaceEvalConfig:
-    """What to measure and how hard to attack (eps in pixel units)."""
-
-    eps: float = 4.0
-    pgd_steps: int = 20
-    apgd_steps: int = 20
-    attacks: tuple = ATTACKS
-    cw_iterations: int = 20
-    cw_search_steps: int = 2
-    curve_eps: tuple = (1.0, 2.0, 4.0, 8.0)
-    curve_steps: int = 10
-    min_eps_max: float = 16.0
-    min_eps_steps: int = 10
-    min_eps_search: int = 5
-    batch_size: int = 16
-    seed: int = 0
-    # PGD, APGD, the curves and the minimal-eps search start from a random
-    # point of the ball; False starts them from the clean photo (deterministic:
-    # the references are identity means, not the photo's own embedding, so
-    # the cosine gradient is not zero there).
-    random_start: bool = True
-
-
-@dataclass
-class FaceFinetuneConfig:
-    """Adversarial fine-tuning of a pretrained FaceNet on a face folder.
-
-    Defaults are the demo setting (a few minutes on 2 CPU cores).
-    """
-
-    out: str
-    preset: str = "facenet-mscele1m-128"
-    faces: str | None = None           # root with train/ and val/; None: the demo set
-    # Identities kept out of fine-tuning (0: fine-tune on every enrolled
-    # person's gallery photos and judge on their unseen val photos; > 0 also
-    # measures how robustness carries over to people never trained on).
-    holdout: int = 0
-    epochs: int = 24
-    batch_size: int = 16
-    learning_rate: float = 1e-4
-    # Trained at a larger budget than the evaluation's 4: measured on the demo
-    # set (6 -> 8 epochs), dodging success at eps 4 fell to 0.84 vs 0.92 at
-    # train eps 4.
-    train_eps: float = 6.0
-    # 10 steps, not 3: with 3-step training the model resisted the 5-step
-    # validation attack (adversarial cosine 0.84) but PGD-20 still took it to
-    # 0.30; with 10 steps to 0.65 (demo set, 12 epochs).
-    train_steps: int = 10
-    train_step_size: float | None = None   # default 2.5 * eps / steps
-    attack_on: str = "embedding"
-    adv_weight: float = 0.5
-    # Defaults from the demo-set experiments (README): a strong CE head and
-    # center loss compact the five training identities, the operating
-    # threshold rises to ~0.83 and every face is dodged again; anchoring the
-    # adversarial embeddings to the pretrained model's clean ones keeps the
-    # geometry (and the threshold) that new identities rely on.
-    ce_weight: float = 0.05
-    consistency_weight: float = 2.0
-    consistency_target: str = "teacher"
-    center_weight: float = 0.0
-    distill_weight: float = 2.0
-    freeze_until: str = "Mixed_6a"
-    static_presets: tuple = ()         # ensemble adversarial training sources
-    augment: bool = True
-    seed: int = 0
-    evaluation: FaceEvalConfig = field(default_factory=FaceEvalConfig)
-
-    def __post_init__(self):
-        if self.holdout < 0:
-            raise ValueError(f"Expected holdout >= 0. Received: {self.holdout}")
-        if self.epochs < 0 or self.batch_size < 1:
-            raise ValueError("Expected epochs >= 0 and batch_size >= 1.")
-        if isinstance(self.evaluation, dict):
-            self.evaluation = FaceEvalConfig(**self.evaluation)
+from tfadv.config.faces import ATTACKS, FaceEvalConfig, FaceFinetuneConfig  # noqa: F401 (re-exported)
 
 
 # -- data -----------------------------------------------------------------
@@ -653,23 +576,6 @@ def report_markdown(m) -> str:
         lines.append(f"![{fig}]({fig})")
     lines += ["", f"Total time {m['seconds']:.0f} s on this machine.", ""]
     return "\n".join(lines)
-
-
-def _demo_eval():
-    return FaceEvalConfig(attacks=("fgsm", "pgd"), curve_eps=(1.0, 4.0, 8.0),
-                          curve_steps=5, min_eps_steps=5, min_eps_search=4)
-
-
-FaceEvalConfig.demo = staticmethod(_demo_eval)
-
-
-def _quick_eval():
-    return FaceEvalConfig(pgd_steps=5, apgd_steps=5, attacks=("fgsm", "pgd"), cw_iterations=5,
-                          cw_search_steps=1, curve_eps=(2.0, 8.0), curve_steps=3,
-                          min_eps_steps=3, min_eps_search=2)
-
-
-FaceEvalConfig.quick = staticmethod(_quick_eval)
 
 
 # -- embedding files (`tfadv facenet embed`) ----------------------------------

@@ -13,68 +13,11 @@ import tensorflow as tf
 
 from tfadv import models
 from tfadv.attacks import FGSM, PGD
+from tfadv.config.mnist import STRATEGIES, MnistTrainConfig  # noqa: F401 (re-exported)
 from tfadv.data import mnist as mnist_data
 from tfadv.evaluation import evaluate_robustness
 from tfadv.trainers import METHODS, AdversarialModel, EpsilonWarmup, JSONHistory
 from tfadv.trainers.callbacks import backup_and_restore
-
-STRATEGIES = ("default", "mirrored", "multi-worker")
-
-
-@dataclasses.dataclass(frozen=True)
-class MnistTrainConfig:
-    """Settings of `train_mnist`; validated on construction.
-
-    Eval settings (`eval_steps`, `eval_step_size`) define the robust
-    validation accuracy reported every epoch and in metrics.json.
-    """
-
-    out: str
-    method: str = "pgd"
-    epochs: int = 20
-    eps: float = 0.3
-    steps: int = 10
-    step_size: float = 0.04
-    batch_size: int = 50
-    seed: int = 0
-    data: str = "embedded"
-    data_dir: str | None = None
-    learning_rate: float = 1e-3
-    adv_ratio: float = 1.0
-    trades_beta: float = 6.0
-    # PGD at the full budget from a random init can collapse to a constant
-    # prediction (measured: seed 0, Adam 1e-3, loss stuck at log 10 for 20 epochs).
-    eps_warmup_epochs: float = 2.0
-    eval_steps: int = 20
-    eval_step_size: float | None = None
-    jit_compile: bool = False
-    mixed_precision: str | None = None
-    strategy: str = "default"
-    limit: int | None = None
-    verbose: int | str = "auto"
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"Expected method to be one of {METHODS}. Received: {self.method!r}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(
-                f"Expected strategy to be one of {STRATEGIES}. Received: {self.strategy!r}"
-            )
-        if self.data not in mnist_data.SOURCES:
-            raise ValueError(
-                f"Expected data to be one of {mnist_data.SOURCES}. Received: {self.data!r}"
-            )
-        for name in ("epochs", "steps", "batch_size", "eval_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"Expected {name} >= 1. Received: {name}={getattr(self, name)}")
-        if self.eps < 0 or self.step_size < 0:
-            raise ValueError(f"Expected eps, step_size >= 0. Received: {self.eps}, {self.step_size}")
-        if self.mixed_precision not in (None, "mixed_float16", "mixed_bfloat16"):
-            raise ValueError(
-                "Expected mixed_precision to be None, 'mixed_float16' or 'mixed_bfloat16'. "
-                f"Received: {self.mixed_precision!r}"
-            )
-
 
 def make_strategy(name: str):
     """The tf.distribute strategy for a name. Create it before any other TF work:

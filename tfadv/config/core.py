@@ -1,4 +1,4 @@
-"""Validated, frozen configuration objects."""
+"""Center-loss settings and the cosine-threshold rule."""
 
 from __future__ import annotations
 

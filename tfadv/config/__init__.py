@@ -1,0 +1,29 @@
+"""Validated configuration dataclasses: the single source of every command setting.
+
+Each field is declared once with `setting(default, help=...)`; the `tfadv`
+command line generates its options from these classes
+(`tfadv.config.options`). Only the standard library and NumPy are imported.
+"""
+
+from tfadv.config.centers import CentersStudyConfig
+from tfadv.config.core import CENTER_SOURCES, CENTER_TARGETS, CenterLossConfig, check_threshold
+from tfadv.config.faces import FaceEvalConfig, FaceFinetuneConfig, GenerateConfig, SweepConfig
+from tfadv.config.mnist import AttackEvalConfig, CurveConfig, MnistDataConfig, MnistTrainConfig
+from tfadv.config.options import setting
+
+__all__ = [
+    "AttackEvalConfig",
+    "CENTER_SOURCES",
+    "CENTER_TARGETS",
+    "CenterLossConfig",
+    "CentersStudyConfig",
+    "CurveConfig",
+    "FaceEvalConfig",
+    "FaceFinetuneConfig",
+    "GenerateConfig",
+    "MnistDataConfig",
+    "MnistTrainConfig",
+    "SweepConfig",
+    "check_threshold",
+    "setting",
+]

@@ -1,0 +1,128 @@
+"""Settings of the MNIST commands: `tfadv train mnist`, `tfadv eval`, `tfadv curve`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tfadv import argtypes
+from tfadv.config.options import comma_list, setting
+
+METHODS = ("standard", "pgd", "trades")
+SOURCES = ("embedded", "tfds", "full")
+STRATEGIES = ("default", "mirrored", "multi-worker")
+EVAL_ATTACKS = ("fgsm", "pgd", "apgd", "cw")
+MIXED_PRECISION = ("mixed_float16", "mixed_bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class MnistTrainConfig:
+    """Settings of `tfadv.recipes.mnist.train_mnist`; validated on construction.
+
+    Eval settings (`eval_steps`, `eval_step_size`) define the robust
+    validation accuracy reported every epoch and in metrics.json. Pixel
+    values and budgets are in [0, 1] units.
+    """
+
+    out: str = setting(help="output directory (re-use it to resume)")
+    method: str = setting("pgd", choices=METHODS, help="training method (Madry PGD, TRADES, or clean)")
+    epochs: int = setting(20, type=argtypes.positive_int, help="training epochs")
+    eps: float = setting(0.3, type=argtypes.nonneg_float, help="training budget (Linf, [0, 1] units)")
+    steps: int = setting(10, type=argtypes.positive_int, help="PGD steps of the training attack")
+    step_size: float = setting(0.04, type=argtypes.nonneg_float,
+                               help="PGD step of the training attack")
+    batch_size: int = setting(50, type=argtypes.positive_int, help="examples per batch")
+    seed: int = setting(0, help="random seed")
+    data: str = setting("embedded", choices=SOURCES,
+                        help="MNIST source: the embedded 5,000 digits, tfds, or the full 70k")
+    data_dir: str | None = setting(None, help="tfds data directory (--data tfds)")
+    learning_rate: float = setting(1e-3, type=argtypes.nonneg_float, flags=("--lr",),
+                                   help="Adam learning rate")
+    adv_ratio: float = setting(1.0, help="weight of the adversarial loss (pgd); 0.5 = balanced "
+                                         "clean/adversarial")
+    trades_beta: float = setting(6.0, type=argtypes.nonneg_float, help="TRADES beta")
+    # PGD at the full budget from a random init can collapse to a constant
+    # prediction (measured: seed 0, Adam 1e-3, loss stuck at log 10 for 20 epochs).
+    eps_warmup_epochs: float = setting(
+        2.0, type=argtypes.nonneg_float,
+        help="ramp the training budget linearly from 0 to --eps over this many epochs "
+             "(0: full budget from the start)")
+    eval_steps: int = setting(20, type=argtypes.positive_int,
+                              help="PGD steps of the robust validation attack")
+    eval_step_size: float | None = setting(None, type=argtypes.nonneg_float,
+                                           help="its step (default 2.5 * eps / eval_steps)")
+    jit_compile: bool = setting(False, help="compile train steps with XLA")
+    mixed_precision: str | None = setting(None, choices=MIXED_PRECISION,
+                                          help="Keras mixed-precision policy")
+    strategy: str = setting("default", choices=STRATEGIES, help="tf.distribute strategy")
+    limit: int | None = setting(None, type=argtypes.positive_int,
+                                help="use only N examples per split")
+    verbose: int | str = setting("auto", cli=False, help="Keras fit verbosity")
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"Expected method to be one of {METHODS}. Received: {self.method!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"Expected strategy to be one of {STRATEGIES}. Received: {self.strategy!r}"
+            )
+        if self.data not in SOURCES:
+            raise ValueError(f"Expected data to be one of {SOURCES}. Received: {self.data!r}")
+        for name in ("epochs", "steps", "batch_size", "eval_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"Expected {name} >= 1. Received: {name}={getattr(self, name)}")
+        if self.eps < 0 or self.step_size < 0:
+            raise ValueError(f"Expected eps, step_size >= 0. Received: {self.eps}, {self.step_size}")
+        if self.mixed_precision not in (None, *MIXED_PRECISION):
+            raise ValueError(
+                "Expected mixed_precision to be None, 'mixed_float16' or 'mixed_bfloat16'. "
+                f"Received: {self.mixed_precision!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class MnistDataConfig:
+    """Which MNIST test digits an evaluation command reads."""
+
+    data: str = setting("embedded", choices=SOURCES, help="MNIST source")
+    data_dir: str | None = setting(None, help="tfds data directory (--data tfds)")
+    limit: int | None = setting(None, type=argtypes.positive_int,
+                                help="use only the first N test digits")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackEvalConfig:
+    """Settings of `tfadv eval`: the attacks robust accuracy is the worst case over."""
+
+    attacks: tuple = setting(("pgd",), choices=EVAL_ATTACKS, flags=("--attack",),
+                             help="attacks, comma-separated or repeated: robust accuracy is "
+                                  "the worst case over them")
+    eps: float = setting(0.3, type=argtypes.nonneg_float, help="budget ([0, 1] units)")
+    steps: int = setting(40, type=argtypes.positive_int, help="iterations (C&W: Adam steps)")
+    step_size: float = setting(0.01, type=argtypes.nonneg_float, help="PGD step")
+    norm: str = setting("inf", type=argtypes.norm, help="perturbation norm: inf or 2")
+    restarts: int = setting(1, type=argtypes.positive_int, help="random restarts per attack")
+    batch_size: int = setting(250, type=argtypes.positive_int, help="examples per attack call")
+    seed: int = setting(0, help="random seed")
+
+    def __post_init__(self):
+        bad = [a for a in self.attacks if a not in EVAL_ATTACKS]
+        if bad or not self.attacks:
+            raise ValueError(f"Expected attacks from {EVAL_ATTACKS}. Received: {self.attacks}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveConfig:
+    """Settings of `tfadv curve`: robust accuracy against PGD at each budget."""
+
+    out: str = setting(help="output prefix: writes PREFIX.json, PREFIX.png")
+    eps: tuple = setting((0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4),
+                         type=comma_list(argtypes.nonneg_float),
+                         help="comma-separated budgets ([0, 1] units)")
+    steps: int = setting(20, type=argtypes.positive_int, help="PGD steps (step 2.5 * eps / steps)")
+    norm: str = setting("inf", type=argtypes.norm, help="perturbation norm: inf or 2")
+    restarts: int = setting(1, type=argtypes.positive_int, help="random restarts per budget")
+    batch_size: int = setting(256, type=argtypes.positive_int, help="examples per attack call")
+
+    def __post_init__(self):
+        if not self.eps:
+            raise ValueError("Expected at least one budget in eps.")
