@@ -13,6 +13,7 @@ import pytest
 from test_export import SIZE, pixels, save_embedder
 from tfadv.export import contract as C, export_model
 from tfadv.serving import ModelServer
+from tfadv.serving.http_body import HTTPRefusal, decompress
 
 NAME = "faces"
 LIMIT_MB = 1
@@ -267,19 +268,17 @@ def test_a_body_cut_short_is_refused_and_the_connection_closed(served):
 
 
 def test_decompression_stops_at_the_limit():
-    from tfadv.serving.server import _decompress, _HTTPRefusal
-
     bomb = _bomb(64)
     tracemalloc.start()
     try:
-        with pytest.raises(_HTTPRefusal) as info:
-            _decompress(bomb, ["gzip"], 1 << 20, 1)
+        with pytest.raises(HTTPRefusal) as info:
+            decompress(bomb, ["gzip"], 1 << 20, 1)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert info.value.status == 413
     assert peak < 8 << 20  # a few MB, not the 64 MB the body expands to
-    assert _decompress(gzip.compress(b"abc") + gzip.compress(b"def"), ["gzip"], 10, 1) == (
+    assert decompress(gzip.compress(b"abc") + gzip.compress(b"def"), ["gzip"], 10, 1) == (
         b"abcdef")  # several gzip members, as `cat a.gz b.gz` makes
 
 

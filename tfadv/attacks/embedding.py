@@ -32,6 +32,7 @@ from tfadv.attacks.apgd import APGD
 from tfadv.attacks.base import call_model
 from tfadv.attacks.cw import CarliniWagnerL2
 from tfadv.attacks.pgd import FGSM, PGD
+from tfadv.attacks import registry
 from tfadv.attacks.registry import register
 from tfadv.ops import norms
 
@@ -128,12 +129,8 @@ def embedding_pgd(mode="dodging", *, eps=4.0, steps=20, step_size=None, norm="in
     Raises:
         ValueError: unknown mode or norm, or bad budget settings.
     """
-    norm = norms.canonical_norm(norm)
-    if step_size is None and isinstance(eps, (int, float)):  # PGD validates eps itself
-        step_size = default_step_size(eps, norm)
-    return PGD(eps=eps, steps=steps, step_size=step_size, norm=norm, random_start=random_start,
-               targeted=_targeted(mode), objective="cosine_distance", bounds=bounds,
-               unroll=unroll)
+    return embedding_attack("pgd", mode, eps=eps, steps=steps, step_size=step_size, norm=norm,
+                            random_start=random_start, bounds=bounds, unroll=unroll)
 
 
 def dodging_pgd(**kwargs) -> PGD:
@@ -148,8 +145,7 @@ def embedding_fgsm(mode="dodging", *, eps=4.0, norm="inf", bounds=PIXEL_BOUNDS) 
     """One signed-gradient step on the cosine distance. Without a random start
     it is blind when the reference is the clean embedding itself (zero
     gradient); use it with enrolled references."""
-    return FGSM(eps=eps, norm=norm, targeted=_targeted(mode), objective="cosine_distance",
-                bounds=bounds)
+    return embedding_attack("fgsm", mode, eps=eps, norm=norm, bounds=bounds)
 
 
 @register
@@ -224,6 +220,61 @@ class EmbeddingCW(CarliniWagnerL2):
         config = super().get_config()
         config.update(threshold=self.threshold)
         return config
+
+
+EMBEDDING_ATTACKS = ("fgsm", "pgd", "apgd", "cw")
+
+
+def embedding_attack(name, mode="dodging", *, eps=None, threshold=None, steps=20,
+                     step_size=None, norm="inf", random_start=True, bounds=PIXEL_BOUNDS,
+                     unroll=None, cw_iterations=100, cw_search_steps=5, cw_confidence=0.0,
+                     cw_learning_rate=0.01, cw_initial_const=1.0):
+    """An embedding attack by name, built through `tfadv.attacks.registry.get`.
+
+    Args:
+        name: "fgsm", "pgd", "apgd" or "cw" (`EMBEDDING_ATTACKS`).
+        mode: "dodging" (untargeted: ascend the cosine distance to the own
+            reference) or "impersonation" (targeted: descend it to the target's).
+        eps: budget in pixel units (0-255); for "cw" an optional L2 limit.
+        threshold: cosine threshold in [-1, 1] ("apgd" and "cw" judge success
+            at it; the others ignore it).
+        steps, step_size, norm, random_start, unroll: iterative attacks;
+            `step_size` defaults to `default_step_size(eps, norm)`.
+        bounds: valid pixel range.
+        cw_iterations, cw_search_steps, cw_confidence, cw_learning_rate,
+            cw_initial_const: "cw" (C&W L2).
+
+    Returns:
+        A `tfadv.attacks.Attack` called as `attack(model, x, reference)`.
+
+    Raises:
+        ValueError: unknown name or mode, a missing eps or threshold, bad settings.
+    """
+    targeted = _targeted(mode)
+    if name not in EMBEDDING_ATTACKS:
+        raise ValueError(f"Unknown embedding attack {name!r}. Expected one of {EMBEDDING_ATTACKS}.")
+    if name in ("apgd", "cw"):
+        if threshold is None:
+            raise ValueError(f"The {name!r} embedding attack judges success at a threshold: "
+                             f"pass threshold (a cosine similarity in [-1, 1]).")
+    if name == "cw":
+        return registry.get("embedding_cw", threshold=threshold, eps=eps, targeted=targeted,
+                            confidence=cw_confidence, learning_rate=cw_learning_rate,
+                            max_iterations=cw_iterations, binary_search_steps=cw_search_steps,
+                            initial_const=cw_initial_const, bounds=bounds)
+    if eps is None:
+        raise ValueError(f"Expected eps (pixels) for the {name!r} embedding attack.")
+    norm = norms.canonical_norm(norm)
+    common = dict(eps=eps, norm=norm, targeted=targeted, bounds=bounds)
+    if name == "fgsm":
+        return registry.get("fgsm", objective="cosine_distance", **common)
+    if name == "apgd":
+        return registry.get("embedding_apgd", threshold=threshold, steps=steps,
+                            random_start=random_start, **common)
+    if step_size is None and isinstance(eps, (int, float)):  # PGD validates eps itself
+        step_size = default_step_size(eps, norm)
+    return registry.get("pgd", steps=steps, step_size=step_size, random_start=random_start,
+                        objective="cosine_distance", unroll=unroll, **common)
 
 
 def minimal_eps(attack: PGD, model, x, reference, threshold, mode="dodging", *,

@@ -26,6 +26,10 @@ A request whose gRPC deadline has passed, or whose client has cancelled or
 disconnected, is dropped before it reaches the model (DEADLINE_EXCEEDED), also
 from the batching queue.
 
+This module runs the server (`ModelServer`, `serve`); the gRPC services are
+in `tfadv.serving.grpc_service`, the REST gateway in `tfadv.serving.rest`
+and the reading of REST request bodies in `tfadv.serving.http_body`.
+
 Example:
 
 ```python
