@@ -20,7 +20,7 @@ import pickle
 import numpy as np
 import tensorflow as tf
 
-SOURCES = ("embedded", "tfds", "full")
+from tfadv.config.mnist import SOURCES  # noqa: E402  (one declaration, shared with the configs)
 SPLITS = ("train", "test")
 
 
