@@ -12,9 +12,16 @@ draws their robustness curves into one PNG.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
+
+import keras
+
+from tfadv import attacks, files
+from tfadv.data import load_mnist, subset
+from tfadv.evaluation import (evaluate_robustness, gradient_masking_checks, plot_curve,
+                              robustness_curve)
+from tfadv.recipes.mnist import MnistTrainConfig, train_mnist
 
 # Not the face demo's runs/demo: each demo keeps its own summary.json.
 DEFAULT_OUT = "runs/demo-mnist"
@@ -22,14 +29,6 @@ DEFAULT_OUT = "runs/demo-mnist"
 
 def run(out=DEFAULT_OUT, epochs=5, quick=False) -> dict:
     """Runs the demo; returns the summary it also writes to `out/summary.json`."""
-    import keras
-
-    from tfadv import attacks
-    from tfadv.data import load_mnist, subset
-    from tfadv.evaluation import (evaluate_robustness, gradient_masking_checks, plot_curve,
-                                  robustness_curve)
-    from tfadv.recipes.mnist import MnistTrainConfig, train_mnist
-
     limit = 400 if quick else None
     eval_limit = 100 if quick else 1000
     curve_limit = 100 if quick else 500
@@ -61,8 +60,7 @@ def run(out=DEFAULT_OUT, epochs=5, quick=False) -> dict:
     png = plot_curve(curves, os.path.join(out, "robustness_curve.png"),
                      title="MNIST: clean vs PGD adversarial training")
     summary["curve_png"] = png
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    files.write_json(os.path.join(out, "summary.json"), summary)
 
     print("\n== results on the embedded MNIST test split "
           f"({len(y_te)} digits; robust = worst case of PGD-40 and APGD-CE, eps=0.3) ==")

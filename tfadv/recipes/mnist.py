@@ -11,7 +11,7 @@ import time
 import keras
 import tensorflow as tf
 
-from tfadv import models
+from tfadv import files, models
 from tfadv.attacks import FGSM, PGD
 from tfadv.config.mnist import STRATEGIES, MnistTrainConfig  # noqa: F401 (re-exported)
 from tfadv.data import mnist as mnist_data
@@ -48,11 +48,15 @@ def _is_chief(strategy) -> bool:
     )
 
 
+def _eval_pgd(cfg: MnistTrainConfig) -> PGD:
+    """The evaluation attack: PGD with random start (PGD's default step unless set)."""
+    return PGD(eps=cfg.eps, steps=cfg.eval_steps, step_size=cfg.eval_step_size, random_start=True)
+
+
 def build_training_model(cfg: MnistTrainConfig) -> AdversarialModel:
     """The reference CNN wrapped for adversarial training and compiled."""
     attack = PGD(eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, random_start=True)
-    eval_step = cfg.eval_step_size or 2.5 * cfg.eps / cfg.eval_steps
-    eval_attack = PGD(eps=cfg.eps, step_size=eval_step, steps=cfg.eval_steps, random_start=True)
+    eval_attack = _eval_pgd(cfg)
     base = models.mnist_cnn()
     model = AdversarialModel(
         base,
@@ -121,8 +125,7 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
         base = model.base
         result = evaluate_robustness(
             base, x_te, y_te,
-            [PGD(eps=cfg.eps, steps=cfg.eval_steps,
-                 step_size=cfg.eval_step_size or 2.5 * cfg.eps / cfg.eval_steps),
+            [_eval_pgd(cfg),
              FGSM(eps=cfg.eps)],
             batch_size=500,
         )
@@ -134,9 +137,9 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
             "replicas": strategy.num_replicas_in_sync,
         }
         if chief:
-            base.save(os.path.join(cfg.out, "model.keras"))
-            with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=1)
+            with files.atomic_path(os.path.join(cfg.out, "model.keras")) as tmp:
+                base.save(tmp)
+            files.write_json(os.path.join(cfg.out, "metrics.json"), metrics)
         return metrics
     finally:
         if cfg.mixed_precision:
