@@ -9,9 +9,19 @@ from __future__ import annotations
 import json
 import time
 
+import grpc
 import numpy as np
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
+from tfadv.data import faces
 from tfadv.export import contract as C
+from tfadv.serving.tensors import dtype_name, to_numpy, to_tensor_proto
 
 _MB = 1 << 20
 # gRPC clamps a retry policy's maxAttempts at 5 (the first attempt and 4 retries).
@@ -106,8 +116,6 @@ class Client:
                  timeout: float = 10.0, max_message_mb: int = 256, retries: int = 3,
                  backoff: float = 0.1, batch_size: int = 32, root_certificates=None,
                  channel=None):
-        import grpc
-        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
         if timeout <= 0:
             raise ValueError(f"Expected timeout > 0 seconds. Received: timeout={timeout}")
@@ -160,9 +168,7 @@ class Client:
         Raises:
             grpc.RpcError: with the server's status code and message.
         """
-        from tensorflow_serving.apis import predict_pb2
 
-        from tfadv.serving.tensors import to_numpy, to_tensor_proto
 
         request = predict_pb2.PredictRequest()
         self._spec(request.model_spec, signature_name)
@@ -242,7 +248,6 @@ class Client:
                 are), or `detector` is given with `crop=False`.
             grpc.RpcError: with the server's status code and message.
         """
-        from tfadv.data import faces
 
         if detector is not None and not crop:
             raise ValueError("crop=False takes the centre of each image and uses no detector; "
@@ -286,9 +291,7 @@ class Client:
             "shape"}}, "outputs": {...}}}, "image_size": (H, W) or None,
             "embedding_dim": D or None}; shapes use -1 for any size.
         """
-        from tensorflow_serving.apis import get_model_metadata_pb2
 
-        from tfadv.serving.tensors import dtype_name
 
         request = get_model_metadata_pb2.GetModelMetadataRequest()
         self._spec(request.model_spec)
@@ -331,7 +334,6 @@ class Client:
             [{"version": int, "state": "AVAILABLE" | "LOADING" | "END" | ...,
             "error_code": "OK" | ..., "error_message": str}], newest first.
         """
-        from tensorflow_serving.apis import get_model_status_pb2
 
         request = get_model_status_pb2.GetModelStatusRequest()
         self._spec(request.model_spec)
@@ -351,7 +353,6 @@ class Client:
         Raises:
             TimeoutError: if it does not within `timeout` seconds.
         """
-        import grpc
 
         deadline = time.monotonic() + timeout
         last = None

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
 from tfadv.export import contract as C
 
 
@@ -73,8 +76,6 @@ def parse_model_config(text: str, relative_to: str | None = None) -> list[ModelC
     Raises:
         ValueError: if it does not parse or uses features this server lacks.
     """
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
 
     config = model_server_config_pb2.ModelServerConfig()
     try:

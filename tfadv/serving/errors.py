@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+
 # TF Serving's REST gateway maps canonical codes to HTTP statuses this way.
 _HTTP = {
     "INVALID_ARGUMENT": 400,
@@ -41,7 +43,6 @@ class ServingError(Exception):
     @property
     def grpc_code(self):
         """The `grpc.StatusCode` for this error."""
-        import grpc
 
         return grpc.StatusCode[self.code]
 

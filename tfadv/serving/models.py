@@ -18,6 +18,9 @@ import threading
 import time
 
 import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import prediction_log_pb2
 
 from tfadv.export import contract as C
 from tfadv.export.batching import BatchingParameters
@@ -25,7 +28,7 @@ from tfadv.export.saved_model import list_versions
 from tfadv.serving.batcher import Batcher, check_alive
 from tfadv.serving.config import ModelConfig
 from tfadv.serving.errors import invalid, not_found
-from tfadv.serving.tensors import numpy_dtype
+from tfadv.serving.tensors import numpy_dtype, to_numpy
 
 log = logging.getLogger("tfadv.serving")
 
@@ -143,7 +146,6 @@ class Signature:
         return batch or 0
 
     def _call(self, inputs: dict) -> dict:
-        import tensorflow as tf
 
         try:
             result = self._fn(**{k: tf.constant(v) for k, v in inputs.items()})
@@ -199,8 +201,6 @@ class Servable:
     """
 
     def __init__(self, name, version, path, *, max_batch_size, batching=None, warmup=True):
-        import tensorflow as tf
-        from tensorflow.core.protobuf import saved_model_pb2
 
         self.name = name
         self.version = version
@@ -238,10 +238,7 @@ class Servable:
         path = os.path.join(self.path, C.ASSETS_EXTRA, C.WARMUP_FILE)
         if not os.path.isfile(path):
             return
-        import tensorflow as tf
-        from tensorflow_serving.apis import prediction_log_pb2
 
-        from tfadv.serving.tensors import to_numpy
 
         for i, record in enumerate(tf.data.TFRecordDataset(path)):
             if i >= _MAX_WARMUP_RECORDS:
