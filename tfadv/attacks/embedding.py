@@ -306,7 +306,7 @@ def minimal_eps(attack: PGD, model, x, reference, threshold, mode="dodging", *,
     out = np.empty(n, np.float64)
     # One compiled attack for every bisection step (the budget is an input), cached
     # with the model: later calls with an equal attack reuse the trace.
-    from tfadv.evaluation.compiled import compiled_attack
+    from tfadv.evaluation.compiled import compiled_attack  # tfadv.evaluation imports attacks
 
     run = compiled_attack(model, attack, with_eps=True)
     for start in range(0, n, batch_size):

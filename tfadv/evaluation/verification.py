@@ -24,6 +24,7 @@ from sklearn import metrics as _metrics
 from sklearn.model_selection import KFold, PredefinedSplit, StratifiedKFold
 
 from tfadv.config import check_threshold  # noqa: F401 (re-exported: the one rule)
+from tfadv.data.pairs import make_pairs
 from tfadv.export.contract import THRESHOLD_FILE, THRESHOLD_KEY
 
 
@@ -336,7 +337,6 @@ def verification_report(embeddings, labels=None, pairs=None, *, num_pairs=None,
     if pairs is None:
         if labels is None:
             raise ValueError("Pass labels (to make pairs) or pairs=(idx_a, idx_b, is_same).")
-        from tfadv.data.pairs import make_pairs
 
         labels = np.asarray(labels)
         if labels.shape != (embeddings.shape[0],):
