@@ -230,14 +230,28 @@ def test_batching_parameters_match_text_format():
     assert BatchingParameters.from_proto(proto) == params
     one_line = text_format.MessageToString(params.to_proto(), as_one_line=True)
     assert BatchingParameters.from_text(one_line) == params
-    shipped = os.path.join(os.path.dirname(__file__), "..", "serving", "batching_parameters.txt")
-    assert BatchingParameters.read(shipped) == BatchingParameters.with_padding(32)
     assert BatchingParameters.from_text("") == BatchingParameters()
     for bad in ("max_batch_size: 3", "max_batch_size { value: x }", "allowed_batch_sizes: 1.5"):
         with pytest.raises(ValueError, match="Could not parse"):
             BatchingParameters.from_text(bad)
     with pytest.raises(ValueError, match="max_enqueued_batches to be an integer >= 1"):
         BatchingParameters.from_text("max_enqueued_batches { value: -1 }")
+
+
+def test_docker_compose_reads_the_files_export_writes(exported):
+    """One source of truth: serving/ holds no copies of the deploy files; the compose
+    file mounts the exported directory and reads them from where `export_model` put them."""
+    _, _, base, _ = exported
+    serving = os.path.join(os.path.dirname(__file__), "..", "serving")
+    assert not {C.MODELS_CONFIG_FILE, C.BATCHING_PARAMETERS_FILE} & set(os.listdir(serving))
+    compose = open(os.path.join(serving, "docker-compose.yml")).read()
+    mount = f"{C.CONTAINER_MODELS_ROOT}/${{MODEL_NAME:-{C.DEFAULT_MODEL_NAME}}}"
+    assert f"${{MODEL_BASE_DIR:-../exported/{C.DEFAULT_MODEL_NAME}}}:{mount}:ro" in compose
+    assert f"--model_config_file={mount}/{C.MODELS_CONFIG_FILE}" in compose
+    assert f"--batching_parameters_file={mount}/{C.BATCHING_PARAMETERS_FILE}" in compose
+    # What the container finds there: a config whose base path is the mount point.
+    (config,) = parse_model_config(open(os.path.join(base, C.MODELS_CONFIG_FILE)).read())
+    assert config.base_path == f"{C.CONTAINER_MODELS_ROOT}/{config.name}"
 
 
 def test_cli_export(tmp_path, capsys):

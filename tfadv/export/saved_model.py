@@ -21,6 +21,14 @@ import os
 import shutil
 import tempfile
 
+import keras
+import numpy as np
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+from tfadv.config.core import check_threshold
 from tfadv.export import contract as C
 from tfadv.export.batching import BatchingParameters
 
@@ -54,22 +62,21 @@ def read_threshold(path) -> float:
         FileNotFoundError: if there is no threshold file.
         ValueError: if the file lacks `cosine_threshold` or holds a bad value.
     """
+    # Imported here: tfadv.evaluation.verification imports tfadv.export.contract, so a
+    # module-level import would be a cycle (tfadv.export -> verification -> tfadv.export).
     from tfadv.evaluation.verification import load_threshold
 
     return load_threshold(path)
 
 
 def _load(model_or_path):
-    import keras
-
     if not isinstance(model_or_path, (str, os.PathLike)):
         return model_or_path
     path = os.fspath(model_or_path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No model at {path!r}. Expected a .keras file written by "
                                 "`tfadv facenet finetune` or `model.save(...)`.")
-    import tfadv  # noqa: F401  (registers the custom layers before loading)
-
+    # tfadv's custom layers are registered: importing this module imported the tfadv package.
     return keras.saving.load_model(path, safe_mode=True)
 
 
@@ -99,9 +106,6 @@ def image_shape(model) -> tuple[int, int]:
 
 
 def _build_archive(model, threshold):
-    import keras
-    import tensorflow as tf
-
     h, w = image_shape(model)
     threshold = tf.constant(threshold, tf.float32)
 
@@ -151,10 +155,6 @@ def warmup_requests(name: str, image_size: tuple[int, int], batch_sizes=(1,), se
     Returns:
         A list of `tensorflow_serving.apis.prediction_log_pb2.PredictionLog`.
     """
-    import numpy as np
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
-
     rng = np.random.default_rng(seed)
     h, w = image_size
     logs = []
@@ -179,9 +179,6 @@ def warmup_requests(name: str, image_size: tuple[int, int], batch_sizes=(1,), se
 
 def read_warmup_requests(path: str):
     """Parses a `tf_serving_warmup_requests` file back into PredictionLog records."""
-    import tensorflow as tf
-    from tensorflow_serving.apis import prediction_log_pb2
-
     out = []
     for record in tf.data.TFRecordDataset(path):
         log = prediction_log_pb2.PredictionLog()
@@ -192,9 +189,6 @@ def read_warmup_requests(path: str):
 
 def models_config_text(name: str, base_path: str) -> str:
     """A ModelServerConfig text proto serving the latest version of one model."""
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
     config = model_server_config_pb2.ModelServerConfig()
     model = config.model_config_list.config.add()
     model.name = name
@@ -326,8 +320,6 @@ def export_model(model_or_path, base_dir, *, name: str = C.DEFAULT_MODEL_NAME,
             raise ValueError("Pass threshold=<cosine threshold> when exporting a model object "
                              f"(it is read from {C.THRESHOLD_FILE} only for a model path).")
         threshold = read_threshold(os.fspath(model_or_path))
-    from tfadv.evaluation.verification import check_threshold
-
     threshold = check_threshold(threshold)
     batching = batching or BatchingParameters.with_padding(32)
 
@@ -344,8 +336,6 @@ def export_model(model_or_path, base_dir, *, name: str = C.DEFAULT_MODEL_NAME,
     # A leading '.' keeps TF Serving (and our server) from ever looking at it.
     tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=base_dir)
     try:
-        import tensorflow as tf
-
         archive.write_out(tmp, verbose=verbose)
         extra = os.path.join(tmp, C.ASSETS_EXTRA)
         os.makedirs(extra, exist_ok=True)
