@@ -1,6 +1,6 @@
 """Adversarial examples on disk (TFRecord shards + metadata) and their offline generation."""
 
-import argparse
+import dataclasses
 import json
 import math
 import os
@@ -451,31 +451,34 @@ def test_generate_validation(tiny_embedder, faces_dir, tmp_path):
     assert not (tmp_path / "a").exists() or R.shard_files(tmp_path / "a") == []
 
 
-def test_generate_command_uses_threshold_json(tiny_embedder, faces_dir, tmp_path, capsys):
+def test_generate_from_config_uses_threshold_json(tiny_embedder, faces_dir, tmp_path):
+    from tfadv.config.faces import GenerateConfig
     from tfadv.evaluation.verification import save_threshold
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     tiny_embedder.save(model_dir / "embedder.keras")
     save_threshold(model_dir, 0.77)
-    parser = argparse.ArgumentParser(prog="tfadv facenet")
-    G.add_generate_command(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "adv"
-    args = parser.parse_args([
-        "generate", "--model", str(model_dir), "--faces", str(faces_dir), "--out", str(out),
-        "--attacks", "pgd", "cleverhans_fgsm", "--eps", "2", "4", "--modes", "dodging",
-        "--limit", "3", "--steps", "2", "--detector", "none", "--no-progress"])
-    assert args.func(args) == 0
+    cfg = GenerateConfig(out=str(out), faces=str(faces_dir), attacks=("pgd", "cleverhans_fgsm"),
+                         eps=(2.0, 4.0), modes=("dodging",), limit=3, steps=2, detector="none",
+                         progress=False)
+    summary = G.generate_from_config(str(model_dir), cfg)
     meta = R.load_metadata(out)
+    assert meta == summary
     assert meta["count"] == 2 * 2 * 3 and meta["threshold"] == pytest.approx(0.77)
     assert meta["threshold_source"].endswith("threshold.json")
     assert meta["model"]["source"] == "file"
-    assert "pgd" in capsys.readouterr().out
-    # A second run into the same directory is refused with exit code 2.
-    assert args.func(args) == 2
-    assert "overwrite" in capsys.readouterr().err
-    assert G.main(["--model", str(model_dir), "--faces", str(tmp_path / "nope"),
-                   "--out", str(tmp_path / "x"), "--detector", "none"]) == 2
+    assert meta["settings"]["steps"] == 2 and meta["eps_list"] == [2.0, 4.0]
+    lines = G.summary_lines(summary, out)
+    assert str(out) in lines[0] and "0.770" in lines[0]
+    assert len(lines) == 1 + len(meta["groups"]) and any("pgd" in line for line in lines[1:])
+    # A second run into the same directory is refused unless the config says overwrite.
+    with pytest.raises(FileExistsError, match="overwrite"):
+        G.generate_from_config(str(model_dir), cfg)
+    with pytest.raises(FileNotFoundError):
+        G.generate_from_config(str(model_dir), dataclasses.replace(
+            cfg, faces=str(tmp_path / "nope"), out=str(tmp_path / "x")))
     assert math.isclose(meta["success_rates"]["pgd"]["dodging"]["4"],
                         next(g["success_rate"] for g in meta["groups"]
                              if g["attack"] == "pgd" and g["eps"] == 4.0))
