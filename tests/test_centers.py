@@ -1,11 +1,22 @@
-"""Centre extraction and comparison functions."""
+"""Centre extraction and comparison functions, and the centres study's orchestration."""
 
+import json
+
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tfadv
 from tfadv.attacks import InversePGD
+from tfadv.attacks.objectives import cross_entropy
 from tfadv.evaluation import centers as C
+from tfadv.evaluation import evaluate_robustness
+from tfadv.evaluation.centers import CentersModelResult, CentersStudyResult, _extraction_fn
+from tfadv.evaluation.verification import cosine_similarity
+from tfadv.recipes.centers import (ROBUST_ATTACKS, CentersStudyConfig, load_model_results,
+                                   model_backup, robust_attacks, run_centers_study,
+                                   save_model_results)
 
 
 def test_cosine_and_mse_on_hand_made_vectors():
@@ -41,8 +52,6 @@ def test_variance_and_separation():
 
 @pytest.fixture(scope="module")
 def feature_net(mnist_small):
-    import keras
-
     keras.utils.set_random_seed(0)
     x, y, _, _ = mnist_small
     model = tfadv.models.mnist_feature_net(feature_dim=4, arch="small")
@@ -70,8 +79,6 @@ def test_extraction_matches_eager_numpy_mean(feature_net, mnist_small):
 
 
 def test_repeated_extraction_reuses_one_trace(feature_net, mnist_small):
-    from tfadv.evaluation.centers import _extraction_fn
-
     _, _, x, y = mnist_small
     attack = InversePGD(random_start=False)
     first, _ = C.extract_centers(feature_net, (x[:100], y[:100]), attack=attack, batch_size=50)
@@ -98,9 +105,6 @@ def test_repeated_extraction_reuses_one_trace(feature_net, mnist_small):
 
 
 def test_uiat_perturbations_lower_the_loss_inside_the_ball(feature_net, mnist_small):
-    import tensorflow as tf
-    from tfadv.attacks.objectives import cross_entropy
-
     _, _, x, y = mnist_small
     deltas = C.universal_inverse_perturbations(feature_net, (x, y), epochs=3, batch_size=100)
     assert deltas.shape == (10, 28, 28, 1)
@@ -119,108 +123,137 @@ def test_classifier_weights_shape(feature_net):
     np.testing.assert_array_equal(w[3], feature_net.get_layer("classifier").kernel.numpy()[:, 3])
 
 
-def test_study_keeps_finished_models_for_resume(tmp_path):
-    from tfadv.recipes.centers import (CentersStudyConfig, load_model_results,
-                                       save_model_results)
+def test_cosines_are_the_verification_cosine():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    np.testing.assert_array_equal(C.cosine_per_class(a, b), cosine_similarity(a, b))
+    m = C.cosine_matrix(a, b)
+    for i in range(4):
+        np.testing.assert_allclose(m[i], cosine_similarity(b, a[i]), atol=1e-15)
 
+
+def _model_result(acc=0.9, **kw):
+    return CentersModelResult(**{**dict(
+        clean_accuracy=acc, robust_accuracy=0.0, robust_after={"pgd_ce": 0.0},
+        intra_class_variance=1.0, inter_class_separation={"mean": 2.0, "min": 1.0},
+        variance_to_separation=0.25, comparisons={},
+        centers={"clean": np.eye(3, 2, dtype=np.float32)},
+        history={"loss": [1.0, 0.5]}), **kw})
+
+
+def test_study_keeps_finished_models_for_resume(tmp_path):
     cfg = CentersStudyConfig(out=str(tmp_path), epochs=3)
-    res = {"clean_accuracy": 0.9, "history": {"loss": [1.0, 0.5]}}
-    kinds = {"clean": np.eye(3, 2), "inverse": np.ones((3, 2))}
-    feats = np.arange(12.0).reshape(6, 2)
+    res = _model_result(centers={"clean": np.eye(3, 2, dtype=np.float32),
+                                 "inverse": np.full((3, 2), 0.1, np.float32)})
+    feats = np.arange(12.0, dtype=np.float32).reshape(6, 2)
     done = tmp_path / "models_done"
     assert load_model_results(done, "A", cfg) is None
-    save_model_results(done, "A", cfg, res, kinds, feats)
-    got_res, got_kinds, got_feats = load_model_results(done, "A", cfg)
-    assert got_res == res and set(got_kinds) == set(kinds)
-    np.testing.assert_array_equal(got_kinds["inverse"], kinds["inverse"])
+    save_model_results(done, "A", cfg, res, feats)
+    got_res, got_feats = load_model_results(done, "A", cfg)
+    assert got_res.to_dict() == res.to_dict()
+    np.testing.assert_array_equal(got_res.centers["inverse"], res.centers["inverse"])
     np.testing.assert_array_equal(got_feats, feats)
     # Other settings (not another output folder or model list) must not reuse it.
+    messages = []
     other = CentersStudyConfig(out=str(tmp_path / "elsewhere"), epochs=4)
-    assert load_model_results(done, "A", other) is None
+    assert load_model_results(done, "A", other, log=messages.append) is None
+    assert len(messages) == 1 and "epochs: 3 -> 4" in messages[0]
     same = CentersStudyConfig(out=str(tmp_path / "elsewhere"), epochs=3, models=("A",))
     assert load_model_results(done, "A", same) is not None
 
 
-def test_settings_of_model_d_do_not_discard_the_other_models(tmp_path):
-    import json
-
-    from tfadv.recipes.centers import (CentersStudyConfig, load_model_results, model_backup,
-                                       save_model_results)
-
+def test_a_result_with_another_key_is_recomputed_not_migrated(tmp_path):
     cfg = CentersStudyConfig(out=str(tmp_path), epochs=3)
     done = tmp_path / "models_done"
     for name in "AD":
-        save_model_results(done, name, cfg, {"clean_accuracy": 0.5}, {"clean": np.eye(2)},
-                           np.zeros((2, 2)))
+        save_model_results(done, name, cfg, _model_result(), np.zeros((2, 2)))
+    # Model D's own settings (adv_*) do not key models A-C.
     retuned = CentersStudyConfig(out=str(tmp_path), epochs=3, adv_eps=0.2, adv_clean_epochs=1)
     assert load_model_results(done, "A", retuned) is not None
-    assert load_model_results(done, "D", retuned) is None
-    # A kept result whose key still holds D's settings (an earlier format) is reused for A.
-    with open(done / "A.json") as f:
-        saved = json.load(f)
-    saved["key"].update(adv_eps=0.3, adv_warmup_epochs=2.0)
-    with open(done / "A.json", "w") as f:
-        json.dump(saved, f)
-    assert load_model_results(done, "A", retuned) is not None
-    assert load_model_results(done, "A", CentersStudyConfig(out=str(tmp_path), epochs=4)) is None
-    assert load_model_results(
-        done, "A", CentersStudyConfig(out=str(tmp_path), epochs=3, adv_center_on="clean"))
-    # A key from before a setting existed matches that setting's default only.
+    assert load_model_results(done, "D", retuned, log=lambda m: None) is None
+    assert load_model_results(done, "A", CentersStudyConfig(out=str(tmp_path), epochs=4),
+                              log=lambda m: None) is None
+    # The robust-accuracy attacks are part of the key.
+    messages = []
+    assert load_model_results(done, "A", CentersStudyConfig(out=str(tmp_path), epochs=3,
+                                                            robust_steps=20),
+                              log=messages.append) is None
+    assert "robust_steps" in messages[0] and "computing them again" in messages[0]
+    # A key that lacks a setting (a file of an earlier version) is not completed: recomputed.
     with open(done / "D.json") as f:
         saved = json.load(f)
     del saved["key"]["adv_center_on"]
     with open(done / "D.json", "w") as f:
         json.dump(saved, f)
-    assert load_model_results(done, "D", cfg) is not None
-    assert load_model_results(
-        done, "D", CentersStudyConfig(out=str(tmp_path), epochs=3, adv_center_on="clean")) is None
-    with pytest.raises(ValueError, match="adv_center_on"):
-        CentersStudyConfig(out=str(tmp_path), adv_center_on="features")
-    # Same for a mid-training backup: kept for A, discarded for D.
+    messages.clear()
+    assert load_model_results(done, "D", cfg, log=messages.append) is None
+    assert "adv_center_on" in messages[0]
+    # A mid-training backup: kept for A, discarded for D.
     for name in "AD":
         model_backup(str(tmp_path), name, cfg)
         (tmp_path / "backup" / name / "marker").write_text("x")
     model_backup(str(tmp_path), "A", retuned)
-    model_backup(str(tmp_path), "D", retuned)
+    model_backup(str(tmp_path), "D", retuned, log=messages.append)
     assert (tmp_path / "backup" / "A" / "marker").exists()
     assert not (tmp_path / "backup" / "D" / "marker").exists()
+    assert "discarding the training backup" in messages[-1]
 
 
 def test_robust_accuracy_sees_through_a_saturated_softmax(feature_net, mnist_small):
     """CE attacks stall on a very confident model (zero CE gradient); the margin/DLR ones do not."""
-    import keras
-
-    from tfadv.recipes.centers import ROBUST_ATTACKS, CentersStudyConfig, robust_results
-
     _, _, x, y = mnist_small
     x, y = x[:100], y[:100]
     inp = keras.Input(x.shape[1:])
     saturated = keras.Model(inp, keras.layers.Rescaling(1e5)(feature_net(inp)))
     cfg = CentersStudyConfig(out="unused", robust_eps=0.3, robust_steps=10)
-    r = robust_results(saturated, x, y, cfg)
-    after = r["robust_after"]
+    attacks = robust_attacks(cfg)
+    assert list(attacks) == list(ROBUST_ATTACKS)
+    assert attacks["pgd_ce"].step_size == pytest.approx(2.5 * 0.3 / 10)  # PGD's default
+    r = evaluate_robustness(saturated, x, y, attacks, cascade=True)
+    after = r.per_attack
     assert list(after) == list(ROBUST_ATTACKS)
     # Cumulative: never rises, ends at the worst case.
-    assert all(a >= b for a, b in zip([r["clean_accuracy"], *after.values()], after.values()))
-    assert after["pgd_margin"] == r["robust_accuracy"]
+    assert all(a >= b for a, b in zip([r.clean_accuracy, *after.values()], after.values()))
+    assert after["pgd_margin"] == r.robust_accuracy
     # The CE attacks stall, the DLR/margin ones break what they left.
-    assert after["apgd_ce"] > r["robust_accuracy"] + 0.1
-    plain = robust_results(feature_net, x, y, cfg)
-    assert plain["clean_accuracy"] == pytest.approx(r["clean_accuracy"])
-    assert plain["robust_after"]["apgd_ce"] < after["apgd_ce"]
+    assert after["apgd_ce"] > r.robust_accuracy + 0.1
+    # Each attack ran on what the earlier ones left.
+    counts = list(r.attacked.values())
+    assert counts[0] == round(r.clean_accuracy * 100)
+    assert counts[1:] == [round(a * 100) for a in list(after.values())[:-1]]
+    plain = evaluate_robustness(feature_net, x, y, attacks, cascade=True)
+    assert plain.clean_accuracy == pytest.approx(r.clean_accuracy)
+    assert plain.per_attack["apgd_ce"] < after["apgd_ce"]
 
 
-def test_an_undertrained_study_does_not_answer_the_question():
-    from tfadv.recipes.centers import _verdict
-
-    def model(acc, var):
-        return {"clean_accuracy": acc, "variance_to_separation": var, "robust_accuracy": 0.0,
-                "comparisons": {}}
-
-    quick = {"_n": {"test": 300}, "A": model(0.49, 0.02), "C": model(0.50, 0.02)}
-    answer = [v for v in _verdict(quick) if v.startswith("Answer:")]
-    assert answer and answer[0].startswith("Answer: undecided") and "A (0.490 clean)" in answer[0]
-    full = {"_n": {"test": 1000}, "A": model(0.944, 0.0199), "C": model(0.921, 0.0271)}
-    answer = [v for v in _verdict(full) if v.startswith("Answer:")]
-    assert answer == ["Answer: on this evidence inverse adversaries can NOT simply replace the "
-                      "learned centres (accuracy measurably lower)."]
+def test_tiny_study_writes_typed_results_and_resumes(tmp_path, capsys):
+    cfg = CentersStudyConfig.quick(str(tmp_path), models=("A",), epochs=1, limit=200,
+                                   eval_limit=60, val_limit=60, uiat=False, robust_steps=2)
+    study = run_centers_study(cfg, progress=False)
+    assert isinstance(study, CentersStudyResult) and study.examples == {"train": 200, "test": 60}
+    results = json.load(open(tmp_path / "results.json"))
+    assert "_n" not in results["models"] and set(results["models"]) == {"A"}
+    assert results["examples"] == {"train": 200, "test": 60}
+    assert set(results) == {"config", "examples", "models", "figures", "verdict", "seconds"}
+    a = results["models"]["A"]
+    assert set(a) == {"clean_accuracy", "robust_accuracy", "robust_after",
+                      "intra_class_variance", "inter_class_separation",
+                      "variance_to_separation", "comparisons", "centers", "train_seconds",
+                      "history"}
+    assert list(a["robust_after"]) == ["pgd_ce", "apgd_ce", "apgd_dlr", "pgd_margin"]
+    assert a["robust_after"]["pgd_margin"] == a["robust_accuracy"]
+    assert CentersStudyResult.from_dict(results).to_dict() == study.to_dict() | {
+        "seconds": results["seconds"]}
+    report = (tmp_path / "report.md").read_text()
+    assert "Answer: none: the question compares models A and C" in report
+    assert results["verdict"][-1].startswith("Answer: none")
+    # Rerun: loaded, not retrained; another setting recomputes, saying why.
+    capsys.readouterr()
+    again = run_centers_study(cfg, progress=False)
+    assert again.models["A"].to_dict() == study.models["A"].to_dict()
+    assert capsys.readouterr().out == ""
+    changed = CentersStudyConfig.quick(str(tmp_path), models=("A",), epochs=1, limit=200,
+                                       eval_limit=60, val_limit=60, uiat=False, robust_steps=3)
+    run_centers_study(changed, progress=False)
+    out = capsys.readouterr().out
+    assert "Model A: the results kept in" in out and "robust_steps: 2 -> 3" in out

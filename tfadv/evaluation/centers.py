@@ -10,20 +10,27 @@ per-class vectors compared are:
 - clean centres: mean feature of each class's clean images;
 - center-loss centres: the `ClassCenters` variables of a center-loss model;
 - classifier weights: the columns of the last Dense kernel.
+
+`CentersModelResult` and `CentersStudyResult` are the typed results of the
+study that compares them (`tfadv.recipes.centers`), read by its report
+writer (`tfadv.reports.centers`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
 import tensorflow as tf
 
-from tfadv.attacks.base import Attack, input_gradient
 from tfadv.attacks import objectives
+from tfadv.attacks.base import Attack, input_gradient
+from tfadv.config.centers import CentersStudyConfig
+from tfadv.evaluation.compiled import compiled
+from tfadv.evaluation.verification import cosine_similarity
 from tfadv.models.features import CLASSIFIER_LAYER, FEATURE_LAYER, feature_model
 from tfadv.ops import norms
-from tfadv.evaluation.compiled import compiled
 from tfadv.ops.classwise import class_sums
 from tfadv.ops.labels import sparse_labels, sparse_labels_np
 
@@ -154,8 +161,7 @@ def _pair(a, b):
 def cosine_per_class(a, b):
     """cos(a_k, b_k) for every class k ([K]); 0 where a vector is zero."""
     a, b = _pair(a, b)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(den > 0, np.sum(a * b, axis=1) / np.where(den > 0, den, 1), 0.0)
+    return cosine_similarity(a, b)
 
 
 def mse_per_class(a, b):
@@ -165,11 +171,10 @@ def mse_per_class(a, b):
 
 
 def cosine_matrix(a, b):
-    """cos(a_i, b_j) for all class pairs ([K, K])."""
+    """cos(a_i, b_j) for all class pairs ([K, K]): `cosine_per_class` of every pairing."""
     a, b = _pair(a, b)
-    an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return an @ bn.T
+    k = len(a)
+    return cosine_similarity(np.repeat(a, k, axis=0), np.tile(b, (k, 1))).reshape(k, k)
 
 
 def intra_class_variance(features, labels, centers):
@@ -205,3 +210,87 @@ def compare_centers(kinds: dict) -> dict:
             "mse_mean": float(mse.mean()), "mse_std": float(mse.std()),
         }
     return out
+
+
+# -- the centres study's results ---------------------------------------------------
+
+
+@dataclasses.dataclass
+class CentersModelResult:
+    """Everything measured on one model of the centres study (`tfadv.recipes.centers`).
+
+    Attributes:
+        clean_accuracy: on the analysed test digits.
+        robust_accuracy: correct under every robust-accuracy attack.
+        robust_after: attack name -> accuracy still standing after it and
+            every earlier attack (cascade order; the last is `robust_accuracy`).
+        intra_class_variance: mean squared distance of a test feature to its
+            class's clean test centre.
+        inter_class_separation: {"mean", "min"} distance between those centres.
+        variance_to_separation: intra-class variance / mean separation^2
+            (scale-free compactness: center loss shrinks features, softmax
+            grows them).
+        comparisons: `compare_centers` of the centre kinds.
+        centers: kind -> [K, D] array (training digits).
+        train_seconds: training time over all epochs (also of a killed run).
+        history: per-epoch training logs.
+    """
+
+    clean_accuracy: float
+    robust_accuracy: float
+    robust_after: dict
+    intra_class_variance: float
+    inter_class_separation: dict
+    variance_to_separation: float
+    comparisons: dict
+    centers: dict
+    train_seconds: float = 0.0
+    history: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["centers"] = {k: np.asarray(v).tolist() for k, v in self.centers.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CentersModelResult":
+        d = dict(d)
+        d["centers"] = {k: np.asarray(v, np.float32) for k, v in d["centers"].items()}
+        return cls(**d)
+
+
+@dataclasses.dataclass
+class CentersStudyResult:
+    """The centres study's results: what `results.json` holds, `tfadv.reports.centers` draws.
+
+    Attributes:
+        config: the study's settings.
+        examples: {"train": digits trained on, "test": digits analysed}.
+        models: model name -> `CentersModelResult`, in `config.models` order.
+        figures: figure name -> PNG path.
+        seconds: wall time of the run that wrote the results.
+        features: model name -> test features [N, D] (figures only; not in
+            `to_dict`).
+        labels: the test labels [N] (figures only; not in `to_dict`).
+    """
+
+    config: CentersStudyConfig
+    examples: dict
+    models: dict
+    figures: dict = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+    features: dict = dataclasses.field(default_factory=dict, repr=False)
+    labels: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"config": dataclasses.asdict(self.config), "examples": dict(self.examples),
+                "models": {m: r.to_dict() for m, r in self.models.items()},
+                "figures": dict(self.figures), "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CentersStudyResult":
+        """The results of a `results.json` (without the features and labels)."""
+        config = dict(d["config"], models=tuple(d["config"]["models"]))
+        return cls(config=CentersStudyConfig(**config), examples=dict(d["examples"]),
+                   models={m: CentersModelResult.from_dict(r) for m, r in d["models"].items()},
+                   figures=dict(d.get("figures", {})), seconds=float(d.get("seconds", 0.0)))

@@ -17,7 +17,7 @@ import tensorflow as tf
 from tfadv.attacks import objectives
 from tfadv.attacks.base import call_model
 from tfadv.attacks.pgd import FGSM, PGD
-from tfadv.evaluation.robustness import attack_batches
+from tfadv.evaluation.robustness import _still_correct, attack_batches
 from tfadv.ops.labels import sparse_labels_np
 
 
@@ -38,10 +38,6 @@ class CheckReport:
 
     def to_dict(self):
         return {"ok": self.ok, "problems": self.problems, "measurements": self.measurements}
-
-
-def _accuracy(model, x, y):
-    return float(np.mean(np.argmax(np.asarray(call_model(model, x)), -1) == y))
 
 
 def gradient_masking_checks(
@@ -122,11 +118,12 @@ def gradient_masking_checks(
     x_np = x.numpy()
 
     def attacked_accuracy(attack):
-        return _accuracy(model, attack_batches(model, attack, x_np, y_np), y_np)
+        x_adv = attack_batches(model, attack, x_np, y_np)
+        return float(_still_correct(model, x_adv, y_np, batch_size=256).mean())
 
     def pgd_acc(e, k):
-        return attacked_accuracy(
-            PGD(eps=e, steps=k, step_size=2.5 * e / k, random_start=True, bounds=bounds))
+        # PGD's default step: 2.5 * e / k.
+        return attacked_accuracy(PGD(eps=e, steps=k, random_start=True, bounds=bounds))
 
     acc_k = pgd_acc(eps, steps)
     acc_4k = pgd_acc(eps, 4 * steps)
