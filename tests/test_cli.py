@@ -180,12 +180,12 @@ def test_centers_quick_writes_the_whole_report(tmp_path):
         assert (out / f"model_{m}.keras").exists()
 
 
-def test_centers_script_rejects_unknown_models(tmp_path):
-    script = os.path.join(os.path.dirname(__file__), "..", "training", "center_loss_inverse.py")
-    out = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--models", "A,Z"],
-                         capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert out.returncode == 2 and "Expected models" in out.stderr
+def test_centers_rejects_unknown_models(tmp_path, capsys):
+    from tfadv.cli import main
+
+    assert main(["centers", "--out", str(tmp_path), "--models", "A,Z"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tfadv centers: error:") and "Expected models" in err
 
 
 def test_centers_study_resumes_mid_model_after_kill(tmp_path):
@@ -226,3 +226,176 @@ def test_centers_options_reach_the_study_config(tmp_path):
     quick = centers_config(build_parser().parse_args(["centers", "--out", str(tmp_path),
                                                       "--quick"]))
     assert quick.epochs < 25 and quick.adv_clean_epochs == 1.0
+
+
+def _options(parser):
+    """Option strings and positional names of a command's parser."""
+    names = set(parser._option_string_actions)
+    names |= {a.dest for a in parser._actions if not a.option_strings}
+    return names
+
+
+def _expected_options(cls, prefix=""):
+    """`--name` for each command-line field of `cls` (nested configs with their prefix)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            own = f.metadata.get("prefix")
+            sub = "-".join(p for p in (prefix, f.name if own is None else own) if p)
+            yield from _expected_options(hints[f.name], sub)
+        elif f.metadata.get("positional"):
+            yield f.name
+        else:
+            yield "--" + "-".join(p for p in (prefix, f.name.replace("_", "-")) if p)
+
+
+def test_every_config_setting_has_an_option_and_every_command_a_handler():
+    from tfadv.cli import build_parser
+    from tfadv.config.options import commands
+
+    seen = set()
+    for prog, parser in commands(build_parser()):
+        assert callable(parser.get_default("func")), prog
+        assert parser.get_default("prog") == prog
+        for cls in parser.get_default("configs"):
+            seen.add(cls.__name__)
+            missing = set(_expected_options(cls)) - _options(parser)
+            assert not missing, (prog, cls.__name__, missing)
+    assert seen == {"MnistTrainConfig", "AttackEvalConfig", "MnistDataConfig", "CurveConfig",
+                    "CentersStudyConfig", "FaceFinetuneConfig", "SweepConfig",
+                    "GenerateConfig", "ExportConfig", "ServeConfig", "QueryConfig"}
+
+
+def test_eval_step_size_reaches_the_finetune_evaluation():
+    from tfadv.cli import build_parser, finetune_config
+    from tfadv.config import FaceEvalConfig
+
+    parse = build_parser().parse_args
+    cfg = finetune_config(parse(["facenet", "finetune", "--out", "o", "--eval-step-size", "1.5",
+                                 "--eval-attacks", "fgsm,pgd", "--lr", "3e-4", "--no-augment"]))
+    assert cfg.evaluation.step_size == 1.5 and cfg.evaluation.attacks == ("fgsm", "pgd")
+    assert cfg.evaluation.pgd_steps == FaceEvalConfig().pgd_steps
+    assert cfg.learning_rate == 3e-4 and cfg.augment is False
+    quick = finetune_config(parse(["facenet", "finetune", "--out", "o", "--quick",
+                                   "--eval-step-size", "1.5"]))
+    assert quick.evaluation == FaceEvalConfig(**{**vars(FaceEvalConfig.quick()),
+                                                 "step_size": 1.5})
+
+
+def test_documented_command_lines_parse():
+    """The spellings of the README, the notebooks and the tests keep working."""
+    from tfadv.cli import build_parser, generate_config
+    from tfadv.config import AttackEvalConfig, CurveConfig, MnistTrainConfig, SweepConfig
+    from tfadv.config.options import build
+
+    parse = build_parser().parse_args
+    train = build(MnistTrainConfig, parse(
+        "train mnist --method trades --epochs 20 --eps 0.3 --steps 10 --step-size 0.04 "
+        "--batch-size 50 --seed 0 --out runs/pgd --data embedded --lr 0.01 --adv-ratio 0.5 "
+        "--eps-warmup-epochs 0 --eval-steps 5 --eval-step-size 0.02 --jit-compile "
+        "--mixed-precision mixed_bfloat16 --strategy mirrored --limit 300".split()))
+    assert (train.learning_rate, train.eval_step_size, train.jit_compile) == (0.01, 0.02, True)
+    ev = build(AttackEvalConfig, parse(
+        "eval m.keras --attack pgd --attack apgd --eps 0.3 --steps 40 --step-size 0.01 "
+        "--restarts 2 --json --check".split()))
+    assert ev.attacks == ("pgd", "apgd") and ev.restarts == 2
+    curve = build(CurveConfig, parse("curve m.keras --eps 0,0.05,0.1 --out p".split()))
+    assert curve.eps == (0.0, 0.05, 0.1)
+    sweep = build(SweepConfig, parse(
+        "facenet sweep --out runs/sweep --eps 2,4 --steps 1,3 --lr 0.0001".split()))
+    assert (sweep.eps, sweep.steps, sweep.lr) == ((2.0, 4.0), (1, 3), (0.0001,))
+    gen_args = parse(
+        "facenet generate --model m --faces f --out o --attacks pgd cleverhans_fgsm --eps 2 4 "
+        "--modes dodging --limit 3 --steps 2 --detector none --no-progress --no-random-start "
+        "--threshold 0.5".split())
+    gen = generate_config(gen_args)
+    assert gen_args.model == "m" and gen_args.preset is None
+    assert (gen.attacks, gen.eps, gen.modes) == (("pgd", "cleverhans_fgsm"), (2.0, 4.0),
+                                                 ("dodging",))
+    assert (gen.progress, gen.random_start, gen.threshold) == (False, False, 0.5)
+    for line in ["centers --quick --out runs/c --no-uiat --models A",
+                 "facenet embed --preset facenet-mscele1m-128 a.jpg b.jpg --json",
+                 "facenet finetune --preset facenet-mscele1m-128 --out runs/facenet",
+                 "facenet export-pretrained --preset facenet-mscele1m-128 --out runs/p",
+                 "export e.keras --out exported/facenet --name facenet --warmup-batch-sizes 1,8",
+                 "serve exported/facenet --name facenet --port 8500 --rest-port 8501 --no-rest "
+                 "--enable-batching --max-batch-size 8 --no-warmup",
+                 "query 127.0.0.1:8500 --name facenet face.jpg --json --no-crop",
+                 "assets fetch", "demo --quick"]:
+        parse(line.split())
+    with pytest.raises(SystemExit):  # --preset and --model exclude each other
+        parse("facenet generate --preset p --model m --out o".split())
+    with pytest.raises(SystemExit):  # one of them is required
+        parse("facenet generate --out o".split())
+
+
+@pytest.mark.parametrize("error", [ValueError, FileNotFoundError, FileExistsError])
+def test_one_error_handler_for_every_command(monkeypatch, capsys, error):
+    from tfadv import cli
+
+    def fail(args):
+        raise error("something the user can fix")
+
+    monkeypatch.setattr(cli, "cmd_facenet_sweep", fail)
+    monkeypatch.delenv("TFADV_DEBUG", raising=False)
+    assert cli.main(["facenet", "sweep", "--out", "o"]) == 2
+    assert capsys.readouterr().err == "tfadv facenet sweep: error: something the user can fix\n"
+    monkeypatch.setenv("TFADV_DEBUG", "1")
+    with pytest.raises(error):
+        cli.main(["facenet", "sweep", "--out", "o"])
+
+
+def test_serving_commands_share_the_error_handler(capsys, monkeypatch):
+    from tfadv.cli import main
+
+    monkeypatch.delenv("TFADV_DEBUG", raising=False)
+    assert main(["serve"]) == 2  # the config is checked before anything starts
+    assert capsys.readouterr().err.startswith("tfadv serve: error: Pass BASE_DIR")
+    assert main(["serve", "b", "--model-config-file", "m"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["export", "/nonexistent/m.keras", "--out", "o"]) == 2
+    assert capsys.readouterr().err.startswith("tfadv export: error:")
+
+
+def test_facenet_generate_command(tmp_path, capsys, monkeypatch):
+    """`tfadv facenet generate` end to end on a tiny embedder: options reach the generator,
+    threshold.json next to --model is used, errors a user can fix are exit code 2."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import tiny_embedder
+    from tfadv.cli import main
+    from tfadv.data import adversarial_records as R
+    from tfadv.evaluation.verification import save_threshold
+
+    monkeypatch.delenv("TFADV_DEBUG", raising=False)
+    rng = np.random.default_rng(0)
+    faces = tmp_path / "faces"
+    for person in ("ann", "bob"):
+        (faces / person).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                faces / person / f"{k}.png")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    tiny_embedder(16).save(model_dir / "embedder.keras")
+    save_threshold(model_dir, 0.77)
+    out = tmp_path / "adv"
+    argv = ["facenet", "generate", "--model", str(model_dir), "--faces", str(faces),
+            "--out", str(out), "--attacks", "pgd", "fgsm", "--eps", "2,4", "--modes",
+            "dodging", "--limit", "3", "--steps", "2", "--detector", "none", "--no-progress"]
+    assert main(argv) == 0
+    meta = R.load_metadata(out)
+    assert meta["count"] == 2 * 2 * 3 and meta["threshold"] == pytest.approx(0.77)
+    assert meta["threshold_source"].endswith("threshold.json")
+    assert "pgd" in capsys.readouterr().out
+    assert main(argv) == 2  # the output exists
+    err = capsys.readouterr().err
+    assert err.startswith("tfadv facenet generate: error:") and "overwrite" in err
+    assert main([*argv, "--overwrite", "--faces", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.startswith("tfadv facenet generate: error:")

@@ -14,6 +14,31 @@ def positive_int(text):
     return value
 
 
+def nonneg_int(text):
+    """An integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}")
+    return value
+
+
+def port(text):
+    """A TCP port: an integer in [0, 65535] (0: any free port)."""
+    value = int(text)
+    if not 0 <= value < 65536:
+        raise argparse.ArgumentTypeError(
+            f"expected a port in [0, 65535] (0: any free); got {text!r}")
+    return value
+
+
+def positive_float(text):
+    """A finite number > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0; got {text!r}")
+    return value
+
+
 def nonneg_float(text):
     """A finite number >= 0."""
     value = float(text)

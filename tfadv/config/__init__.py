@@ -10,19 +10,24 @@ from tfadv.config.core import CENTER_SOURCES, CENTER_TARGETS, CenterLossConfig, 
 from tfadv.config.faces import FaceEvalConfig, FaceFinetuneConfig, GenerateConfig, SweepConfig
 from tfadv.config.mnist import AttackEvalConfig, CurveConfig, MnistDataConfig, MnistTrainConfig
 from tfadv.config.options import setting
+from tfadv.config.serving import BatchingOptions, ExportConfig, QueryConfig, ServeConfig
 
 __all__ = [
     "AttackEvalConfig",
+    "BatchingOptions",
     "CENTER_SOURCES",
     "CENTER_TARGETS",
     "CenterLossConfig",
     "CentersStudyConfig",
     "CurveConfig",
+    "ExportConfig",
     "FaceEvalConfig",
     "FaceFinetuneConfig",
     "GenerateConfig",
     "MnistDataConfig",
     "MnistTrainConfig",
+    "QueryConfig",
+    "ServeConfig",
     "SweepConfig",
     "check_threshold",
     "setting",

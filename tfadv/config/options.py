@@ -4,7 +4,19 @@ Every setting of a command is declared once, as a dataclass field made with
 `setting(default, help=...)`; `add_options` turns the fields into argparse
 options (`--field-name`, type and choices from the field, the default shown
 in the help) and `overrides` reads back the options the user gave, so a
-command builds its config as `dataclasses.replace(base, **overrides(...))`.
+command builds its config as `build(cls, args, base=...)`. `add_command`
+makes a sub-command from its configs and its handler, the one way every
+`tfadv` command is declared and dispatched.
+
+Option kinds, from the field's annotation:
+
+- int, float, str: one value (`type` and `choices` from the field);
+- bool: `--x` / `--no-x`;
+- tuple: one or more values, each of which may be comma-separated, and
+  repeating the option adds more (`--eps 1 2`, `--eps 1,2`, `--eps 1 --eps 2`);
+- a nested config dataclass: its own options, prefixed (`--eval-eps`);
+- `positional=True`: a positional argument (a tuple takes one or more
+  words, not split at commas).
 
 Only the standard library is imported here: `tfadv --help` stays cheap.
 """
@@ -19,7 +31,8 @@ _MISSING = dataclasses.MISSING
 
 
 def setting(default=_MISSING, *, help: str, choices=None, type=None, item=None, flags=(),
-            default_factory=_MISSING, cli: bool = True, metavar=None, prefix=None):
+            default_factory=_MISSING, cli: bool = True, metavar=None, prefix=None,
+            positional: bool = False):
     """A dataclass field that is also a command-line option.
 
     Args:
@@ -28,19 +41,23 @@ def setting(default=_MISSING, *, help: str, choices=None, type=None, item=None, 
         choices: allowed values (argparse checks them; the config validates again).
         type: an argparse type function (e.g. `tfadv.argtypes.positive_int`);
             default: from the field's annotation (int, float, str; tuples
-            take comma-separated `item`s; bools get `--x/--no-x`).
+            take comma-separated `item`s; bools get `--x/--no-x`). For a
+            tuple field it parses one command-line word and may return a
+            tuple (e.g. `comma_list(float)`) or one value.
         item: element type of a tuple field (default str).
         flags: extra option strings kept for compatibility (e.g. "--lr").
         cli: False for settings that only code sets (objects, callbacks).
         metavar: shown in the help instead of the upper-cased name.
         prefix: for a nested config field, the prefix of its options
-            (default: the field name).
+            (default: the field name; "" adds the nested options unprefixed).
+        positional: a positional argument instead of an option (optional
+            when the field has a default; a tuple takes one or more words).
 
     Returns:
         A `dataclasses.Field`.
     """
     meta = {"help": help, "choices": choices, "type": type, "item": item, "flags": tuple(flags),
-            "cli": cli, "metavar": metavar, "prefix": prefix}
+            "cli": cli, "metavar": metavar, "prefix": prefix, "positional": positional}
     kwargs = {"metadata": meta}
     if default is not _MISSING:
         kwargs["default"] = default
@@ -61,21 +78,30 @@ def comma_list(item=str):
     return parse
 
 
+def _flatten(values):
+    out = []
+    for v in values:
+        out.extend(v if isinstance(v, (tuple, list)) else (v,))
+    return tuple(out)
+
+
 class _Extend(argparse.Action):
-    """A tuple option: comma-separated values, and repeating the option adds more."""
+    """A tuple option: one or more words, each comma-separated; repeating it adds more."""
 
     def __init__(self, *args, allowed=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.allowed = allowed
 
     def __call__(self, parser, namespace, values, option_string=None):
-        current = getattr(namespace, self.dest, None) or ()
+        values = _flatten(values)
         if self.allowed is not None:
             bad = [v for v in values if v not in self.allowed]
             if bad:
-                parser.error(f"argument {option_string}: invalid choice(s) {bad} "
+                parser.error(f"argument {option_string or self.dest}: invalid choice(s) "
+                             f"{', '.join(map(repr, bad))} "
                              f"(choose from {', '.join(map(str, self.allowed))})")
-        setattr(namespace, self.dest, tuple(current) + tuple(values))
+        current = getattr(namespace, self.dest, None) or ()
+        setattr(namespace, self.dest, tuple(current) + values)
 
 
 def _base_type(annotation: str) -> str:
@@ -92,8 +118,17 @@ def _hints(cls):
     return typing.get_type_hints(cls)
 
 
+def _join(prefix, sub):
+    return "-".join(p for p in (prefix, sub) if p)
+
+
+def _sub_prefix(prefix, field):
+    own = field.metadata.get("prefix")
+    return _join(prefix, field.name if own is None else own)
+
+
 def _option(prefix, name):
-    return "--" + (prefix + "-" if prefix else "") + name.replace("_", "-")
+    return "--" + _join(prefix, name.replace("_", "-"))
 
 
 def _dest(prefix, name):
@@ -102,6 +137,10 @@ def _dest(prefix, name):
 
 def add_options(parser, cls, *, prefix: str = "", exclude=(), required=None, defaults=None):
     """Adds one option per field of the config dataclass `cls` to `parser`.
+
+    The options default to `argparse.SUPPRESS`: the namespace holds only what
+    the user gave, and `build` fills in the rest from the class (or a base
+    config), so the defaults are declared once, on the class.
 
     Args:
         parser: an `argparse.ArgumentParser` (or group).
@@ -130,8 +169,7 @@ def add_options(parser, cls, *, prefix: str = "", exclude=(), required=None, def
             continue
         tp = hints.get(f.name)
         if _is_config(tp):
-            sub_prefix = meta.get("prefix") or f.name
-            add_options(parser, tp, prefix=(prefix + "-" if prefix else "") + sub_prefix)
+            add_options(parser, tp, prefix=_sub_prefix(prefix, f))
             continue
         has_default = f.default is not _MISSING or f.default_factory is not _MISSING
         if f.name in defaults:
@@ -143,30 +181,49 @@ def add_options(parser, cls, *, prefix: str = "", exclude=(), required=None, def
         else:
             shown = None
         is_required = (f.name in required) if required is not None else not has_default
-        names = [_option(prefix, f.name), *meta["flags"]]
-        kwargs = dict(dest=_dest(prefix, f.name), default=argparse.SUPPRESS,
-                      help=meta["help"] + ("" if is_required or shown is None
-                                           else f" (default: {_show(shown)})"))
-        if is_required:
-            kwargs["required"] = True
+        text = meta["help"].replace("%", "%%")
+        if not is_required and shown is not None:
+            text += f" (default: {_show(shown)})".replace("%", "%%")
         base = _base_type(str(f.type))
-        if base == "bool" and meta["type"] is None:
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
-            continue
-        if base.startswith("tuple"):
-            kwargs["type"] = meta["type"] or comma_list(meta["item"] or str)
+        is_tuple = base.startswith("tuple")
+        kwargs = dict(help=text)
+        if meta.get("positional"):
+            names = [_dest(prefix, f.name)]
+            if is_tuple:
+                kwargs["nargs"] = "+" if is_required else "*"
+            elif not is_required:
+                kwargs["nargs"] = "?"
+            if not is_required:
+                kwargs["default"] = argparse.SUPPRESS
+            kwargs["metavar"] = meta["metavar"] or f.name.upper()
+        else:
+            names = [_option(prefix, f.name), *meta["flags"]]
+            kwargs.update(dest=_dest(prefix, f.name), default=argparse.SUPPRESS)
+            if is_required:
+                kwargs["required"] = True
+            if base == "bool" and meta["type"] is None:
+                parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+                continue
+            if meta["metavar"]:
+                kwargs["metavar"] = meta["metavar"]
+            elif meta["choices"] is None:
+                kwargs["metavar"] = _join(prefix, f.name).replace("-", "_").upper()
+        if is_tuple:
+            # Positional words are taken whole (file names may hold commas).
+            item = meta["item"] or str
+            kwargs["type"] = meta["type"] or (item if meta.get("positional") else comma_list(item))
             kwargs["action"] = _Extend
             kwargs["allowed"] = meta["choices"]
+            kwargs.setdefault("nargs", "+")
             if meta["choices"] and "metavar" not in kwargs:
                 kwargs["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
-        elif meta["type"] is not None:
-            kwargs["type"] = meta["type"]
-        elif base in ("int", "float"):
-            kwargs["type"] = {"int": int, "float": float}[base]
-        if meta["choices"] is not None and not base.startswith("tuple"):
-            kwargs["choices"] = list(meta["choices"])
-        if meta["metavar"]:
-            kwargs["metavar"] = meta["metavar"]
+        else:
+            if meta["type"] is not None:
+                kwargs["type"] = meta["type"]
+            elif base in ("int", "float"):
+                kwargs["type"] = {"int": int, "float": float}[base]
+            if meta["choices"] is not None:
+                kwargs["choices"] = list(meta["choices"])
         parser.add_argument(*names, **kwargs)
 
 
@@ -185,7 +242,8 @@ def overrides(cls, args, *, prefix: str = "") -> dict:
 
     Returns:
         {field: value} for the options present in `args` (nested config
-        fields as their own {field: value} dicts, present only when given).
+        fields as their own {field: value} dicts, present only when given;
+        lists as tuples).
     """
     hints = _hints(cls)
     given = vars(args)
@@ -193,12 +251,12 @@ def overrides(cls, args, *, prefix: str = "") -> dict:
     for f in dataclasses.fields(cls):
         tp = hints.get(f.name)
         if _is_config(tp):
-            sub_prefix = f.metadata.get("prefix") or f.name
-            sub = overrides(tp, args, prefix=(prefix + "-" if prefix else "") + sub_prefix)
+            sub = overrides(tp, args, prefix=_sub_prefix(prefix, f))
             if sub:
                 out[f.name] = sub
         elif _dest(prefix, f.name) in given:
-            out[f.name] = given[_dest(prefix, f.name)]
+            value = given[_dest(prefix, f.name)]
+            out[f.name] = tuple(value) if isinstance(value, list) else value
     return out
 
 
@@ -228,3 +286,45 @@ def replace(config, **values):
     cls = type(config)
     return dataclasses.replace(config, **{k: _nested(cls, k, v, getattr(config, k))
                                           for k, v in values.items()})
+
+
+def add_command(subparsers, name: str, func, *, help: str, configs=(), description=None):
+    """A sub-command: one option per setting of each config, and `func` as its handler.
+
+    `func(args)` receives the parsed namespace (with `args.prog`, e.g.
+    "tfadv facenet generate", for messages); it builds its configs with
+    `build(cls, args)`, returns None on success and raises on failure.
+
+    Args:
+        subparsers: from `parser.add_subparsers()`.
+        name: the command's name.
+        func: the handler.
+        help: one line for the parent's `--help`.
+        configs: config dataclasses whose fields become the command's options.
+        description: the command's own `--help` text (default: `help`).
+
+    Returns:
+        The sub-parser (add the command's own arguments to it).
+    """
+    parser = subparsers.add_parser(name, help=help, description=description or help)
+    for cls in configs:
+        add_options(parser, cls)
+    parser.set_defaults(func=func, configs=tuple(configs), prog=parser.prog)
+    return parser
+
+
+def add_group(subparsers, name: str, *, help: str, dest: str):
+    """A command with sub-commands (e.g. `tfadv facenet`); returns its subparsers."""
+    parser = subparsers.add_parser(name, help=help, description=help)
+    return parser.add_subparsers(dest=dest, required=True, metavar="COMMAND")
+
+
+def commands(parser):
+    """Yields `(prog, parser)` for every leaf command of `parser` (a parser with handlers)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser.prog, parser
+        return
+    for action in subs:
+        for sub in dict.fromkeys(action.choices.values()):
+            yield from commands(sub)
