@@ -127,10 +127,37 @@ def test_metrics_a_phase_never_updates_are_not_logged(data):
 
 
 def test_eval_threshold_follows_the_one_threshold_rule():
-    from tests.conftest import tiny_embedder
-    from tfadv.attacks import dodging_pgd
-    from tfadv.trainers import EmbeddingAdversarialModel
-
     with pytest.raises(ValueError, match=r"eval_threshold to be a cosine similarity"):
         EmbeddingAdversarialModel(tiny_embedder(), 2, eval_attack=dodging_pgd(eps=2, steps=1),
                                   eval_threshold=1.7)
+
+
+def test_warmup_budget_reaches_the_training_attack(data):
+    """eps_fraction (EpsilonWarmup's variable) scales the training attack: at 0 the
+    adversaries are the clean images (adversarial cosine 1, robust accuracy = accuracy)."""
+    x, y = data
+    m = EmbeddingAdversarialModel(embedder(), 4, attack=dodging_pgd(eps=16.0, steps=2),
+                                  eval_threshold=0.9)
+    m.compile(optimizer=keras.optimizers.SGD(0.0))
+    m.eps_fraction.assign(0.0)
+    h = m.fit(x, y, batch_size=32, epochs=1, verbose=0).history
+    assert h["adv_cosine"][0] == pytest.approx(1.0, abs=1e-5)
+    assert h["robust_accuracy"][0] == h["accuracy"][0] and h["dodge_success"][0] == 0.0
+    m.eps_fraction.assign(1.0)
+    h = m.fit(x, y, batch_size=32, epochs=1, verbose=0).history
+    assert h["adv_cosine"][0] < 1.0 - 1e-3
+
+
+def test_mixed_float16_with_warmup_trains(data):
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    x, y = data
+    m = EmbeddingAdversarialModel(embedder(), 4, attack=dodging_pgd(eps=8.0, steps=2),
+                                  center_weight=0.1)
+    m.compile(optimizer=keras.optimizers.Adam(1e-2))
+    assert isinstance(m.optimizer, keras.optimizers.LossScaleOptimizer)
+    before = [v.numpy() for v in m.trainable_variables]
+    h = m.fit(x, y, sample_weight=np.linspace(0.0, 2.0, len(x)).astype("float32"), batch_size=8,
+              epochs=2, verbose=0, callbacks=[tfadv.trainers.EpsilonWarmup(1)]).history
+    assert np.all(np.isfinite(h["loss"])) and np.all(np.isfinite(h["center_loss"]))
+    assert max(np.abs(a - v.numpy()).max() for a, v in zip(before, m.trainable_variables)) > 1e-3
+    assert float(m.eps_fraction.numpy()) == 1.0

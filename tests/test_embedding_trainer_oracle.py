@@ -165,3 +165,32 @@ def test_fgsm_oracle_is_the_trainers_attack():
     model.head.set_weights([H0])
     x_adv = model._adversarial(X, Y).numpy()
     np.testing.assert_allclose(x_adv, fgsm_numpy(X, Y, K0, C0, H0), atol=1e-6)
+
+
+def test_sample_weights_change_the_loss_as_the_oracle_says():
+    """The same batch with and without weights: the logged training loss and the
+    validation loss (`evaluate(..., sample_weight=...)`, the weighted CE) are the
+    oracle's, and the weights change them."""
+    logged = {}
+    for name, s in (("weighted", S), ("unweighted", np.ones(len(X), np.float32))):
+        embedder = linear_embedder(K0, C0)
+        model = EmbeddingAdversarialModel(
+            embedder, C, attack=FGSM(eps=EPS), attack_on="classification",
+            consistency_target="teacher", center_alpha=ALPHA,
+            teacher=linear_embedder(KT, CT), head_scale=SCALE, **TERMS)
+        model.head.set_weights([H0])
+        model.centers.centers.assign(CENTERS0)
+        model.compile(optimizer=keras.optimizers.SGD(LR))
+        s64 = s.astype(np.float64)
+        val = model.evaluate(X, Y, sample_weight=s, batch_size=len(X), verbose=0,
+                             return_dict=True)
+        ce = ce_of(logits_of(embed(X, K0, C0), H0), Y)
+        np.testing.assert_allclose(val["loss"], np.sum(s64 * ce) / len(X), rtol=1e-5)
+        x_adv = fgsm_numpy(X, Y, K0, C0, H0)
+        want, _ = terms([K0, C0, H0], X, x_adv, Y, s64, "teacher", CENTERS0)
+        hist = model.fit(X, Y, sample_weight=s, batch_size=len(X), epochs=1, shuffle=False,
+                         verbose=0).history
+        np.testing.assert_allclose(hist["loss"][0], want, rtol=1e-5)
+        logged[name] = (val["loss"], hist["loss"][0])
+    for weighted, unweighted in zip(logged["weighted"], logged["unweighted"]):
+        assert abs(weighted - unweighted) > 1e-3

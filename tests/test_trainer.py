@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 import tfadv
+from tests.conftest import tiny_cnn
 from tfadv.attacks import PGD
 
 W = np.array([[0.5, -0.3], [-0.2, 0.8]], np.float32)
@@ -126,8 +127,6 @@ def test_robust_validation_uses_eval_attack(tiny_model, batch):
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision(policy, batch):
-    from tests.conftest import tiny_cnn
-
     keras.mixed_precision.set_dtype_policy(policy)
     base = tiny_cnn()
     assert base.layers[1].compute_dtype != "float32"

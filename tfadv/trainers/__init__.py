@@ -3,6 +3,7 @@
 from tfadv.trainers import schedules
 
 from tfadv.trainers.adversarial import METHODS, AdversarialModel
+from tfadv.trainers.base import TrainerBase
 from tfadv.trainers.embedding import CosineClassifier, EmbeddingAdversarialModel
 from tfadv.trainers.callbacks import EpsilonWarmup, JSONHistory
 from tfadv.trainers.schedules import CyclicLR, sgd_nesterov
@@ -15,6 +16,7 @@ __all__ = [
     "CyclicLR",
     "EpsilonWarmup",
     "JSONHistory",
+    "TrainerBase",
     "schedules",
     "sgd_nesterov",
 ]

@@ -13,18 +13,15 @@ import keras
 import tensorflow as tf
 
 from tfadv.attacks import objectives as objectives_lib
-from tfadv.attacks.base import Attack
 from tfadv.attacks.pgd import InversePGD
-from tfadv.attacks.registry import deserialize, serialize
 from tfadv.config import CenterLossConfig
 from tfadv.layers.centers import ClassCenters
+from tfadv.losses.adversarial import adversarial_loss, trades_loss
 from tfadv.losses.center_loss import center_loss as center_loss_fn
-from tfadv.losses.reduction import global_batch_mean, sample_weights
+from tfadv.losses.reduction import global_batch_mean
 from tfadv.models.features import logits_and_features
 from tfadv.ops.classwise import class_sums
-from tfadv.ops.labels import sparse_labels
-from tfadv.trainers.base import (DOWN, MetricGroup, apply_gradients, directed_mean,
-                                 for_strategy, track_loss)
+from tfadv.trainers.base import DOWN, TrainerBase, directed_mean
 
 METHODS = ("standard", "pgd", "trades")
 
@@ -42,7 +39,7 @@ def _output_classes(model):
 
 
 @keras.saving.register_keras_serializable(package="tfadv")
-class AdversarialModel(keras.Model):
+class AdversarialModel(TrainerBase):
     """Adversarial training of a classifier with `compile` / `fit` / `evaluate`.
 
     Every loss term is reduced like Keras' compiled losses: sample weights
@@ -61,9 +58,11 @@ class AdversarialModel(keras.Model):
     Methods:
         - "pgd" (Madry et al., 2018): minimise the loss on `attack(x)`; with
           `adv_ratio < 1`, on the mix `(1 - r) * L(x) + r * L(x_adv)` (a
-          "balanced" clean/adversarial batch, one forward pass over both).
-        - "trades" (Zhang et al., 2019): `CE(f(x), y) + beta * KL(f(x) || f(x_adv))`,
-          with `x_adv` maximising that KL inside the attack's ball.
+          "balanced" clean/adversarial batch, one forward pass over both);
+          `tfadv.losses.adversarial_loss` with `compile()`'s loss as `L`.
+        - "trades" (Zhang et al., 2019): `L(f(x), y) + beta * KL(f(x) || f(x_adv))`,
+          with `x_adv` maximising that KL inside the attack's ball;
+          `tfadv.losses.trades_loss`.
         - "standard": clean training (still reports robust validation metrics).
 
     Args:
@@ -100,6 +99,8 @@ class AdversarialModel(keras.Model):
         >>> base.save("model.keras")
     """
 
+    _model_args = ("base",)
+
     def __init__(
         self,
         base,
@@ -112,14 +113,15 @@ class AdversarialModel(keras.Model):
         center_loss=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
         if not isinstance(base, keras.Model):
             raise ValueError(f"Expected base to be a keras.Model. Received: {type(base).__name__}")
         if method not in METHODS:
             raise ValueError(f"Expected method to be one of {METHODS}. Received: method={method!r}")
-        attack = None if attack is None else deserialize(attack)
-        eval_attack = None if eval_attack is None else deserialize(eval_attack)
-        if method != "standard" and attack is None:
+        super().__init__(attack=attack, eval_attack=eval_attack,
+                         num_classes=_output_classes(base), **kwargs)
+        if self.eval_attack is None:
+            self.eval_attack = self.attack
+        if method != "standard" and self.attack is None:
             raise ValueError(
                 f'method="{method}" needs a training attack, e.g. '
                 "attack=tfadv.attacks.PGD(eps=0.3, step_size=0.04, steps=10)."
@@ -128,16 +130,10 @@ class AdversarialModel(keras.Model):
             raise ValueError(f"Expected 0 <= adv_ratio <= 1. Received: adv_ratio={adv_ratio}")
         if float(trades_beta) < 0:
             raise ValueError(f"Expected trades_beta >= 0. Received: trades_beta={trades_beta}")
-        for name, value in (("attack", attack), ("eval_attack", eval_attack)):
-            if value is not None and not isinstance(value, Attack):
-                raise ValueError(f"Expected {name} to be a tfadv Attack. Received: {value!r}")
         self.base = base
-        self.attack = attack
         self.method = method
         self.adv_ratio = float(adv_ratio)
         self.trades_beta = float(trades_beta)
-        self.eval_attack = eval_attack if eval_attack is not None else attack
-        self.num_classes = _output_classes(base)
         own_metrics = [keras.metrics.SparseCategoricalAccuracy(name="robust_accuracy"),
                        directed_mean("robust_loss", DOWN)]
         self.center_cfg = None if center_loss is None else CenterLossConfig.from_dict(center_loss)
@@ -153,143 +149,134 @@ class AdversarialModel(keras.Model):
             self.inverse_attack = InversePGD(
                 eps=self.center_cfg.inverse_eps, step_size=self.center_cfg.inverse_step_size,
                 steps=self.center_cfg.inverse_steps)
-        self.extra_metrics = MetricGroup(own_metrics, name="adversarial_metrics")
-        # Fraction of the training attack's budget in use; EpsilonWarmup ramps it.
-        self.eps_fraction = self.add_weight(
-            shape=(), initializer="ones", trainable=False, name="eps_fraction", dtype="float32"
-        )
-        if base.built:
-            # The wrapper owns no weights of its own: built whenever its base is,
-            # so that saving and BackupAndRestore see every variable.
-            self.built = True
+        self._set_metrics(own_metrics, name="adversarial_metrics")
+        self._built_if_network_is()
 
-    def _budget(self):
-        """This step's training budget: the attack's eps times the warm-up fraction."""
-        if self.attack.eps is None:
-            return None
-        return self.attack.eps * self.eps_fraction
-
-    # Keras needs to know how to run the model for predict() and summary().
-    def call(self, inputs, training=False):
-        return self.base(inputs, training=training)
-
-    def build(self, input_shape):
-        if not self.base.built:
-            self.base.build(input_shape)
-        self.built = True
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras 3.15 builds metrics from the first distributed batch by
-        # strategy.reduce(), which MultiWorkerMirroredStrategy cannot apply to a
-        # tuple of PerReplica values. Only shapes matter for the build, so use
-        # this worker's first replica's batch instead.
-        strategy = self._distribute_strategy
-        if iterator is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        for _, _, it in iterator:
-            data_batch = tf.nest.map_structure(
-                lambda v: strategy.experimental_local_results(v)[0]
-                if isinstance(v, tf.distribute.DistributedValues) else v,
-                next(it),
-            )
-            break
-        with strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
+    @property
+    def network(self):
+        return self.base
 
     @property
     def robust_accuracy(self):
-        return self.extra_metrics["robust_accuracy"]
+        return self.tracked_metrics["robust_accuracy"]
 
     @property
     def robust_loss(self):
-        return self.extra_metrics["robust_loss"]
+        return self.tracked_metrics["robust_loss"]
 
     @property
     def center_loss_tracker(self):
-        return self.extra_metrics["center_loss"]
+        return self.tracked_metrics["center_loss"]
 
-    @property
-    def _eval_only(self):
-        return ("robust_accuracy", "robust_loss")
+    def silent_metrics(self, training):
+        """Training never updates the robust metrics; validation skips what it cannot compute."""
+        robust = ("robust_accuracy", "robust_loss")
+        if training:
+            return robust
+        names = [] if self.eval_attack is not None else list(robust)
+        # Inverse-adversary centres exist only inside a training step.
+        if self.center_cfg is not None and self.center_cfg.centers != "learned":
+            names.append("center_loss")
+        return tuple(names)
 
-    def _labels(self, y):
-        """The labels the trainer itself uses: `[N]` int64 (the user's y goes to compile's loss)."""
-        return sparse_labels(y, self.num_classes)
+    def _forward(self, inputs, training):
+        """(logits, features or None) of the base model."""
+        if self.center_cfg is None:
+            return self.base(inputs, training=training), None
+        return self._logits_features(inputs, training=training)
 
     # -- training ----------------------------------------------------------
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        labels = self._labels(y)
-        sw = sample_weights(sample_weight)
+    def prepare_batch(self, batch):
+        """The training adversaries (None for clean training) and the batch's class centres."""
+        x, labels = batch.x, batch.labels
         if self.method == "trades":
-            return self._trades_step(x, y, labels, sample_weight, sw)
-        cfg = self.center_cfg
-        attacked = self.method != "standard" and self.adv_ratio > 0.0
-        x_adv = self.attack(self.base, x, labels, eps=self._budget()) if attacked else None
-        n = tf.shape(x)[0]
-        need_clean_features = cfg is not None and cfg.on in ("clean", "both")
-        if not attacked:
-            inputs, targets, weights, parts = x, y, sample_weight, ("clean",)
-        elif self.adv_ratio == 1.0 and not need_clean_features:
-            inputs, targets, weights, parts = x_adv, y, sample_weight, ("adversarial",)
+            clean_probs = tf.nn.softmax(tf.cast(self.base(x, training=False), tf.float32))
+            x_adv = self.attack(self.base, x, clean_probs,
+                                objective=objectives_lib.kl_divergence, eps=self._budget())
+        elif self.method == "pgd" and self.adv_ratio > 0.0:
+            x_adv = self.attack(self.base, x, labels, eps=self._budget())
         else:
-            # One forward pass over [x, x_adv]. The mean over the 2N examples with
-            # weights 2(1-r) and 2r equals (1 - r) * mean L(x) + r * mean L(x_adv).
-            inputs = tf.concat([x, x_adv], axis=0)
-            targets = tf.concat([y, y], axis=0)
-            r = self.adv_ratio
-            weights = tf.concat([tf.fill([n], 2.0 * (1.0 - r)), tf.fill([n], 2.0 * r)], axis=0)
-            if sw is not None:
-                weights = weights * tf.concat([sw, sw], axis=0)
-            parts = ("clean", "adversarial")
-        centers_y = self._batch_centers(x, labels, sw) if cfg is not None else None
+            x_adv = None
+        centers = None
+        if self.center_cfg is not None:
+            centers = self._batch_centers(x, labels, batch.weights)
+        return {"x_adv": x_adv, "centers": centers}
 
-        with tf.GradientTape() as tape:
-            if cfg is None:
-                y_pred = self.base(inputs, training=True)
-            else:
-                y_pred, features = self._logits_features(inputs, training=True)
-            loss = self._compute_loss(
-                x=inputs, y=targets, y_pred=y_pred, sample_weight=weights, training=True
-            )
-            if cfg is not None:
-                loss = loss + self._center_term(features, labels, sw, centers_y, parts)
-            track_loss(self._loss_tracker, loss, tf.shape(inputs)[0])
-            scaled = self.optimizer.scale_loss(loss)
-        self._apply(tape, scaled)
-        if len(parts) == 2 and self.adv_ratio < 1.0:
-            return self._train_logs(inputs, targets, y_pred, weights)
-        # Training accuracy is reported on the examples the loss is about.
+    def _parts(self, x_adv):
+        """The examples of the forward pass: ("clean",), ("adversarial",) or both, in order."""
+        if x_adv is None:
+            return ("clean",)
+        clean_features = self.center_cfg is not None and self.center_cfg.on in ("clean", "both")
+        if self.method == "pgd" and self.adv_ratio == 1.0 and not clean_features:
+            return ("adversarial",)
+        return ("clean", "adversarial")
+
+    def compute_adversarial_loss(self, batch, prepared):
+        x_adv = prepared["x_adv"]
+        parts = self._parts(x_adv)
+        given = {"clean": batch.x, "adversarial": x_adv}
+        inputs = (given[parts[0]] if len(parts) == 1
+                  else tf.concat([batch.x, x_adv], axis=0))
+        y_pred, features = self._forward(inputs, training=True)
+        n = batch.size
+        split = {parts[0]: y_pred} if len(parts) == 1 else {"clean": y_pred[:n],
+                                                              "adversarial": y_pred[n:]}
+        if self.method == "trades":
+            loss = trades_loss(batch.y, split["clean"], split["adversarial"],
+                               beta=self.trades_beta, sample_weight=batch.sample_weight,
+                               loss_fn=self._compiled_loss)
+        else:
+            ratio = 0.0 if parts == ("clean",) else self.adv_ratio
+            loss = adversarial_loss(batch.y, split.get("clean"), split.get("adversarial"),
+                                    adv_ratio=ratio, sample_weight=batch.sample_weight,
+                                    loss_fn=self._compiled_loss)
+        outputs = {"inputs": inputs, "y_pred": y_pred, "parts": parts}
+        if self.center_cfg is not None:
+            term = self._center_term(features, batch, prepared["centers"], parts)
+            outputs["center"] = term
+            per_example, _, _, weights = term
+            loss = loss + self.center_cfg.weight * global_batch_mean(per_example, weights)
+        return loss, outputs
+
+    def _center_term(self, features, batch, centers_y, parts):
+        """(per-example center loss, features, labels, weights) of the examples it covers."""
+        on, copies = self.center_cfg.on, 1
         if len(parts) == 2:
-            return self._train_logs(x_adv, y, y_pred[n:], sample_weight)
-        return self._train_logs(inputs, targets, y_pred, weights)
-
-    def _selected(self, features, parts):
-        """Features (and how many copies of the labels) the center loss applies to."""
-        on = self.center_cfg.on
-        if len(parts) == 1:
-            return features, 1
-        n = tf.shape(features)[0] // 2
-        if on == "clean":
-            return features[:n], 1
-        if on == "adversarial":
-            return features[n:], 1
-        return features, 2
-
-    def _center_term(self, features, labels, sw, centers_y, parts):
-        """Weighted center loss on the selected features; updates the learned centres."""
-        feats, copies = self._selected(features, parts)
+            n = batch.size
+            if on == "clean":
+                features = features[:n]
+            elif on == "adversarial":
+                features = features[n:]
+            else:
+                copies = 2
 
         def repeat(t):
             return t if t is None or copies == 1 else tf.concat([t] * copies, axis=0)
 
-        labels, centers, weights = repeat(labels), repeat(centers_y), repeat(sw)
-        per_example = center_loss_fn(feats, centers)
-        self.center_loss_tracker.update_state(per_example, sample_weight=weights)
-        if self.center_cfg.centers == "learned":
-            self.centers.update(feats, labels, sample_weight=weights)
-        term = global_batch_mean(per_example, weights)
-        return tf.cast(self.center_cfg.weight, term.dtype) * term
+        labels, centers, weights = repeat(batch.labels), repeat(centers_y), repeat(batch.weights)
+        return center_loss_fn(features, centers), features, labels, weights
+
+    def after_train_step(self, batch, prepared, outputs):
+        if self.center_cfg is not None:
+            per_example, features, labels, weights = outputs["center"]
+            self.center_loss_tracker.update_state(per_example, sample_weight=weights)
+            if self.center_cfg.centers == "learned":
+                self.centers.update(features, labels, sample_weight=weights)
+        inputs, y_pred, parts = outputs["inputs"], outputs["y_pred"], outputs["parts"]
+        n = batch.size
+        if self.method == "trades":
+            return batch.x, batch.y, y_pred[:n], batch.sample_weight
+        if len(parts) == 2 and self.adv_ratio < 1.0:
+            # compile()'s metrics on the mix, weighted as the loss weights it.
+            r = self.adv_ratio
+            weights = tf.concat([tf.fill([n], 2.0 * (1.0 - r)), tf.fill([n], 2.0 * r)], axis=0)
+            if batch.weights is not None:
+                weights = weights * tf.concat([batch.weights, batch.weights], axis=0)
+            return inputs, tf.concat([batch.y, batch.y], axis=0), y_pred, weights
+        # Otherwise on the examples the loss is about.
+        if len(parts) == 2:
+            return prepared["x_adv"], batch.y, y_pred[n:], batch.sample_weight
+        return inputs, batch.y, y_pred, batch.sample_weight
 
     def _batch_centers(self, x, labels, sw):
         """The centre of each example's class, before this step's update (float32 [N, D])."""
@@ -305,64 +292,15 @@ class AdversarialModel(keras.Model):
         means = tf.math.divide_no_nan(sums, counts[:, None])
         return tf.stop_gradient(tf.gather(means, tf.cast(labels, tf.int32)))
 
-    def _trades_step(self, x, y, labels, sample_weight, sw):
-        clean_probs = tf.nn.softmax(tf.cast(self.base(x, training=False), tf.float32))
-        x_adv = self.attack(self.base, x, clean_probs, objective=objectives_lib.kl_divergence,
-                            eps=self._budget())
-        n = tf.shape(x)[0]
-        cfg = self.center_cfg
-        centers_y = self._batch_centers(x, labels, sw) if cfg is not None else None
-        with tf.GradientTape() as tape:
-            inputs = tf.concat([x, x_adv], axis=0)
-            if cfg is None:
-                both = self.base(inputs, training=True)
-            else:
-                both, features = self._logits_features(inputs, training=True)
-            logits, logits_adv = both[:n], both[n:]
-            natural = self._compute_loss(
-                x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=True
-            )
-            p = tf.nn.softmax(tf.cast(logits, tf.float32))
-            kl = objectives_lib.kl_divergence(logits_adv, p)
-            robust = global_batch_mean(kl, sw)
-            loss = natural + tf.cast(self.trades_beta, natural.dtype) * robust
-            if cfg is not None:
-                loss = loss + self._center_term(features, labels, sw, centers_y,
-                                                ("clean", "adversarial"))
-            track_loss(self._loss_tracker, loss, n)
-            scaled = self.optimizer.scale_loss(loss)
-        self._apply(tape, scaled)
-        return self._train_logs(x, y, logits, sample_weight)
-
-    def _apply(self, tape, loss):
-        variables = self.trainable_variables
-        grads = tape.gradient(loss, variables)
-        apply_gradients(self.optimizer, grads, variables)
-
-    def _train_logs(self, x, y, y_pred, sample_weight):
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        return self._for_strategy({k: v for k, v in logs.items() if k not in self._eval_only})
-
-    def _for_strategy(self, logs):
-        return for_strategy(self._distribute_strategy, logs)
-
     # -- evaluation --------------------------------------------------------
-    def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        labels = self._labels(y)
-        sw = sample_weights(sample_weight)
-        if self.center_cfg is not None:
-            y_pred, features = self._logits_features(x, training=False)
+    def evaluate_batch(self, batch):
+        x, labels, sw = batch.x, batch.labels, batch.weights
+        y_pred, features = self._forward(x, training=False)
+        if self.center_cfg is not None and self.center_cfg.centers == "learned":
             # Validation center loss against the learned centres (no update).
-            if self.center_cfg.centers == "learned":
-                self.center_loss_tracker.update_state(
-                    center_loss_fn(features, self.centers(labels)), sample_weight=sw)
-        else:
-            y_pred = self.base(x, training=False)
-        loss = self._compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
-        )
-        track_loss(self._loss_tracker, loss, tf.shape(x)[0])
+            self.center_loss_tracker.update_state(
+                center_loss_fn(features, self.centers(labels)), sample_weight=sw)
+        loss = self._compiled_loss(batch.y, y_pred, batch.sample_weight, training=False)
         if self.eval_attack is not None:
             x_adv = self.eval_attack(self.base, x, labels)
             adv_pred = self.base(x_adv, training=False)
@@ -370,38 +308,15 @@ class AdversarialModel(keras.Model):
             self.robust_loss.update_state(
                 objectives_lib.cross_entropy(adv_pred, labels), sample_weight=sw
             )
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        return self._for_strategy({k: v for k, v in logs.items() if k not in self._not_evaluated})
-
-    @property
-    def _not_evaluated(self):
-        """Metrics `test_step` never updates: not logged (a constant 0 column misleads)."""
-        names = []
-        if self.eval_attack is None:
-            names += self._eval_only
-        # Inverse-adversary centres exist only inside a training step.
-        if self.center_cfg is not None and self.center_cfg.centers != "learned":
-            names.append("center_loss")
-        return tuple(names)
+        return loss, (x, batch.y, y_pred, batch.sample_weight)
 
     # -- serialisation -----------------------------------------------------
     def get_config(self):
         config = super().get_config()
         config.update(
-            base=keras.saving.serialize_keras_object(self.base),
-            attack=None if self.attack is None else serialize(self.attack),
             method=self.method,
             adv_ratio=self.adv_ratio,
             trades_beta=self.trades_beta,
-            eval_attack=None if self.eval_attack is None else serialize(self.eval_attack),
             center_loss=None if self.center_cfg is None else self.center_cfg.to_dict(),
         )
         return config
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        config["base"] = keras.saving.deserialize_keras_object(
-            config["base"], custom_objects=custom_objects
-        )
-        return cls(**config)

@@ -1,20 +1,71 @@
-"""Keras plumbing shared by the trainers: metric directions, loss tracking, replicas,
-the optimizer step."""
+"""The trainer base: the Keras plumbing both adversarial trainers share.
+
+`TrainerBase` is a `keras.Model` that wraps the network being trained and owns
+everything a min-max training step needs besides the loss itself:
+
+- unpacking `(x, y, sample_weight)` (and `class_weight`, which `fit` turns
+  into sample weights), the labels in tfadv's label contract;
+- the optimizer step: loss scaling under mixed precision
+  (`optimizer.scale_loss`; a `LossScaleOptimizer` unscales the gradients),
+  one overflow decision for all replicas (`apply_gradients`);
+- the replica convention: every loss term is this replica's share of the
+  global-batch mean (`tfadv.losses.global_batch_mean`), the logged loss is
+  the global one (`track_loss`);
+- the warm-up budget `eps_fraction` (ramped by `EpsilonWarmup`) and
+  `_budget()`, the training attack's per-call budget;
+- the metric trackers (`loss` plus each trainer's own, with their
+  directions for Keras' monitor callbacks), `metrics` and their reset, and
+  which metrics each phase logs;
+- `call` / `build` / `get_config` / `from_config`.
+
+A subclass implements its loss and its metrics through five hooks:
+`prepare_batch` (the inner maximisation, before the gradient tape),
+`compute_adversarial_loss` (the outer loss, under the tape),
+`after_train_step` (state updates such as class centres, and metrics),
+`evaluate_batch` (validation) and `silent_metrics` (what a phase never
+updates). The loss formulas themselves are the plain functions of
+`tfadv.losses`.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
 
-# Keras' monitor callbacks (EarlyStopping, ModelCheckpoint, ReduceLROnPlateau)
-# infer the direction of a metric in mode="auto" only for metrics held in a
-# CompileMetrics or MetricsList (keras/src/callbacks/monitor_callback.py).
+# Private Keras module: one of the two Keras internals listed in the
+# "Keras internals" section below.
 from keras.src.trainers.compile_utils import MetricsList
 
-from tfadv.losses.reduction import unscale_for_replicas
+from tfadv.attacks.registry import deserialize, serialize
+from tfadv.losses.reduction import sample_weights, unscale_for_replicas
+from tfadv.ops.labels import sparse_labels
 
 UP, DOWN = "up", "down"
 
+# =============================================================================
+# Keras internals
+#
+# The only place tfadv relies on Keras beyond its public API. keras is pinned
+# below the next minor version (pyproject.toml), and
+# tests/test_trainer_base.py::test_keras_internals_are_still_there fails
+# loudly when an upgrade removes or changes one of them:
+#
+# 1. Metric directions. Keras' monitor callbacks (EarlyStopping,
+#    ModelCheckpoint, ReduceLROnPlateau) infer in mode="auto" whether a
+#    metric is to be maximised only for metrics held in a
+#    `keras.src.trainers.compile_utils.MetricsList` (or the compiled
+#    metrics), from the metric's `_direction` attribute
+#    (keras/src/callbacks/monitor_callback.py); Keras has no public way to
+#    give a custom metric a direction.
+# 2. The first build under MultiWorkerMirroredStrategy. Keras 3.15 builds the
+#    model and its metrics from the first distributed batch reduced with
+#    `strategy.reduce()` (`Trainer._maybe_symbolic_build`), which
+#    MultiWorkerMirroredStrategy cannot apply to a tuple of PerReplica
+#    values; `_KerasHooks` overrides that method and calls
+#    `Trainer._symbolic_build` with this worker's first replica's batch.
+# =============================================================================
 
 def directed_mean(name, direction):
     """A `keras.metrics.Mean` that tells Keras' callbacks which way is better.
@@ -76,6 +127,37 @@ class MetricGroup(MetricsList):
 
     def __contains__(self, name):
         return any(m.name == name for m in self.metrics)
+
+    @property
+    def names(self):
+        return [m.name for m in self.metrics]
+
+
+class _KerasHooks(keras.Model):
+    """The private `Trainer` methods the trainers override (internal 2 above)."""
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Only shapes matter for the build: under MultiWorkerMirroredStrategy use
+        # this worker's first replica's batch instead of a cross-worker reduce.
+        strategy = self.distribute_strategy
+        if iterator is None or not isinstance(strategy,
+                                              tf.distribute.MultiWorkerMirroredStrategy):
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        def first_local(value):
+            if isinstance(value, tf.distribute.DistributedValues):
+                return strategy.experimental_local_results(value)[0]
+            return value
+
+        for _, _, it in iterator:
+            data_batch = tf.nest.map_structure(first_local, next(it))
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+
+# =============================================================================
+# End of the Keras internals.
+# =============================================================================
 
 
 def track_loss(tracker, loss, batch_size):
@@ -154,3 +236,239 @@ def _nonfinite_if_any_replica_is(context, grads):
         return g + tf.cast(poison, g.dtype)
 
     return [mark(g) for g in grads]
+
+
+class Batch(NamedTuple):
+    """One step's data as the hooks see it.
+
+    Attributes:
+        x: the inputs.
+        y: the targets as given (what `compile()`'s loss and metrics get).
+        sample_weight: the weights as given (None, `[N]` or `[N, 1]`).
+        labels: `[N]` int64 class labels (`tfadv.ops.sparse_labels`).
+        weights: float32 `[N]` sample weights, or None.
+        size: this replica's batch size (scalar int32 tensor).
+    """
+
+    x: object
+    y: object
+    sample_weight: object
+    labels: object
+    weights: object
+    size: object
+
+
+def _as_attack(value):
+    """An Attack, its serialised dict (`tfadv.attacks.serialize`) or None -> Attack or None."""
+    return None if value is None else deserialize(value)
+
+
+def _serialize_models(value):
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [keras.saving.serialize_keras_object(m) for m in value]
+    return keras.saving.serialize_keras_object(value)
+
+
+def _deserialize_models(value, custom_objects):
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [keras.saving.deserialize_keras_object(m, custom_objects=custom_objects)
+                for m in value]
+    return keras.saving.deserialize_keras_object(value, custom_objects=custom_objects)
+
+
+class TrainerBase(_KerasHooks):
+    """Base of the adversarial trainers: a `keras.Model` wrapping the network it trains.
+
+    `fit` runs `train_step`: the subclass's `prepare_batch` (the inner
+    maximisation, outside the gradient tape), its `compute_adversarial_loss`
+    under the tape, the optimizer step (loss scaled under mixed precision,
+    one overflow decision for all replicas), then `after_train_step`.
+    `evaluate` runs `test_step` with the subclass's `evaluate_batch`. The
+    logged `loss` is the global-batch loss either way.
+
+    Subclasses set the attribute holding the wrapped network (the `network`
+    property names it), call `_set_metrics` with their own metrics and
+    `_built_if_network_is` at the end of `__init__`, and list in
+    `_model_args` the constructor arguments that are Keras models (they are
+    serialised with their config).
+
+    Args:
+        attack: the training attack (a tfadv `Attack` or its serialised dict),
+            or None.
+        eval_attack: the validation attack, or None.
+        num_classes: classes of the labels (one-hot rows of another width are
+            rejected), or None.
+        **kwargs: `keras.Model` arguments (name, dtype, ...).
+
+    Raises:
+        ValueError: an attack that is neither a tfadv Attack nor its
+            serialised dict.
+    """
+
+    _model_args: tuple = ()
+
+    def __init__(self, *, attack=None, eval_attack=None, num_classes=None, **kwargs):
+        super().__init__(**kwargs)
+        self.attack = _as_attack(attack)
+        self.eval_attack = _as_attack(eval_attack)
+        self.num_classes = None if num_classes is None else int(num_classes)
+        # Fraction of the training attack's budget in use; EpsilonWarmup ramps it.
+        self.eps_fraction = self.add_weight(
+            shape=(), initializer="ones", trainable=False, name="eps_fraction", dtype="float32"
+        )
+
+    # -- structure ---------------------------------------------------------
+    @property
+    def network(self):
+        """The wrapped network: what is trained, saved and deployed."""
+        raise NotImplementedError
+
+    def build_heads(self):
+        """Builds layers of the trainer's own that depend on the network's outputs."""
+
+    def _built_if_network_is(self):
+        # The trainer is built whenever its network is, so that saving,
+        # ModelCheckpoint and BackupAndRestore see every variable before a call.
+        if self.network.built:
+            self.build_heads()
+            self.built = True
+
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    def build(self, input_shape):
+        if not self.network.built:
+            self.network.build(input_shape)
+        self.build_heads()
+        self.built = True
+
+    def _budget(self):
+        """This step's training budget: the attack's eps times the warm-up fraction.
+
+        None (the attack's own budget) for an attack without a positive eps.
+        """
+        eps = getattr(self.attack, "eps", None)
+        if not eps:
+            return None
+        return eps * self.eps_fraction
+
+    def _labels(self, y):
+        """The labels the trainer itself uses: `[N]` int64 (y as given goes to compile's loss)."""
+        return sparse_labels(y, self.num_classes)
+
+    # -- metrics -----------------------------------------------------------
+    def _set_metrics(self, metrics, name):
+        """Tracks `loss` and the subclass's `metrics` (each from `directed_mean`, or
+        a metric given a `_direction`) in one `MetricGroup`."""
+        self.tracked_metrics = MetricGroup([directed_mean("loss", DOWN), *metrics], name=name)
+
+    @property
+    def metrics(self):
+        # This trainer's group first ("loss" leads the logs), then compile()'s
+        # metrics. Keras' own loss tracker is left out: the group's `loss`
+        # replaces it (both are named "loss").
+        own = getattr(self, "tracked_metrics", None)
+        if own is None:
+            return super().metrics
+        rest = [m for m in super().metrics if m is not own and m.name not in own]
+        return [own, *rest]
+
+    def silent_metrics(self, training):
+        """Names of this trainer's metrics the phase never updates (kept out of its logs)."""
+        return ()
+
+    def _logs(self, training, compiled=None):
+        if compiled is not None:
+            x, y, y_pred, sample_weight = compiled
+            logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        else:
+            logs = self.get_metrics_result()
+        silent = set(self.silent_metrics(training))
+        return for_strategy(self.distribute_strategy,
+                            {k: v for k, v in logs.items() if k not in silent})
+
+    # -- steps -------------------------------------------------------------
+    def _unpack(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        return Batch(x=x, y=y, sample_weight=sample_weight, labels=self._labels(y),
+                     weights=sample_weights(sample_weight), size=tf.shape(x)[0])
+
+    def train_step(self, data):
+        batch = self._unpack(data)
+        prepared = self.prepare_batch(batch)
+        with tf.GradientTape() as tape:
+            loss, outputs = self.compute_adversarial_loss(batch, prepared)
+            scaled = self.optimizer.scale_loss(loss)
+        track_loss(self.tracked_metrics["loss"], loss, batch.size)
+        variables = self.trainable_variables
+        apply_gradients(self.optimizer, tape.gradient(scaled, variables), variables)
+        compiled = self.after_train_step(batch, prepared, outputs)
+        return self._logs(True, compiled)
+
+    def test_step(self, data):
+        batch = self._unpack(data)
+        loss, compiled = self.evaluate_batch(batch)
+        track_loss(self.tracked_metrics["loss"], loss, batch.size)
+        return self._logs(False, compiled)
+
+    def prepare_batch(self, batch):
+        """What the loss needs and the gradient must not flow through (adversaries).
+
+        Runs before the gradient tape. Returns anything `compute_adversarial_loss`
+        and `after_train_step` take as `prepared`.
+        """
+        return None
+
+    def compute_adversarial_loss(self, batch, prepared):
+        """The training loss of one batch, under the gradient tape.
+
+        Returns:
+            (float32 scalar loss, this replica's share of the global-batch
+            loss; outputs `after_train_step` needs).
+        """
+        raise NotImplementedError
+
+    def after_train_step(self, batch, prepared, outputs):
+        """Updates state (e.g. class centres) and metrics after the optimizer step.
+
+        Returns:
+            None, or `(x, y, y_pred, sample_weight)` for `compile()`'s metrics.
+        """
+        return None
+
+    def evaluate_batch(self, batch):
+        """Validation: updates this trainer's metrics.
+
+        Returns:
+            (float32 scalar loss as in training, None or `(x, y, y_pred,
+            sample_weight)` for `compile()`'s metrics).
+        """
+        raise NotImplementedError
+
+    def _compiled_loss(self, y, y_pred, sample_weight, training=True):
+        """`compile()`'s loss (plus regularisation losses), `(y, y_pred, sample_weight)`."""
+        return self.compute_loss(x=None, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                 training=training)
+
+    # -- serialisation -----------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        for name in self._model_args:
+            config[name] = _serialize_models(getattr(self, name))
+        config.update(
+            attack=None if self.attack is None else serialize(self.attack),
+            eval_attack=None if self.eval_attack is None else serialize(self.eval_attack),
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        for name in cls._model_args:
+            if name in config:
+                config[name] = _deserialize_models(config[name], custom_objects)
+        return cls(**config)

@@ -18,9 +18,14 @@ loss of the head (`attack_on="classification"`). Outer minimisation of
     + center_weight * center_loss(e(x_adv), c_y)                 # Wen et al.
     + distill_weight * mean(1 - cos(e(x), teacher(x)))           # keep the pretrained geometry
 
-Every mean is Keras' compiled-loss reduction (`tfadv.losses.global_batch_mean`):
-sample weights (and `class_weight`) weight every term and the centre update,
-and under `tf.distribute` each term is the global-batch mean.
+The terms are `tfadv.losses.adversarial_loss` (the CE mix),
+`tfadv.losses.consistency_loss` (consistency and distillation) and
+`tfadv.losses.center_loss`. Every mean is Keras' compiled-loss reduction
+(`tfadv.losses.global_batch_mean`): sample weights (and `class_weight`) weight
+every term and the centre update, and under `tf.distribute` each term is the
+global-batch mean. The optimizer step is `tfadv.trainers.base.TrainerBase`'s:
+the loss is scaled under mixed precision, and `EpsilonWarmup` ramps the
+training attack's budget.
 
 The head is a cosine classifier (normalised weights, fixed scale), the natural
 head for L2-normalised embeddings. With `static_models` (Tramer et al. 2018,
@@ -34,27 +39,22 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tfadv.config import check_threshold
 from tfadv.attacks import objectives as objectives_lib
-from tfadv.attacks.base import Attack
+from tfadv.attacks.embedding import attack_success, cosine_distance, cosine_similarity
+from tfadv.config import check_threshold
 from tfadv.layers.centers import ClassCenters
 from tfadv.layers.cosine import CosineClassifier
+from tfadv.losses.adversarial import adversarial_loss, consistency_loss
 from tfadv.losses.center_loss import center_loss as center_loss_fn
-from tfadv.losses.reduction import global_batch_mean, sample_weights
-from tfadv.ops.labels import sparse_labels
-from tfadv.trainers.base import (DOWN, UP, MetricGroup, apply_gradients, directed_mean,
-                                 for_strategy, track_loss)
+from tfadv.losses.reduction import global_batch_mean
+from tfadv.trainers.base import DOWN, UP, TrainerBase, directed_mean
 
 ATTACK_ON = ("embedding", "classification")
+CONSISTENCY_TARGETS = ("clean", "teacher")
 
 
-def _cos(a, b):
-    a = tf.math.l2_normalize(tf.cast(a, tf.float32), axis=-1)
-    b = tf.math.l2_normalize(tf.cast(b, tf.float32), axis=-1)
-    return tf.reduce_sum(a * b, axis=-1)
-
-
-class EmbeddingAdversarialModel(keras.Model):
+@keras.saving.register_keras_serializable(package="tfadv")
+class EmbeddingAdversarialModel(TrainerBase):
     """Min-max fine-tuning of an embedding model with a classifier head.
 
     Args:
@@ -62,7 +62,8 @@ class EmbeddingAdversarialModel(keras.Model):
         num_classes: identities in the training data.
         attack: inner attack (`None`: clean fine-tuning). For
             `attack_on="embedding"` use an untargeted attack with objective
-            "cosine_distance" (e.g. `tfadv.attacks.dodging_pgd`).
+            "cosine_distance" (e.g. `tfadv.attacks.dodging_pgd`). Its budget
+            is `attack.eps * eps_fraction` (see `EpsilonWarmup`).
         attack_on: "embedding" or "classification".
         adv_weight: weight of the adversarial CE against the clean CE.
         ce_weight: weight of the classification terms (the head).
@@ -84,11 +85,13 @@ class EmbeddingAdversarialModel(keras.Model):
             adds `dodge_success` and `adv_cosine` to the validation metrics.
             With a training attack, `eval_threshold` also adds the training
             adversaries' `dodge_success` (cosine to the clean embedding below
-            the threshold) to the training logs.
+            the threshold, `tfadv.attacks.embedding.attack_success`) to the
+            training logs.
 
     Metrics and their direction (Keras' monitor callbacks use it in
     `mode="auto"`): loss, ce, center_loss, dodge_success lower is better;
-    accuracy, robust_accuracy, adv_cosine, teacher_cosine higher.
+    accuracy, robust_accuracy, adv_cosine, teacher_cosine higher. Metrics
+    given to `compile()` are computed on the head's clean logits.
 
     Shape:
         x: `[N, H, W, C]` images in the embedder's input units; y: `[N]`,
@@ -97,16 +100,17 @@ class EmbeddingAdversarialModel(keras.Model):
     Raises:
         ValueError: an unknown attack_on or consistency_target, adv_weight
             outside [0, 1], a negative term weight, a teacher-based term
-            without a teacher, eval_attack without eval_threshold.
+            without a teacher, eval_attack without eval_threshold, an attack
+            that is not a tfadv Attack.
     """
 
-    def __init__(self, embedder, num_classes, *, attack: Attack | None = None,
-                 attack_on="embedding", adv_weight=0.5, ce_weight=1.0, consistency_weight=1.0,
-                 consistency_target="clean",
-                 center_weight=0.0, center_alpha=0.5, teacher=None, distill_weight=0.0,
-                 static_models=(), head_scale=16.0, eval_attack: Attack | None = None,
+    _model_args = ("embedder", "teacher", "static_models")
+
+    def __init__(self, embedder, num_classes, *, attack=None, attack_on="embedding",
+                 adv_weight=0.5, ce_weight=1.0, consistency_weight=1.0,
+                 consistency_target="clean", center_weight=0.0, center_alpha=0.5, teacher=None,
+                 distill_weight=0.0, static_models=(), head_scale=16.0, eval_attack=None,
                  eval_threshold=None, **kwargs):
-        super().__init__(**kwargs)
         if attack_on not in ATTACK_ON:
             raise ValueError(f"Expected attack_on in {ATTACK_ON}. Received: {attack_on!r}")
         if not 0.0 <= float(adv_weight) <= 1.0:
@@ -115,7 +119,7 @@ class EmbeddingAdversarialModel(keras.Model):
                             ("center_weight", center_weight), ("distill_weight", distill_weight)):
             if float(value) < 0:
                 raise ValueError(f"Expected {name} >= 0. Received: {name}={value}")
-        if consistency_target not in ("clean", "teacher"):
+        if consistency_target not in CONSISTENCY_TARGETS:
             raise ValueError(f'Expected consistency_target "clean" or "teacher". '
                              f"Received: {consistency_target!r}")
         if (float(distill_weight) > 0 or consistency_target == "teacher") and teacher is None:
@@ -123,18 +127,18 @@ class EmbeddingAdversarialModel(keras.Model):
                              "of the pretrained embedder).")
         if eval_attack is not None and eval_threshold is None:
             raise ValueError("eval_attack needs eval_threshold (the verification threshold).")
+        super().__init__(attack=attack, eval_attack=eval_attack, num_classes=num_classes,
+                         **kwargs)
         self.embedder = embedder
-        self.num_classes = int(num_classes)
         self.head = CosineClassifier(num_classes, scale=head_scale, name="head")
-        self.attack = attack
         self.attack_on = attack_on
         self.adv_weight = float(adv_weight)
         self.ce_weight = float(ce_weight)
         self.consistency_weight = float(consistency_weight)
         self.consistency_target = consistency_target
         self.center_weight = float(center_weight)
+        self.center_alpha = float(center_alpha)
         self.distill_weight = float(distill_weight)
-        self.eval_attack = eval_attack
         self.eval_threshold = (None if eval_threshold is None
                                else check_threshold(eval_threshold, name="eval_threshold"))
         dim = embedder.output_shape[-1]
@@ -150,9 +154,7 @@ class EmbeddingAdversarialModel(keras.Model):
         self._batch = self.add_weight(name="batch_counter", shape=(), dtype="int64",
                                       initializer="zeros", trainable=False,
                                       aggregation="only_first_replica")
-        self._cosine_distance = objectives_lib.get("cosine_distance")
         tracked = [
-            directed_mean("loss", DOWN),
             directed_mean("ce", DOWN),
             keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
             keras.metrics.SparseCategoricalAccuracy(name="robust_accuracy"),
@@ -164,54 +166,58 @@ class EmbeddingAdversarialModel(keras.Model):
             tracked.append(directed_mean("teacher_cosine", UP))
         if self.eval_threshold is not None:
             tracked.append(directed_mean("dodge_success", DOWN))
-        self.tracked_metrics = MetricGroup(tracked, name="embedding_metrics")
-        # What each phase logs: a metric a phase never updates is not in its logs.
-        self._train_names = ["loss", "ce", "accuracy", "robust_accuracy", "adv_cosine"]
-        self._test_names = ["loss", "ce", "accuracy"]
-        if self.centers is not None:
-            self._train_names.append("center_loss")
-        if self.teacher is not None:
-            self._train_names.append("teacher_cosine")
-        if self.attack is not None and self.eval_threshold is not None:
-            self._train_names.append("dodge_success")
-        if self.eval_attack is not None:
-            self._test_names += ["robust_accuracy", "adv_cosine", "dodge_success"]
-        if self.teacher is not None:
-            self._test_names.append("teacher_cosine")
-        if embedder.built:
-            # Built whenever the embedder is, so that ModelCheckpoint and
-            # BackupAndRestore can save the weights before any call.
-            self.head.build(embedder.output_shape)
-            self.built = True
+        self._set_metrics(tracked, name="embedding_metrics")
+        self._built_if_network_is()
 
+    # -- structure ---------------------------------------------------------
     @property
-    def metrics(self):
-        return [self.tracked_metrics]
+    def network(self):
+        return self.embedder
 
-    def _logs(self, names):
-        return for_strategy(self._distribute_strategy,
-                            {n: self.tracked_metrics[n].result() for n in names})
+    def build_heads(self):
+        if not self.head.built:
+            self.head.build(self.embedder.output_shape)
 
     def call(self, x, training=False):
         return self.head(self.embedder(x, training=training))
 
-    def build(self, input_shape):
-        if not self.embedder.built:
-            self.embedder.build(input_shape)
-        if not self.head.built:
-            self.head.build(self.embedder.output_shape)
-        self.built = True
+    def _logged(self, training):
+        """The metrics a phase updates (a metric a phase never updates is not logged)."""
+        names = ["loss", "ce", "accuracy"]
+        if training:
+            names += ["robust_accuracy", "adv_cosine"]
+            if self.centers is not None:
+                names.append("center_loss")
+            if self.attack is not None and self.eval_threshold is not None:
+                names.append("dodge_success")
+        elif self.eval_attack is not None:
+            names += ["robust_accuracy", "adv_cosine", "dodge_success"]
+        if self.teacher is not None:
+            names.append("teacher_cosine")
+        return names
 
+    def silent_metrics(self, training):
+        logged = self._logged(training)
+        return tuple(n for n in self.tracked_metrics.names if n not in logged)
+
+    def _dodged(self, embeddings, reference):
+        """1.0 where the adversary dodges: its cosine to the reference is below the threshold."""
+        return tf.cast(attack_success(embeddings, reference, self.eval_threshold, "dodging"),
+                       tf.float32)
+
+    # -- training ----------------------------------------------------------
     def _classifier(self, x):
         return self.head(self.embedder(x, training=False))
 
     def _adversarial(self, x, y):
+        budget = self._budget()
+
         def on(model):
             def craft():
                 if self.attack_on == "classification" and model is self.embedder:
-                    return self.attack(self._classifier, x, y)
+                    return self.attack(self._classifier, x, y, eps=budget)
                 ref = tf.stop_gradient(model(x, training=False))
-                return self.attack(model, x, ref, objective=self._cosine_distance)
+                return self.attack(model, x, ref, objective=cosine_distance, eps=budget)
             return craft
 
         sources = [self.embedder] + self.static_models
@@ -220,78 +226,81 @@ class EmbeddingAdversarialModel(keras.Model):
         index = tf.cast(self._batch % len(sources), tf.int32)
         return tf.switch_case(index, [on(m) for m in sources])
 
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y = sparse_labels(y, self.num_classes)
-        sw = sample_weights(sample_weight)
-        n = tf.shape(x)[0]
-        x_adv = self._adversarial(x, y) if self.attack is not None else x
+    def prepare_batch(self, batch):
+        """The adversaries (x itself without an attack) and the teacher's embeddings."""
+        x = batch.x
+        x_adv = self._adversarial(x, batch.labels) if self.attack is not None else x
         self._batch.assign_add(1)
         target = None
         if self.teacher is not None:
             target = tf.stop_gradient(self.teacher(x, training=False))
-        m = self.tracked_metrics
-        with tf.GradientTape() as tape:
-            e_all = self.embedder(tf.concat([x, x_adv], 0), training=True)
-            e_clean, e_adv = e_all[:n], e_all[n:]
-            logits = self.head(e_all)
-            ce = keras.losses.sparse_categorical_crossentropy(
-                tf.concat([y, y], 0), logits, from_logits=True)
-            ce_clean = global_batch_mean(ce[:n], sw)
-            ce_adv = global_batch_mean(ce[n:], sw)
-            loss = self.ce_weight * ((1.0 - self.adv_weight) * ce_clean
-                                     + self.adv_weight * ce_adv)
-            adv_cos = _cos(e_adv, e_clean)
-            anchor = target if self.consistency_target == "teacher" else e_clean
-            loss += self.consistency_weight * global_batch_mean(1.0 - _cos(e_adv, anchor), sw)
-            if self.centers is not None:
-                c_loss = center_loss_fn(e_adv, self.centers(y))
-                loss += self.center_weight * global_batch_mean(c_loss, sw)
-            if target is not None:
-                t_cos = _cos(e_clean, target)
-                loss += self.distill_weight * global_batch_mean(1.0 - t_cos, sw)
-            scaled = self.optimizer.scale_loss(loss)
-        variables = self.trainable_variables
-        grads = tape.gradient(scaled, variables)
-        apply_gradients(self.optimizer, grads, variables)
+        return {"x_adv": x_adv, "target": target}
+
+    def compute_adversarial_loss(self, batch, prepared):
+        n, labels, sw = batch.size, batch.labels, batch.weights
+        target = prepared["target"]
+        e_all = self.embedder(tf.concat([batch.x, prepared["x_adv"]], 0), training=True)
+        e_clean, e_adv = e_all[:n], e_all[n:]
+        logits = self.head(e_all)
+        loss = self.ce_weight * adversarial_loss(labels, logits[:n], logits[n:],
+                                                 adv_ratio=self.adv_weight, sample_weight=sw)
+        anchor = target if self.consistency_target == "teacher" else e_clean
+        loss += self.consistency_weight * global_batch_mean(consistency_loss(e_adv, anchor), sw)
+        outputs = {"e_clean": e_clean, "e_adv": e_adv, "logits": logits}
         if self.centers is not None:
-            self.centers.update(e_adv, y, sample_weight=sw)
-            m["center_loss"].update_state(c_loss, sample_weight=sw)
+            outputs["center_loss"] = center_loss_fn(e_adv, self.centers(labels))
+            loss += self.center_weight * global_batch_mean(outputs["center_loss"], sw)
         if target is not None:
-            m["teacher_cosine"].update_state(t_cos, sample_weight=sw)
-        track_loss(m["loss"], loss, n)
-        m["ce"].update_state(ce[:n], sample_weight=sw)
-        m["accuracy"].update_state(y, logits[:n], sample_weight=sw)
-        m["robust_accuracy"].update_state(y, logits[n:], sample_weight=sw)
-        m["adv_cosine"].update_state(adv_cos, sample_weight=sw)
-        if "dodge_success" in self._train_names:
-            m["dodge_success"].update_state(self._dodged(adv_cos), sample_weight=sw)
-        return self._logs(self._train_names)
+            loss += self.distill_weight * global_batch_mean(consistency_loss(e_clean, target), sw)
+        return loss, outputs
 
-    def _dodged(self, cos):
-        """1.0 where the adversary's cosine to the clean embedding is below the threshold."""
-        return tf.cast(cos < self.eval_threshold, tf.float32)
+    def after_train_step(self, batch, prepared, outputs):
+        n, labels, sw = batch.size, batch.labels, batch.weights
+        e_clean, e_adv, logits = outputs["e_clean"], outputs["e_adv"], outputs["logits"]
+        m = self.tracked_metrics
+        if self.centers is not None:
+            self.centers.update(e_adv, labels, sample_weight=sw)
+            m["center_loss"].update_state(outputs["center_loss"], sample_weight=sw)
+        if prepared["target"] is not None:
+            m["teacher_cosine"].update_state(cosine_similarity(e_clean, prepared["target"]),
+                                             sample_weight=sw)
+        m["ce"].update_state(objectives_lib.cross_entropy(logits[:n], labels), sample_weight=sw)
+        m["accuracy"].update_state(labels, logits[:n], sample_weight=sw)
+        m["robust_accuracy"].update_state(labels, logits[n:], sample_weight=sw)
+        m["adv_cosine"].update_state(cosine_similarity(e_adv, e_clean), sample_weight=sw)
+        if "dodge_success" in self._logged(training=True):
+            m["dodge_success"].update_state(self._dodged(e_adv, e_clean), sample_weight=sw)
+        return batch.x, batch.y, logits[:n], batch.sample_weight
 
-    def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y = sparse_labels(y, self.num_classes)
-        sw = sample_weights(sample_weight)
+    # -- evaluation --------------------------------------------------------
+    def evaluate_batch(self, batch):
+        x, labels, sw = batch.x, batch.labels, batch.weights
         m = self.tracked_metrics
         e = self.embedder(x, training=False)
         logits = self.head(e)
-        ce = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-        track_loss(m["loss"], global_batch_mean(ce, sw), tf.shape(x)[0])
+        ce = objectives_lib.cross_entropy(logits, labels)
         m["ce"].update_state(ce, sample_weight=sw)
-        m["accuracy"].update_state(y, logits, sample_weight=sw)
+        m["accuracy"].update_state(labels, logits, sample_weight=sw)
         if self.eval_attack is not None:
             ref = tf.stop_gradient(e)
-            x_adv = self.eval_attack(self.embedder, x, ref, objective=self._cosine_distance)
+            x_adv = self.eval_attack(self.embedder, x, ref, objective=cosine_distance)
             e_adv = self.embedder(x_adv, training=False)
-            cos = _cos(e_adv, ref)
-            m["robust_accuracy"].update_state(y, self.head(e_adv), sample_weight=sw)
-            m["adv_cosine"].update_state(cos, sample_weight=sw)
-            m["dodge_success"].update_state(self._dodged(cos), sample_weight=sw)
+            m["robust_accuracy"].update_state(labels, self.head(e_adv), sample_weight=sw)
+            m["adv_cosine"].update_state(cosine_similarity(e_adv, ref), sample_weight=sw)
+            m["dodge_success"].update_state(self._dodged(e_adv, ref), sample_weight=sw)
         if self.teacher is not None:
             m["teacher_cosine"].update_state(
-                _cos(e, self.teacher(x, training=False)), sample_weight=sw)
-        return self._logs(self._test_names)
+                cosine_similarity(e, self.teacher(x, training=False)), sample_weight=sw)
+        return global_batch_mean(ce, sw), (x, batch.y, logits, batch.sample_weight)
+
+    # -- serialisation -----------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_classes=self.num_classes, attack_on=self.attack_on, adv_weight=self.adv_weight,
+            ce_weight=self.ce_weight, consistency_weight=self.consistency_weight,
+            consistency_target=self.consistency_target, center_weight=self.center_weight,
+            center_alpha=self.center_alpha, distill_weight=self.distill_weight,
+            head_scale=self.head.scale, eval_threshold=self.eval_threshold,
+        )
+        return config
