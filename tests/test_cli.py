@@ -167,7 +167,8 @@ def test_centers_quick_writes_the_whole_report(tmp_path):
     run(["centers", "--quick", "--out", str(out), "--epochs", "1", "--limit", "300",
          "--eval-limit", "100"], timeout=900)
     results = json.load(open(out / "results.json"))
-    assert set(results["models"]) == {"A", "B", "C", "D", "_n"}
+    assert set(results["models"]) == {"A", "B", "C", "D"}
+    assert set(results["examples"]) == {"train", "test"}
     a = results["models"]["A"]
     assert {"inverse vs learned", "inverse vs clean", "inverse vs weights",
             "clean vs learned", "inverse vs uiat"} <= set(a["comparisons"])

@@ -211,3 +211,15 @@ def test_minimal_eps_compiled_once_for_equal_attacks():
 def test_embedding_thresholds_follow_the_one_rule(make, bad):
     with pytest.raises(ValueError, match=r"cosine similarity, a finite number in \[-1, 1\]"):
         make(bad)
+
+
+def test_success_at_is_the_rule_on_similarities():
+    sims = np.array([-0.2, 0.29, 0.3, 0.9], np.float32)
+    np.testing.assert_array_equal(E.success_at(sims, 0.3, "dodging"), [True, True, False, False])
+    np.testing.assert_array_equal(E.success_at(sims, 0.3, "impersonation"),
+                                  [False, False, True, True])
+    assert E.success_at(0.3, 0.3, "impersonation") is True
+    np.testing.assert_array_equal(E.success_at(tf.constant(sims), 0.3, "dodging").numpy(),
+                                  [True, True, False, False])
+    with pytest.raises(ValueError, match="mode"):
+        E.success_at(sims, 0.3, "spoofing")

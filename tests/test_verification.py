@@ -390,10 +390,9 @@ def test_threshold_options_use_the_one_rule():
         build_parser().parse_args(["export", "m.keras", "--out", "o", "--threshold", "2"])
     assert build_parser().parse_args(
         ["export", "m.keras", "--out", "o", "--threshold", "0.7"]).threshold == 0.7
-    parser = argparse.ArgumentParser()
-    G.add_generate_command(parser.add_subparsers(dest="command", required=True))
     with pytest.raises(SystemExit):
-        parser.parse_args(["generate", "--preset", "p", "--out", "o", "--threshold", "-3"])
+        build_parser().parse_args(
+            ["facenet", "generate", "--preset", "p", "--out", "o", "--threshold", "-3"])
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         G.generate("no-such-model", "faces", "out", threshold=1.5)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):

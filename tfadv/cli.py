@@ -155,19 +155,14 @@ def eval_data(cfg: MnistDataConfig):
 
 def make_attacks(cfg: AttackEvalConfig) -> list:
     """The attacks of `tfadv eval`, in the order given."""
-    out = []
-    for name in cfg.attacks:
-        if name == "fgsm":
-            out.append(attack_lib.FGSM(eps=cfg.eps, norm=cfg.norm))
-        elif name == "pgd":
-            out.append(attack_lib.PGD(eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
-                                      norm=cfg.norm, random_start=True))
-        elif name == "apgd":
-            out.append(attack_lib.APGD(eps=cfg.eps, steps=cfg.steps, norm=cfg.norm))
-        elif name == "cw":
-            out.append(attack_lib.CarliniWagnerL2(eps=cfg.eps if cfg.norm == "2" else None,
-                                                  max_iterations=cfg.steps))
-    return out
+    settings = {
+        "fgsm": dict(eps=cfg.eps, norm=cfg.norm),
+        "pgd": dict(eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, norm=cfg.norm,
+                    random_start=True),
+        "apgd": dict(eps=cfg.eps, steps=cfg.steps, norm=cfg.norm),
+        "cw": dict(eps=cfg.eps if cfg.norm == "2" else None, max_iterations=cfg.steps),
+    }
+    return [attack_lib.get(name, **settings[name]) for name in cfg.attacks]
 
 
 def cmd_eval(args):
@@ -201,11 +196,11 @@ def cmd_curve(args):
     model = load_classifier(args.model)
     x, y = eval_data(build(MnistDataConfig, args))
 
-    def attack_fn(eps):
-        return attack_lib.PGD(eps=eps, steps=cfg.steps, step_size=2.5 * eps / cfg.steps,
-                              norm=cfg.norm, random_start=True)
-
-    curve = robustness_curve(model, x, y, list(cfg.eps), attack_fn=attack_fn,
+    # One PGD at the largest budget, called at each (PGD's default step, 2.5 * eps / steps,
+    # scales with the budget): one compiled function for the whole curve.
+    attack = attack_lib.get("pgd", eps=max(cfg.eps), steps=cfg.steps, norm=cfg.norm,
+                            random_start=True)
+    curve = robustness_curve(model, x, y, list(cfg.eps), attack=attack,
                              restarts=cfg.restarts, batch_size=cfg.batch_size, progress=True)
     paths = save_curve(curve, cfg.out, xlabel=f"eps (L{cfg.norm})")
     for e, acc in zip(curve["eps"], curve["accuracy"]):

@@ -88,7 +88,20 @@ def attack_success(embeddings, reference, threshold, mode):
                 in_range, ["Expected threshold to be a cosine similarity, a finite number "
                            "in [-1, 1]. Received:", thr])]):
             thr = tf.identity(thr)
-    return sim < thr if _check_mode(mode) == "dodging" else sim >= thr
+    return success_at(sim, thr, mode)
+
+
+def success_at(similarity, threshold, mode):
+    """The success rule on similarities: dodging `similarity < threshold`,
+    impersonation `similarity >= threshold` (the face system accepts a pair
+    when its cosine similarity reaches the threshold).
+
+    Works on Python floats, NumPy arrays and tensors alike.
+
+    Raises:
+        ValueError: unknown mode.
+    """
+    return similarity < threshold if _check_mode(mode) == "dodging" else similarity >= threshold
 
 
 def _targeted(mode):

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import tensorflow as tf
 
+from tfadv.attacks.embedding import success_at
 from tfadv.data.adversarial_schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -57,7 +58,7 @@ class GroupStats:
         if math.isfinite(thr) and math.isfinite(sim):
             # The record's own success rule (see AdversarialExample.success),
             # applied to the clean similarity it stores.
-            self.clean_success += int(sim < thr if ex.mode == "dodging" else sim >= thr)
+            self.clean_success += int(success_at(sim, thr, ex.mode))
         self.clean_sim.append(sim)
         self.adv_sim.append(float(ex.adversarial_similarity))
         self.l2.append(float(ex.perturbation_l2))

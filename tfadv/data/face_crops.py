@@ -26,13 +26,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import cv2
 import numpy as np
 
+from tfadv import files
 from tfadv.data.face_detection import NO_FACE, Face, NoFaceError, resolve_detector
 from tfadv.data.images import check_image, read_image
 
@@ -178,15 +178,14 @@ def _cache_write(file: Path | None, **arrays):
     if file is None:
         return
     file.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so a concurrent reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
+    # Write then rename, so a concurrent reader never sees half a file; a cache
+    # that cannot be written (read-only folder, full disk) is only a slower run.
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, file)
+        with files.atomic_path(file) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
     except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        pass
 
 
 # --------------------------------------------------------------------------- one file

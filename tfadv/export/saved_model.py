@@ -28,6 +28,7 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from tfadv import files
 from tfadv.config.core import check_threshold
 from tfadv.export import contract as C
 from tfadv.export.batching import BatchingParameters
@@ -253,13 +254,6 @@ curl http://127.0.0.1:8501/v1/models/{name}/metadata
 """
 
 
-def _write_atomic(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def export_model(model_or_path, base_dir, *, name: str = C.DEFAULT_MODEL_NAME,
                  version: int | None = None, threshold: float | None = None,
                  warmup_batch_sizes=(1,), batching: BatchingParameters | None = None,
@@ -351,10 +345,10 @@ def export_model(model_or_path, base_dir, *, name: str = C.DEFAULT_MODEL_NAME,
             shutil.rmtree(tmp, ignore_errors=True)
 
     versions = list_versions(base_dir)
-    _write_atomic(os.path.join(base_dir, C.MODELS_CONFIG_FILE),
+    files.write_text(os.path.join(base_dir, C.MODELS_CONFIG_FILE),
                   models_config_text(name, f"{C.CONTAINER_MODELS_ROOT}/{name}"))
-    _write_atomic(os.path.join(base_dir, C.BATCHING_PARAMETERS_FILE), batching.to_text())
-    _write_atomic(os.path.join(base_dir, "README.md"),
+    files.write_text(os.path.join(base_dir, C.BATCHING_PARAMETERS_FILE), batching.to_text())
+    files.write_text(os.path.join(base_dir, "README.md"),
                   _readme(name, base_dir, versions, size, dim, threshold))
     return version_dir
 
