@@ -2,11 +2,12 @@
 
 Each field is declared once with `setting(default, help=...)`; the `tfadv`
 command line generates its options from these classes
-(`tfadv.config.options`). Only the standard library and NumPy are imported.
+(`tfadv.config.options`).
 """
 
 from tfadv.config.centers import CentersStudyConfig
-from tfadv.config.core import CENTER_SOURCES, CENTER_TARGETS, CenterLossConfig, check_threshold
+from tfadv.config.core import (CENTER_SOURCES, CENTER_TARGETS, METHODS, CenterLossConfig,
+                               check_threshold)
 from tfadv.config.faces import FaceEvalConfig, FaceFinetuneConfig, GenerateConfig, SweepConfig
 from tfadv.config.mnist import AttackEvalConfig, CurveConfig, MnistDataConfig, MnistTrainConfig
 from tfadv.config.options import setting
@@ -24,6 +25,7 @@ __all__ = [
     "FaceEvalConfig",
     "FaceFinetuneConfig",
     "GenerateConfig",
+    "METHODS",
     "MnistDataConfig",
     "MnistTrainConfig",
     "QueryConfig",

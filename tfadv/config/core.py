@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 
+# Training methods of `tfadv.AdversarialModel` (clean, Madry PGD, TRADES).
+METHODS = ("standard", "pgd", "trades")
 CENTER_TARGETS = ("clean", "adversarial", "both")
 CENTER_SOURCES = ("learned", "inverse_batch")
 

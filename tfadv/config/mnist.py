@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from tfadv import argtypes
+from tfadv.config.core import METHODS
 from tfadv.config.options import comma_list, setting
 
-METHODS = ("standard", "pgd", "trades")
 SOURCES = ("embedded", "tfds", "full")
 STRATEGIES = ("default", "mirrored", "multi-worker")
 EVAL_ATTACKS = ("fgsm", "pgd", "apgd", "cw")

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from tfadv.attacks import objectives as objectives_lib
 from tfadv.attacks.pgd import InversePGD
-from tfadv.config import CenterLossConfig
+from tfadv.config import METHODS, CenterLossConfig
 from tfadv.layers.centers import ClassCenters
 from tfadv.losses.adversarial import adversarial_loss, trades_loss
 from tfadv.losses.center_loss import center_loss as center_loss_fn
@@ -23,7 +23,6 @@ from tfadv.models.features import logits_and_features
 from tfadv.ops.classwise import class_sums
 from tfadv.trainers.base import DOWN, TrainerBase, directed_mean
 
-METHODS = ("standard", "pgd", "trades")
 
 
 def _output_classes(model):

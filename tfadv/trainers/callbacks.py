@@ -9,6 +9,8 @@ import time
 import keras
 import numpy as np
 
+from tfadv import files
+
 
 def _to_builtin(value):
     if isinstance(value, (np.floating, np.integer)):
@@ -69,10 +71,7 @@ class JSONHistory(keras.callbacks.Callback):
         return {k: [r.get(k) for r in self.rows] for k in keys}
 
     def write(self):
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.history(), f, indent=1)
-        os.replace(tmp, self.path)
+        files.write_json(self.path, self.history())
 
 
 def backup_and_restore(backup_dir, **kwargs):
