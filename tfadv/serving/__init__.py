@@ -2,35 +2,16 @@
 
     from tfadv.serving import Client, ModelServer, serve
 
-Names are imported on first use, so `import tfadv.serving` stays cheap and
-does not load gRPC or TensorFlow until a server or client is made.
+`ModelServer` is the local stand-in for `tensorflow_model_server` (the same
+gRPC and REST protocol over the same model directory); `Client` uses the
+stock `tensorflow_serving.apis` stubs and talks to either.
 """
 
-from __future__ import annotations
+from tfadv.export.batching import BatchingParameters
+from tfadv.serving.client import Client
+from tfadv.serving.config import ModelConfig, read_model_config
+from tfadv.serving.errors import ServingError
+from tfadv.serving.server import ModelServer, serve
 
-import importlib
-
-_LAZY = {
-    "Client": "tfadv.serving.client",
-    "ModelServer": "tfadv.serving.server",
-    "serve": "tfadv.serving.server",
-    "ServingError": "tfadv.serving.errors",
-    "ModelConfig": "tfadv.serving.config",
-    "read_model_config": "tfadv.serving.config",
-    "BatchingParameters": "tfadv.export.batching",
-}
-
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tfadv.serving' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__all__ = ["BatchingParameters", "Client", "ModelConfig", "ModelServer", "ServingError",
+           "read_model_config", "serve"]
