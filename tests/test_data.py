@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from tfadv.data import load_mnist, mnist_datasets, subset, to_dataset
+from tfadv.data import mnist as tfadv_mnist
 from tfadv.data.mnist import embedded_split_indices, validate_images
 
 
@@ -89,3 +90,13 @@ def test_pipelines():
     assert sum(int(b[0].shape[0]) for b in test) == 200
     with pytest.raises(ValueError, match="batch_size"):
         to_dataset(np.zeros((2, 1)), np.zeros(2), batch_size=0)
+
+
+def test_load_train_test_is_load_then_subset_per_split():
+    (x_tr, y_tr), (x_te, y_te) = tfadv_mnist.load_train_test("embedded", train_limit=300,
+                                                             test_limit=120, seed=3)
+    want_tr = subset(*load_mnist("embedded", "train"), 300, 3)
+    want_te = subset(*load_mnist("embedded", "test"), 120, 3)
+    np.testing.assert_array_equal(x_tr, want_tr[0])
+    np.testing.assert_array_equal(y_te, want_te[1])
+    assert len(x_tr) == 300 and len(x_te) == 120

@@ -1,6 +1,7 @@
 """Datasets as tf.data pipelines."""
 
-from tfadv.data.mnist import SOURCES, load_mnist, mnist_datasets, subset, to_dataset
+from tfadv.data.mnist import (SOURCES, load_mnist, load_train_test, mnist_datasets, subset,
+                              to_dataset)
 from tfadv.data import faces, pairs
 from tfadv.data.faces import (
     BadImageError,
@@ -17,7 +18,8 @@ from tfadv.data.faces import (
 )
 from tfadv.data.pairs import LfwPairs, cross_pairs, make_pairs, read_lfw_pairs
 
-__all__ = ["SOURCES", "load_mnist", "mnist_datasets", "subset", "to_dataset"]
+__all__ = ["SOURCES", "load_mnist", "load_train_test", "mnist_datasets", "subset",
+           "to_dataset"]
 # Faces and verification pairs (`faces.to_dataset` takes a FaceSet: see FaceSet.to_dataset).
 __all__ += [
     "BadImageError",

@@ -165,6 +165,24 @@ def subset(x, y, limit, seed=0):
     return x[idx], y[idx]
 
 
+def load_train_test(source="embedded", data_dir=None, *, train_limit=None, test_limit=None,
+                    seed=0):
+    """((x_train, y_train), (x_test, y_test)), each split optionally a random subset.
+
+    Args:
+        source, data_dir: as `load_mnist`.
+        train_limit, test_limit: keep a random sample of that many examples
+            (None: all; `subset`).
+        seed: the subsets' seed.
+
+    Raises:
+        ValueError / FileNotFoundError: as `load_mnist`.
+    """
+    x_tr, y_tr = subset(*load_mnist(source, "train", data_dir), train_limit, seed)
+    x_te, y_te = subset(*load_mnist(source, "test", data_dir), test_limit, seed)
+    return (x_tr, y_tr), (x_te, y_te)
+
+
 def to_dataset(x, y, *, batch_size=50, shuffle=False, seed=0, drop_remainder=False):
     """NumPy arrays -> batched, prefetched `tf.data.Dataset` of (image, label)."""
     if int(batch_size) < 1:
@@ -185,10 +203,8 @@ def mnist_datasets(source="embedded", *, batch_size=50, seed=0, data_dir=None, l
         limit: keep a random sample of `limit` examples of each split (quick
             runs; the sources are sorted by class, so not the first ones).
     """
-    x_tr, y_tr = load_mnist(source, "train", data_dir)
-    x_te, y_te = load_mnist(source, "test", data_dir)
-    x_tr, y_tr = subset(x_tr, y_tr, limit, seed)
-    x_te, y_te = subset(x_te, y_te, limit, seed)
+    (x_tr, y_tr), (x_te, y_te) = load_train_test(source, data_dir, train_limit=limit,
+                                                 test_limit=limit, seed=seed)
     train = to_dataset(x_tr, y_tr, batch_size=batch_size, shuffle=True, seed=seed)
     test = to_dataset(x_te, y_te, batch_size=batch_size)
     return train, test

@@ -264,10 +264,8 @@ def run_centers_study(cfg: CentersStudyConfig, progress=True) -> CentersStudyRes
     os.makedirs(cfg.out, exist_ok=True)
     # Before any pipeline exists: a tf.data shuffle order depends on the global seed.
     keras.utils.set_random_seed(cfg.seed)
-    x_tr, y_tr = mnist_data.load_mnist(cfg.data, "train", cfg.data_dir)
-    x_te, y_te = mnist_data.load_mnist(cfg.data, "test", cfg.data_dir)
-    x_tr, y_tr = mnist_data.subset(x_tr, y_tr, cfg.limit, cfg.seed)
-    x_te, y_te = mnist_data.subset(x_te, y_te, cfg.eval_limit, cfg.seed)
+    (x_tr, y_tr), (x_te, y_te) = mnist_data.load_train_test(
+        cfg.data, cfg.data_dir, train_limit=cfg.limit, test_limit=cfg.eval_limit, seed=cfg.seed)
     train_ds = mnist_data.to_dataset(x_tr, y_tr, batch_size=cfg.batch_size, shuffle=True,
                                      seed=cfg.seed)
     x_val, y_val = mnist_data.subset(x_te, y_te, cfg.val_limit, cfg.seed)

@@ -93,10 +93,8 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
     if cfg.mixed_precision:
         keras.mixed_precision.set_dtype_policy(cfg.mixed_precision)
     try:
-        x_tr, y_tr = mnist_data.load_mnist(cfg.data, "train", cfg.data_dir)
-        x_te, y_te = mnist_data.load_mnist(cfg.data, "test", cfg.data_dir)
-        x_tr, y_tr = mnist_data.subset(x_tr, y_tr, cfg.limit, cfg.seed)
-        x_te, y_te = mnist_data.subset(x_te, y_te, cfg.limit, cfg.seed)
+        (x_tr, y_tr), (x_te, y_te) = mnist_data.load_train_test(
+            cfg.data, cfg.data_dir, train_limit=cfg.limit, test_limit=cfg.limit, seed=cfg.seed)
         # Batches are global: each of the R replicas gets batch_size / R.
         train_ds = mnist_data.to_dataset(x_tr, y_tr, batch_size=cfg.batch_size, shuffle=True,
                                          seed=cfg.seed)
