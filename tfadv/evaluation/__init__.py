@@ -48,3 +48,8 @@ __all__ += [
     "verification",
     "verification_report",
 ]
+
+from tfadv.evaluation import faces
+from tfadv.evaluation.faces import AttackResult, FaceEvaluation, ModeResult, evaluate_faces
+
+__all__ += ["AttackResult", "FaceEvaluation", "ModeResult", "evaluate_faces", "faces"]

@@ -1,0 +1,161 @@
+"""The robust-FaceNet report: Markdown table, success-vs-eps plots, sweep table.
+
+Every function reads the JSON layout `tfadv.recipes.facenet.finetune` writes
+to `metrics.json`: {"config", "identities", "held_out", "pretrained",
+"finetuned", "train_seconds", "seconds", "figures"}, where "pretrained" and
+"finetuned" are `tfadv.evaluation.faces.FaceEvaluation.to_dict()` results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+MODELS = ("pretrained", "finetuned")
+MODES = ("dodging", "impersonation")
+
+
+def fmt(v) -> str:
+    """A metric cell: 3 decimals, "n/a" for None or NaN."""
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "n/a"
+    return f"{v:.3f}"
+
+
+def _get(m, *keys):
+    """m[k0][k1]...; None where any level is missing."""
+    try:
+        for k in keys:
+            m = m[k]
+        return m
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
+def plot_curves(out, metrics) -> list[str]:
+    """Writes `curve_<mode>.png` (success vs eps, pretrained and fine-tuned) into `out`.
+
+    Returns:
+        The file names written, one per mode.
+    """
+    paths = []
+    for mode in MODES:
+        fig = Figure(figsize=(5, 3.5), dpi=120)
+        ax = fig.subplots()
+        for label in MODELS:
+            c = metrics[label]["curves"][mode]
+            ax.plot(c["eps"], c["success"], marker="o", label=label)
+        ax.set_xlabel("eps (Linf, pixels 0-255)")
+        ax.set_ylabel(f"{mode} success (PGD)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title(f"{mode} at the model's threshold")
+        path = Path(out) / f"curve_{mode}.png"
+        fig.savefig(path, bbox_inches="tight")
+        paths.append(path.name)
+    return paths
+
+
+def attack_list(ev) -> str:
+    """The evaluation's attacks in words, from its config dict."""
+    restarts = ev.get("restarts", 1) or 1
+    again = f", best of {restarts} random starts" if restarts > 1 else ""
+    step = f", step {ev['step_size']:g}" if ev.get("step_size") is not None else ""
+    names = {"fgsm": "FGSM", "pgd": f"PGD-{ev['pgd_steps']} with random start{step}{again}",
+             "apgd": f"APGD-{ev['apgd_steps']}{again}",
+             "cw": f"C&W L2, unbounded ({ev['cw_search_steps']} x {ev['cw_iterations']})"}
+    return ", ".join(names.get(a, a) for a in ev["attacks"])
+
+
+def _rows(m, ev) -> list[str]:
+    rows = []
+
+    def row(label, *keys):
+        cells = [fmt(_get(m, model, *keys)) for model in MODELS]
+        rows.append(f"| {label} | {cells[0]} | {cells[1]} |")
+
+    row("threshold (cosine)", "threshold")
+    for g in ("all", "held_out"):
+        if g not in m["pretrained"]["groups"]:
+            continue
+        gname = "all identities" if g == "all" else "held-out identities"
+        row(f"NN identification, {gname}", "groups", g, "nn_accuracy")
+        row(f"verification accuracy (10-fold), {gname}", "groups", g, "verification_accuracy")
+        row(f"ROC AUC, {gname}", "groups", g, "auc")
+        row(f"TAR@FAR=1e-2, {gname}", "groups", g, "tar@far=0.01")
+        row(f"TAR@FAR=1e-3, {gname}", "groups", g, "tar@far=0.001")
+    for mode in MODES:
+        for a in ev["attacks"]:
+            row(f"{mode} success, {a.upper()} eps {ev['eps']:g}", "attacks", mode, "all", a,
+                "success")
+        row(f"{mode} success, worst case of the Linf attacks", "attacks", mode, "all",
+            "worst_case", "success")
+        row(f"{mode} success, worst case, held-out identities", "attacks", mode, "held_out",
+            "worst_case", "success")
+    if "cw" in ev["attacks"]:
+        row("C&W dodging median L2 (pixels)", "attacks", "dodging", "all", "cw", "median_l2")
+    row("median minimal Linf eps, dodging (PGD search)", "min_eps_dodging", "median")
+    return rows
+
+
+def report_markdown(m) -> str:
+    """The before/after Markdown report of a fine-tuning run's metrics dict."""
+    cfg = m["config"]
+    ev = cfg["evaluation"]
+    held = ", ".join(m["held_out"]) or "none"
+    lines = [
+        "# Robust FaceNet: before and after adversarial fine-tuning", "",
+        f"Preset `{cfg['preset']}`; faces `{cfg['faces'] or 'demo set (5 celebrities)'}`; "
+        f"identities {', '.join(m['identities'])}; held out of fine-tuning: {held}.",
+        f"Fine-tuning: {cfg['epochs']} epochs, batch {cfg['batch_size']}, Adam "
+        f"{cfg['learning_rate']:g}, PGD-{cfg['train_steps']} eps {cfg['train_eps']:g} against "
+        f"the {cfg['attack_on']}, adv weight {cfg['adv_weight']}, consistency "
+        f"{cfg['consistency_weight']}, center loss {cfg['center_weight']}, distillation "
+        f"{cfg['distill_weight']}, backbone trained from `{cfg['freeze_until']}` "
+        f"({m.get('train_seconds', 0):.0f} s).",
+        f"Attacks at eps {ev['eps']:g} (pixels, Linf): {attack_list(ev)}. "
+        "Success is judged at each model's own threshold "
+        "(chosen on gallery pairs of the fine-tuning identities). Dodging counts photos "
+        "that matched their own identity clean; impersonation targets the next identity.",
+        "", "| metric | pretrained | fine-tuned |", "|---|---|---|", *_rows(m, ev), "",
+        f"Photos matched clean: pretrained {fmt(m['pretrained'].get('matched_clean'))}, "
+        f"fine-tuned {fmt(m['finetuned'].get('matched_clean'))}.", "",
+    ]
+    for fig in m.get("figures", []):
+        lines.append(f"![{fig}]({fig})")
+    lines += ["", f"Total time {m['seconds']:.0f} s on this machine.", ""]
+    return "\n".join(lines)
+
+
+# -- the sweep -------------------------------------------------------------------
+
+def sweep_row(eps, steps, lr, m) -> dict:
+    """One grid point of a sweep: its settings and the before/after PGD figures."""
+    row = {"eps": eps, "steps": steps, "lr": lr}
+    for model in MODELS:
+        row[f"{model}_verification"] = _get(m, model, "groups", "all", "verification_accuracy")
+        row[f"{model}_dodging"] = _get(m, model, "attacks", "dodging", "all", "pgd", "success")
+        row[f"{model}_impersonation"] = _get(m, model, "attacks", "impersonation", "all", "pgd",
+                                             "success")
+        row[f"{model}_heldout_dodging"] = _get(m, model, "attacks", "dodging", "held_out", "pgd",
+                                               "success")
+    return row
+
+
+def sweep_table(rows: dict) -> str:
+    """The Markdown table of a sweep's rows ({key: `sweep_row(...)`})."""
+    head = ("| eps | steps | lr | verification acc | dodging success | impersonation success "
+            "| held-out dodging |\n|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows.values():
+        def pair(k):
+            return f"{fmt(r.get('pretrained_' + k))} -> {fmt(r.get('finetuned_' + k))}"
+        lines.append(f"| {r['eps']:g} | {r['steps']} | {r['lr']:g} | {pair('verification')} | "
+                     f"{pair('dodging')} | {pair('impersonation')} | {pair('heldout_dodging')} |")
+    return "\n".join(lines)
+
+
+__all__ = ["attack_list", "fmt", "plot_curves", "report_markdown", "sweep_row", "sweep_table"]
