@@ -148,3 +148,18 @@ def test_generate_reuses_the_traces_of_an_earlier_run(tmp_path):
     assert len(keys) == 2 * 2
     G.generate(model, tmp_path / "faces", tmp_path / "b", **kwargs)
     assert set(C.cached_keys(model)) == keys and C.tracing_count(model) == traces
+
+
+def test_in_batches_is_one_call_on_everything():
+    x = np.arange(23 * 3, dtype=np.float32).reshape(23, 3)
+    seen = []
+
+    def fn(xb):
+        seen.append(len(xb))
+        return xb * 2
+
+    np.testing.assert_array_equal(C.in_batches(fn, x, 5), x * 2)
+    assert seen == [5, 5, 5, 5, 3]
+    assert C.in_batches(fn, x[:0], 5).shape == (0, 3)
+    with pytest.raises(ValueError, match="batch_size"):
+        C.in_batches(fn, x, 0)

@@ -27,7 +27,7 @@ import tensorflow as tf
 from tfadv.attacks import objectives
 from tfadv.attacks.base import Attack, input_gradient
 from tfadv.config.centers import CentersStudyConfig
-from tfadv.evaluation.compiled import compiled
+from tfadv.evaluation.compiled import compiled, in_batches
 from tfadv.evaluation.verification import cosine_similarity
 from tfadv.models.features import CLASSIFIER_LAYER, FEATURE_LAYER, feature_model
 from tfadv.ops import norms
@@ -143,8 +143,7 @@ def classifier_weights(model, layer=CLASSIFIER_LAYER):
 
 def features_of(model, x, feature_layer=FEATURE_LAYER, batch_size=500):
     feats = feature_model(model, feature_layer)
-    return np.concatenate([np.asarray(feats(x[i:i + batch_size], training=False))
-                           for i in range(0, len(x), batch_size)])
+    return in_batches(lambda xb: feats(xb, training=False), x, batch_size)
 
 
 # -- comparisons ---------------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable, Hashable
 
+import numpy as np
 import tensorflow as tf
 
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -132,6 +133,28 @@ def compiled_attack(model, attack, *, with_eps: bool = False):
         return tf.function(run, reduce_retracing=True, autograph=False)
 
     return compiled(model, ("attack", attack, bool(with_eps)), make)
+
+
+def in_batches(fn, x, batch_size: int) -> np.ndarray:
+    """`fn` over consecutive batches of `x`, results concatenated: the one batching loop.
+
+    Args:
+        fn: maps a batch `x[i:i + batch_size]` to an array or tensor whose
+            first axis is the batch.
+        x: NumPy array [N, ...] (N may be 0: `fn` then sees one empty batch,
+            so the result keeps its trailing shape).
+        batch_size: rows per call (>= 1).
+
+    Returns:
+        NumPy array [N, ...].
+
+    Raises:
+        ValueError: batch_size < 1.
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size}")
+    starts = range(0, len(x), int(batch_size)) if len(x) else [0]
+    return np.concatenate([np.asarray(fn(x[i:i + int(batch_size)])) for i in starts])
 
 
 def tracing_count(model) -> int:

@@ -45,7 +45,8 @@ from tfadv.attacks.embedding import attack_success, embedding_attack, minimal_ep
 from tfadv.config.faces import MODES, FaceEvalConfig
 from tfadv.data.pairs import cross_pairs
 from tfadv.evaluation import verification as V
-from tfadv.evaluation.compiled import compiled_attack
+from tfadv.evaluation.compiled import in_batches
+from tfadv.evaluation.robustness import attack_batches
 
 # The C&W settings of the face suite (cosine-unit confidence, pixel-sized Adam
 # steps, a large initial constant): the published figures were made with them.
@@ -206,8 +207,7 @@ def embed(model, x, batch_size=32) -> np.ndarray:
     """
     if len(x) == 0:
         return np.zeros((0, 1), np.float32)
-    return np.concatenate([np.asarray(call_model(model, x[i:i + batch_size]))
-                           for i in range(0, len(x), batch_size)])
+    return in_batches(lambda xb: call_model(model, xb), x, batch_size)
 
 
 def identity_references(emb, labels, num_classes) -> np.ndarray:
@@ -250,14 +250,7 @@ def attack_images(model, attack, x, reference, *, batch_size=16, eps=None) -> np
     """
     if len(x) == 0:
         return np.asarray(x)
-    fn = compiled_attack(model, attack, with_eps=eps is not None)
-    out = []
-    for i in range(0, len(x), batch_size):
-        args = [tf.constant(x[i:i + batch_size]), tf.constant(reference[i:i + batch_size])]
-        if eps is not None:
-            args.append(tf.constant(np.asarray(eps, np.float32)[i:i + batch_size]))
-        out.append(np.asarray(fn(*args)))
-    return np.concatenate(out)
+    return attack_batches(model, attack, x, reference, eps=eps, batch_size=batch_size)
 
 
 def _step_size(cfg: FaceEvalConfig, budget):

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from tfadv.attacks.base import Attack, call_model
 from tfadv.attacks.pgd import PGD
-from tfadv.evaluation.compiled import compiled, compiled_attack
+from tfadv.evaluation.compiled import compiled, compiled_attack, in_batches
 from tfadv.ops.labels import sparse_labels_np
 
 
@@ -32,7 +32,7 @@ def _predict(model, x, batch_size):
         return tf.function(predict, reduce_retracing=True, autograph=False)
 
     fn = compiled(model, "predict", make)
-    return np.concatenate([fn(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)])
+    return in_batches(fn, x, batch_size)
 
 
 def _budget(eps, idx=None):
