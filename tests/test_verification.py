@@ -397,3 +397,16 @@ def test_threshold_options_use_the_one_rule():
         G.generate("no-such-model", "faces", "out", threshold=1.5)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         G.make_attack("cw", "dodging", None, threshold=-1.5)
+
+
+def test_numpy_cosine_is_the_one_cosine():
+    """verification.cosine_similarity is the TF cosine run in float64 (NumPy closed form)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(50, 8)), rng.normal(size=(50, 8))
+    want = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    got = V.cosine_similarity(a, b)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(V.cosine_similarity(a, b[0]), V.cosine_similarity(a, np.tile(b[0], (50, 1))))
+    assert V.cosine_similarity(np.zeros((1, 8)), b[:1])[0] == 0.0
+    assert V.cosine_similarity(np.zeros((0, 8)), np.zeros((0, 8))).shape == (0,)

@@ -41,9 +41,20 @@ PIXEL_BOUNDS = (0.0, 255.0)
 
 
 def cosine_similarity(a, b):
-    """Row-wise cosine similarity of two [N, D] tensors (float32)."""
-    a = tf.math.l2_normalize(tf.cast(a, tf.float32), axis=-1)
-    b = tf.math.l2_normalize(tf.cast(b, tf.float32), axis=-1)
+    """Row-wise cosine similarity of two [N, D] tensors: the one cosine of tfadv.
+
+    Args:
+        a, b: embeddings [N, D] (b may broadcast, e.g. [D]); any float dtype.
+
+    Returns:
+        [N] similarities in float32 (float64 when either input is float64);
+        an all-zero row has similarity 0.
+    """
+    a = tf.convert_to_tensor(a)
+    b = tf.convert_to_tensor(b)
+    dtype = tf.float64 if tf.float64 in (a.dtype, b.dtype) else tf.float32
+    a = tf.math.l2_normalize(tf.cast(a, dtype), axis=-1)
+    b = tf.math.l2_normalize(tf.cast(b, dtype), axis=-1)
     return tf.reduce_sum(a * b, axis=-1)
 
 

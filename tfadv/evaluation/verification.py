@@ -23,6 +23,7 @@ import numpy as np
 from sklearn import metrics as _metrics
 from sklearn.model_selection import KFold, PredefinedSplit, StratifiedKFold
 
+from tfadv.attacks.embedding import cosine_similarity as embedding_cosine
 from tfadv.config import check_threshold  # noqa: F401 (re-exported: the one rule)
 from tfadv.data.pairs import make_pairs
 from tfadv.export.contract import THRESHOLD_FILE, THRESHOLD_KEY
@@ -74,16 +75,21 @@ def _check_both_kinds(is_same):
                          f"and {neg} different pairs.")
 
 
-def cosine_similarity(a, b, *, eps=1e-12) -> np.ndarray:
-    """Row-wise cosine similarity of two embedding matrices.
+def cosine_similarity(a, b) -> np.ndarray:
+    """Row-wise cosine similarity of two embedding matrices, in float64 NumPy.
+
+    The NumPy face of `tfadv.attacks.embedding.cosine_similarity` (the one
+    cosine): shapes checked, computed in float64, clipped to [-1, 1].
 
     Args:
         a: `(N, D)` embeddings.
         b: `(N, D)` embeddings (or `(D,)`, compared with every row of `a`).
-        eps: guards the division for all-zero rows (their similarity is 0).
 
     Returns:
-        float64 `(N,)` in [-1, 1].
+        float64 `(N,)` in [-1, 1]; 0 for all-zero rows.
+
+    Raises:
+        ValueError: shapes that are not (N, D) and (N, D) or (D,).
     """
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
@@ -94,9 +100,9 @@ def cosine_similarity(a, b, *, eps=1e-12) -> np.ndarray:
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"Expected a and b of the same shape (N, D). Received: a.shape={a.shape}, "
                          f"b.shape={b.shape}")
-    num = np.sum(a * b, axis=1)
-    den = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), eps)
-    return np.clip(num / den, -1.0, 1.0)
+    if len(a) == 0:
+        return np.zeros(0, np.float64)
+    return np.clip(np.asarray(embedding_cosine(a, np.ascontiguousarray(b))), -1.0, 1.0)
 
 
 def similarity_matrix(a, b) -> np.ndarray:
