@@ -23,7 +23,7 @@ class Outer:
     out: str = setting(help="output directory")
     rate: float = setting(0.1, flags=("--lr",), help="a 50% rate")
     sizes: tuple = setting((1,), type=comma_list(int), help="sizes")
-    names: tuple = setting(("a",), choices=("a", "b", "c"), help="names")
+    names: tuple = setting(("a",), choices=("a", "b", "c"), words=True, help="names")
     fast: bool = setting(False, help="go fast")
     slow: bool = setting(True, help="go slow")
     hidden: object = setting(None, cli=False, help="set by code only")
@@ -47,11 +47,22 @@ def test_defaults_come_from_the_class_and_only_given_options_are_read():
     assert _outer(["--out", "o"]) == Outer(out="o")
 
 
-def test_tuples_take_words_commas_and_repeats():
-    assert _outer(["--out", "o", "--sizes", "1", "2"]).sizes == (1, 2)
+def test_tuples_take_commas_and_repeats_and_words_only_where_declared():
     assert _outer(["--out", "o", "--sizes", "1,2"]).sizes == (1, 2)
-    assert _outer(["--out", "o", "--sizes", "1", "--sizes", "2,3", "4"]).sizes == (1, 2, 3, 4)
+    assert _outer(["--out", "o", "--sizes", "1", "--sizes", "2,3"]).sizes == (1, 2, 3)
+    with pytest.raises(SystemExit):  # "unrecognized arguments: 2"
+        _parser().parse_args(["--out", "o", "--sizes", "1", "2"])
     assert _outer(["--out", "o", "--names", "b,c", "a"]).names == ("b", "c", "a")
+
+
+def test_a_tuple_option_does_not_swallow_a_positional_written_after_it():
+    from tfadv.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--attack", "pgd", "m.keras", "--attack", "apgd"])
+    assert args.model == "m.keras" and args.attacks == ("pgd", "apgd")
+    args = build_parser().parse_args(
+        ["facenet", "generate", "--preset", "p", "--out", "o", "--eps", "1", "2", "4"])
+    assert args.eps == (1.0, 2.0, 4.0)
 
 
 def test_tuple_choices_and_bad_items_are_argparse_errors(capsys):

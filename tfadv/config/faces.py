@@ -149,11 +149,12 @@ class GenerateConfig:
     out: str = setting(help="output directory for shards and metadata.json")
     faces: str | None = setting(None, help="folder with one sub-folder of photos per identity "
                                            "(default: the demo set's val split)")
-    attacks: tuple = setting(DEFAULT_GENERATE_ATTACKS, choices=GENERATE_ATTACKS,
+    attacks: tuple = setting(DEFAULT_GENERATE_ATTACKS, choices=GENERATE_ATTACKS, words=True,
                              help="attacks (ours and cleverhans')")
-    eps: tuple = setting((1.0, 2.0, 4.0, 8.0), type=comma_list(_nonneg),
+    eps: tuple = setting((1.0, 2.0, 4.0, 8.0), type=comma_list(_nonneg), words=True,
                          help="budgets in pixel units (0-255)")
-    modes: tuple = setting(MODES, choices=MODES, help="dodging and/or impersonation")
+    modes: tuple = setting(MODES, choices=MODES, words=True,
+                           help="dodging and/or impersonation")
     limit: int | None = setting(None, type=_pos,
                                 help="attack at most N faces (one identity at a time in turn)")
     threshold: float | None = setting(None, type=argtypes.cosine_threshold,

@@ -32,7 +32,7 @@ _MISSING = dataclasses.MISSING
 
 def setting(default=_MISSING, *, help: str, choices=None, type=None, item=None, flags=(),
             default_factory=_MISSING, cli: bool = True, metavar=None, prefix=None,
-            positional: bool = False):
+            positional: bool = False, words: bool = False):
     """A dataclass field that is also a command-line option.
 
     Args:
@@ -52,12 +52,17 @@ def setting(default=_MISSING, *, help: str, choices=None, type=None, item=None, 
             (default: the field name; "" adds the nested options unprefixed).
         positional: a positional argument instead of an option (optional
             when the field has a default; a tuple takes one or more words).
+        words: a tuple option that also takes several space-separated words
+            (`--eps 1 2 4`). Off by default: such an option would swallow a
+            positional argument written after it, so tuple options take one
+            comma-separated word (`--eps 1,2,4`) and may be repeated.
 
     Returns:
         A `dataclasses.Field`.
     """
     meta = {"help": help, "choices": choices, "type": type, "item": item, "flags": tuple(flags),
-            "cli": cli, "metavar": metavar, "prefix": prefix, "positional": positional}
+            "cli": cli, "metavar": metavar, "prefix": prefix, "positional": positional,
+            "words": words}
     kwargs = {"metadata": meta}
     if default is not _MISSING:
         kwargs["default"] = default
@@ -214,7 +219,8 @@ def add_options(parser, cls, *, prefix: str = "", exclude=(), required=None, def
             kwargs["type"] = meta["type"] or (item if meta.get("positional") else comma_list(item))
             kwargs["action"] = _Extend
             kwargs["allowed"] = meta["choices"]
-            kwargs.setdefault("nargs", "+")
+            if meta.get("positional") or meta.get("words"):
+                kwargs.setdefault("nargs", "+")
             if meta["choices"] and "metavar" not in kwargs:
                 kwargs["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
         else:
