@@ -19,9 +19,8 @@ tf.data pipeline with `tfadv.data.adversarial_records.read_records(out)`.
 import argparse
 import dataclasses
 
-from tfadv import assets
 from tfadv.config import GenerateConfig
-from tfadv.recipes.facenet_generate import generate
+from tfadv.recipes.facenet_generate import generate_from_config, summary_lines
 
 # The model attacked: a FaceNet preset, an embedder .keras file, or a folder
 # with embedder.keras and threshold.json (e.g. the output of facenet_finetune.py).
@@ -45,28 +44,10 @@ CONFIG = GenerateConfig(
 
 
 def main(model, cfg: GenerateConfig) -> dict:
-    faces = cfg.faces or assets.require().demo_faces / "val"
-
-    # Load and crop the faces, compute each identity's reference embedding,
-    # run every attack at every budget and write the shards.
-    summary = generate(
-        model, faces, cfg.out,
-        attacks=cfg.attacks, eps_list=cfg.eps, modes=cfg.modes, limit=cfg.limit,
-        threshold=cfg.threshold, steps=cfg.steps, step_size=cfg.step_size, norm=cfg.norm,
-        random_start=cfg.random_start, batch_size=cfg.batch_size,
-        cw_iterations=cfg.cw_iterations, cw_search_steps=cfg.cw_search_steps,
-        cw_confidence=cfg.cw_confidence, cw_learning_rate=cfg.cw_learning_rate,
-        image_format=cfg.image_format, shard_size=cfg.shard_size,
-        detector=None if cfg.detector == "mtcnn" else cfg.detector, align=cfg.align,
-        seed=cfg.seed, overwrite=cfg.overwrite, progress=cfg.progress,
-    )
-
-    print(f"wrote {summary['count']} adversarial faces to {cfg.out} (threshold "
-          f"{summary['threshold']:.3f} from {summary['threshold_source']})")
-    for g in summary["groups"]:
-        eps = "-" if g["eps"] is None else f"{g['eps']:g}"
-        print(f"  {g['attack']:<16} {g['mode']:<13} eps={eps:<4} success "
-              f"{g['success_rate']:.3f} ({g['successes']}/{g['count']})")
+    # Load and crop the faces (cfg.faces=None: the demo val split), compute each
+    # identity's reference embedding, run every attack at every budget, write the shards.
+    summary = generate_from_config(model, cfg)
+    print("\n".join(summary_lines(summary, cfg.out)))
     return summary
 
 
