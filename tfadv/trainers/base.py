@@ -405,8 +405,19 @@ class TrainerBase(_KerasHooks):
             scaled = self.optimizer.scale_loss(loss)
         track_loss(self.tracked_metrics["loss"], loss, batch.size)
         variables = self.trainable_variables
-        apply_gradients(self.optimizer, tape.gradient(scaled, variables), variables)
-        compiled = self.after_train_step(batch, prepared, outputs)
+        grads = tape.gradient(scaled, variables)
+        # No variable may change before every value of this step is computed.
+        # tf.function orders each read of a variable before its update, but
+        # Grappler's dependency optimizer can drop those edges; a weight whose
+        # gradient is ready early (the classifier's, when the inverse-adversary
+        # centres still read it) was then updated under a read still to run, and
+        # training was not reproducible (about 1 trace in 10). Control edges
+        # from the step's computed values (not from the reads) are kept.
+        computed = [t for t in tf.nest.flatten((loss, grads, prepared, outputs))
+                    if isinstance(t, tf.Tensor)]
+        with tf.control_dependencies(computed):
+            apply_gradients(self.optimizer, grads, variables)
+            compiled = self.after_train_step(batch, prepared, outputs)
         return self._logs(True, compiled)
 
     def test_step(self, data):

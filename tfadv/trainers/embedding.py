@@ -230,7 +230,9 @@ class EmbeddingAdversarialModel(TrainerBase):
         """The adversaries (x itself without an attack) and the teacher's embeddings."""
         x = batch.x
         x_adv = self._adversarial(x, batch.labels) if self.attack is not None else x
-        self._batch.assign_add(1)
+        # After the read that chose this batch's source model (see TrainerBase.train_step).
+        with tf.control_dependencies([x_adv]):
+            self._batch.assign_add(1)
         target = None
         if self.teacher is not None:
             target = tf.stop_gradient(self.teacher(x, training=False))
