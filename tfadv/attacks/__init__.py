@@ -1,7 +1,7 @@
 """Adversarial attacks: configure, then call `attack(model, x, y) -> x_adv`."""
 
 from tfadv.attacks import objectives
-from tfadv.attacks.apgd import APGD
+from tfadv.attacks.apgd import APGD, APGDT
 from tfadv.attacks.base import Attack
 from tfadv.attacks.cw import CarliniWagnerL2
 from tfadv.attacks.embedding import (
@@ -21,6 +21,7 @@ CW = CarliniWagnerL2
 
 __all__ = [
     "APGD",
+    "APGDT",
     "Attack",
     "CW",
     "CarliniWagnerL2",

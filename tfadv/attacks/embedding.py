@@ -185,9 +185,10 @@ class EmbeddingAPGD(APGD):
     name = "embedding_apgd"
 
     def __init__(self, *, eps, threshold, steps=50, norm="inf", rho=0.75, alpha=0.75,
-                 random_start=True, targeted=False, bounds=PIXEL_BOUNDS):
+                 random_start=True, targeted=False, bounds=PIXEL_BOUNDS, eot_iter=1):
         super().__init__(eps=eps, steps=steps, norm=norm, objective="cosine_distance", rho=rho,
-                         alpha=alpha, random_start=random_start, targeted=targeted, bounds=bounds)
+                         alpha=alpha, random_start=random_start, targeted=targeted, bounds=bounds,
+                         eot_iter=eot_iter)
         self.threshold = check_threshold(threshold)
 
     def is_success(self, outputs, y):

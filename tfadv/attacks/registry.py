@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tfadv.attacks.apgd import APGD
+from tfadv.attacks.apgd import APGD, APGDT
 from tfadv.attacks.base import Attack
 from tfadv.attacks.cw import CarliniWagnerL2
 from tfadv.attacks.pgd import FGSM, PGD, InversePGD
@@ -18,7 +18,7 @@ def register(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
-for _cls in (FGSM, PGD, InversePGD, CarliniWagnerL2, APGD):
+for _cls in (FGSM, PGD, InversePGD, CarliniWagnerL2, APGD, APGDT):
     register(_cls)
 
 

@@ -40,6 +40,33 @@ class CheckReport:
         return {"ok": self.ok, "problems": self.problems, "measurements": self.measurements}
 
 
+def outputs_look_like_probabilities(outputs) -> bool:
+    """Whether model outputs [N, C] look like probabilities (rows in [0, 1] summing to 1)."""
+    out = np.asarray(outputs, np.float64)
+    return bool(out.size and out.min() >= 0 and out.max() <= 1
+                and np.allclose(out.sum(-1), 1.0, atol=1e-3))
+
+
+def input_gradients(model, x, y):
+    """Cross-entropy input gradients [N, d] (float64 NumPy), or None when the
+    loss does not depend on the input."""
+    x = tf.convert_to_tensor(np.asarray(x, np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = objectives.cross_entropy(call_model(model, x), tf.constant(sparse_labels_np(y)))
+    grad = tape.gradient(loss, x)
+    return None if grad is None else grad.numpy().astype(np.float64).reshape(len(x), -1)
+
+
+def zero_gradient_fraction(model, x, y) -> float:
+    """Fraction of examples whose cross-entropy input gradient is exactly zero
+    (1.0 when the loss does not depend on the input at all)."""
+    grad = input_gradients(model, x, y)
+    if grad is None:
+        return 1.0
+    return float((np.abs(grad).max(axis=1) == 0).mean())
+
+
 def gradient_masking_checks(
     model,
     x,
@@ -76,13 +103,10 @@ def gradient_masking_checks(
     """
     x = tf.convert_to_tensor(np.asarray(x, np.float32))
     y_np = sparse_labels_np(y)
-    y_t = tf.convert_to_tensor(y_np)
     problems, m = [], {}
 
     out = np.asarray(call_model(model, x), np.float64)
-    looks_prob = bool(
-        out.min() >= 0 and out.max() <= 1 and np.allclose(out.sum(-1), 1.0, atol=1e-3)
-    )
+    looks_prob = outputs_look_like_probabilities(out)
     m["outputs_look_like_probabilities"] = looks_prob
     if looks_prob:
         problems.append(
@@ -90,10 +114,7 @@ def gradient_masking_checks(
             "logits: remove the final softmax, or gradients will vanish."
         )
 
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        loss = objectives.cross_entropy(call_model(model, x), y_t)
-    grad = tape.gradient(loss, x)
+    grad = input_gradients(model, x, y_np)
     if grad is None:
         problems.append(
             "The loss has no gradient with respect to the input (a non-differentiable op such "
@@ -102,7 +123,6 @@ def gradient_masking_checks(
         )
         m["fraction_zero_gradients"] = 1.0
         return _finish(CheckReport(measurements=m, problems=problems), warn)
-    grad = grad.numpy().reshape(len(y_np), -1)
     finite = np.isfinite(grad).all(axis=1)
     zero = np.abs(grad).max(axis=1) == 0
     m["fraction_nonfinite_gradients"] = float(1 - finite.mean())
