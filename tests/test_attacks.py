@@ -12,6 +12,7 @@ EPS = {"inf": 0.1, "2": 1.0}
 
 # name -> (factory(eps), norm, direction): direction +1 raises the loss, -1 lowers it,
 # 0: a minimum-norm attack (C&W) that only changes examples it flips.
+# Square (a NumPy search, never traced) has the same contract tested in test_square.py.
 ATTACKS = {
     "fgsm_inf": (lambda e: attacks.FGSM(eps=e), "inf", +1),
     "fgsm_l2": (lambda e: attacks.FGSM(eps=e, norm="2"), "2", +1),
@@ -22,6 +23,9 @@ ATTACKS = {
     "apgd_inf": (lambda e: attacks.APGD(eps=e, steps=12), "inf", +1),
     "apgd_l2": (lambda e: attacks.APGD(eps=e, steps=12, norm="2"), "2", +1),
     "apgd_dlr": (lambda e: attacks.APGD(eps=e, steps=12, objective="dlr"), "inf", +1),
+    "apgd_t": (lambda e: attacks.APGDT(eps=e, steps=6, num_targets=2), "inf", +1),
+    "fab_inf": (lambda e: attacks.FAB(eps=e, steps=8), "inf", +1),
+    "fab_t_l2": (lambda e: attacks.FABT(eps=e, norm="2", steps=8, num_targets=2), "2", +1),
     "inverse_pgd": (lambda e: attacks.InversePGD(eps=e, step_size=e / 2, steps=5), "inf", -1),
     "cw": (lambda e: attacks.CarliniWagnerL2(eps=e, max_iterations=30, binary_search_steps=3,
                                              initial_const=1.0), "2", 0),

@@ -223,3 +223,21 @@ def test_success_at_is_the_rule_on_similarities():
                                   [True, True, False, False])
     with pytest.raises(ValueError, match="mode"):
         E.success_at(sims, 0.3, "spoofing")
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_attack_success_takes_float64_embeddings(traced):
+    """float64 embeddings give float64 similarities: the threshold is compared in
+    their dtype (it was a float32 constant: InvalidArgumentError)."""
+    rng = np.random.default_rng(5)
+    e = rng.normal(size=(40, 8))
+    ref = e + rng.normal(scale=0.8, size=e.shape)
+    sim = np.sum(e * ref, 1) / np.linalg.norm(e, axis=1) / np.linalg.norm(ref, axis=1)
+    fn = E.attack_success
+    if traced:
+        fn = tf.function(lambda a, b, t, mode: E.attack_success(a, b, t, mode))
+    for mode, expected in (("dodging", sim < 0.5), ("impersonation", sim >= 0.5)):
+        threshold = tf.constant(0.5, tf.float64) if traced else 0.5
+        got = fn(tf.constant(e), tf.constant(ref), threshold, mode).numpy()
+        np.testing.assert_array_equal(got, expected)
+        assert 0 < expected.sum() < 40

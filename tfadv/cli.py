@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 import keras
 import tensorflow as tf
@@ -21,14 +22,18 @@ import tensorflow as tf
 from tfadv import assets
 from tfadv import attacks as attack_lib
 from tfadv import demo
-from tfadv.config import (AttackEvalConfig, CentersStudyConfig, CurveConfig, FaceEvalConfig,
-                          FaceFinetuneConfig, GenerateConfig, MnistDataConfig, MnistTrainConfig,
-                          SweepConfig)
+from tfadv.config import (AttackEvalConfig, AutoAttackConfig, CentersStudyConfig, CurveConfig,
+                          FaceEvalConfig, FaceFinetuneConfig, GenerateConfig, MnistDataConfig,
+                          MnistTrainConfig, SweepConfig)
 from tfadv.config.faces import DEFAULT_PRESET
 from tfadv.config.options import add_command, add_group, build
 from tfadv.data import load_mnist, subset
 from tfadv.evaluation import (evaluate_robustness, gradient_masking_checks, robustness_curve,
                               save_curve)
+from tfadv.evaluation.autoattack import autoattack, markdown_table
+from tfadv.evaluation.autoattack import summary_lines as autoattack_summary
+from tfadv.evaluation.checks import GradientMaskingWarning
+from tfadv.files import write_json, write_text
 from tfadv.recipes import centers as centers_recipe
 from tfadv.recipes import facenet as facenet_recipe
 from tfadv.recipes import facenet_generate
@@ -54,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="a .keras classifier (inputs in [0, 1], logits out)")
     e.add_argument("--json", action="store_true", help="print JSON only")
     e.add_argument("--check", action="store_true", help="also run the gradient-masking checks")
+
+    aa = add_command(sub, "autoattack", cmd_autoattack, configs=(AutoAttackConfig, MnistDataConfig),
+                     help="AutoAttack robust accuracy of a saved classifier, with its flags")
+    aa.add_argument("model", help="a .keras classifier (inputs in [0, 1], logits out)")
+    aa.add_argument("--json", action="store_true",
+                    help="print one JSON object (clean_accuracy, robust_accuracy, ...) only")
 
     c = add_command(sub, "curve", cmd_curve, configs=(CurveConfig, MnistDataConfig),
                     help="robustness curve: accuracy vs eps (JSON + PNG)")
@@ -189,6 +200,29 @@ def cmd_eval(args):
     if args.check:
         checks = out["checks"]
         print("gradient-masking checks:", "ok" if checks["ok"] else checks["problems"])
+
+
+def cmd_autoattack(args):
+    cfg = build(AutoAttackConfig, args)
+    model = load_classifier(args.model)
+    x, y = eval_data(build(MnistDataConfig, args))
+    with warnings.catch_warnings():
+        # The flags are printed below (or are in the JSON): not twice.
+        warnings.simplefilter("ignore", GradientMaskingWarning)
+        res = autoattack(model, x, y, norm=cfg.norm, eps=cfg.eps, version=cfg.version, n=cfg.n,
+                         seed=cfg.seed, batch_size=cfg.batch_size, progress=not args.json)
+    out = res.to_dict()
+    out["model"] = os.path.abspath(args.model)
+    if cfg.out:
+        os.makedirs(cfg.out, exist_ok=True)
+        write_json(os.path.join(cfg.out, "autoattack.json"), out)
+        write_text(os.path.join(cfg.out, "autoattack.md"), markdown_table(res))
+    if args.json:
+        print(json.dumps(out))
+        return
+    print("\n".join(autoattack_summary(res)))
+    if cfg.out:
+        print(f"wrote {os.path.join(cfg.out, 'autoattack.json')} and autoattack.md")
 
 
 def cmd_curve(args):

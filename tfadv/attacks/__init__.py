@@ -14,8 +14,10 @@ from tfadv.attacks.embedding import (
     impersonation_pgd,
     minimal_eps,
 )
+from tfadv.attacks.fab import FAB, FABT, project_hyperplane_box
 from tfadv.attacks.pgd import FGSM, PGD, InversePGD
 from tfadv.attacks.registry import deserialize, get, names, register, serialize
+from tfadv.attacks.square import EmbeddingSquare, Square, SquareResult
 
 CW = CarliniWagnerL2
 
@@ -25,11 +27,16 @@ __all__ = [
     "Attack",
     "CW",
     "CarliniWagnerL2",
+    "FAB",
+    "FABT",
     "FGSM",
     "InversePGD",
     "PGD",
+    "Square",
+    "SquareResult",
     "EmbeddingAPGD",
     "EmbeddingCW",
+    "EmbeddingSquare",
     "attack_success",
     "deserialize",
     "dodging_pgd",
@@ -37,6 +44,7 @@ __all__ = [
     "embedding_pgd",
     "impersonation_pgd",
     "minimal_eps",
+    "project_hyperplane_box",
     "get",
     "names",
     "objectives",

@@ -130,6 +130,10 @@ class Attack:
 
     name = "attack"
     uses_eps = True
+    # True for score-based searches that only call the model's forward pass
+    # (eagerly, on NumPy batches): evaluators then call them directly instead
+    # of tracing them into a compiled function.
+    black_box = False
 
     def __init__(self, *, eps, norm="inf", bounds=(0.0, 1.0), targeted=False, objective="ce"):
         if self.uses_eps:

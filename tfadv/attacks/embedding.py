@@ -91,9 +91,10 @@ def attack_success(embeddings, reference, threshold, mode):
     """
     sim = cosine_similarity(embeddings, reference)
     if not tf.is_tensor(threshold) or tf.executing_eagerly():
-        thr = tf.constant(check_threshold(float(np.asarray(threshold))), tf.float32)
+        thr = tf.constant(check_threshold(float(np.asarray(threshold))), sim.dtype)
     else:
-        thr = tf.cast(threshold, tf.float32)
+        # In the similarity's dtype: float64 embeddings give float64 similarities.
+        thr = tf.cast(threshold, sim.dtype)
         in_range = tf.reduce_all(tf.abs(thr) <= 1.0)
         with tf.control_dependencies([tf.debugging.Assert(
                 in_range, ["Expected threshold to be a cosine similarity, a finite number "

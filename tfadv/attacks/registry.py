@@ -5,6 +5,7 @@ from __future__ import annotations
 from tfadv.attacks.apgd import APGD, APGDT
 from tfadv.attacks.base import Attack
 from tfadv.attacks.cw import CarliniWagnerL2
+from tfadv.attacks.fab import FAB, FABT
 from tfadv.attacks.pgd import FGSM, PGD, InversePGD
 
 _REGISTRY: dict[str, type[Attack]] = {}
@@ -18,7 +19,7 @@ def register(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
-for _cls in (FGSM, PGD, InversePGD, CarliniWagnerL2, APGD, APGDT):
+for _cls in (FGSM, PGD, InversePGD, CarliniWagnerL2, APGD, APGDT, FAB, FABT):
     register(_cls)
 
 

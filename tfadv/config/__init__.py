@@ -9,12 +9,14 @@ from tfadv.config.centers import CentersStudyConfig
 from tfadv.config.core import (CENTER_SOURCES, CENTER_TARGETS, METHODS, CenterLossConfig,
                                check_threshold)
 from tfadv.config.faces import FaceEvalConfig, FaceFinetuneConfig, GenerateConfig, SweepConfig
-from tfadv.config.mnist import AttackEvalConfig, CurveConfig, MnistDataConfig, MnistTrainConfig
+from tfadv.config.mnist import (AttackEvalConfig, AutoAttackConfig, CurveConfig, MnistDataConfig,
+                                MnistTrainConfig)
 from tfadv.config.options import setting
 from tfadv.config.serving import BatchingOptions, ExportConfig, QueryConfig, ServeConfig
 
 __all__ = [
     "AttackEvalConfig",
+    "AutoAttackConfig",
     "BatchingOptions",
     "CENTER_SOURCES",
     "CENTER_TARGETS",

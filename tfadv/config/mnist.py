@@ -1,4 +1,5 @@
-"""Settings of the MNIST commands: `tfadv train mnist`, `tfadv eval`, `tfadv curve`."""
+"""Settings of the MNIST commands: `tfadv train mnist`, `tfadv eval`, `tfadv curve`,
+`tfadv autoattack`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from tfadv.config.options import comma_list, setting
 SOURCES = ("embedded", "tfds", "full")
 STRATEGIES = ("default", "mirrored", "multi-worker")
 EVAL_ATTACKS = ("fgsm", "pgd", "apgd", "cw")
+AUTOATTACK_VERSIONS = ("standard", "plus", "rand")
 MIXED_PRECISION = ("mixed_float16", "mixed_bfloat16")
 
 
@@ -126,3 +128,19 @@ class CurveConfig:
     def __post_init__(self):
         if not self.eps:
             raise ValueError("Expected at least one budget in eps.")
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoAttackConfig:
+    """Settings of `tfadv autoattack`: AutoAttack (Croce & Hein, 2020) on a saved classifier."""
+
+    norm: str = setting("inf", type=argtypes.norm, help="threat model: inf or 2")
+    eps: float = setting(0.3, type=argtypes.positive_float, help="budget ([0, 1] units)")
+    version: str = setting("standard", choices=AUTOATTACK_VERSIONS,
+                           help="standard (APGD-CE, APGD-T, FAB-T, Square), plus, or rand "
+                                "(randomised models, EOT)")
+    n: int | None = setting(None, type=argtypes.positive_int,
+                            help="attack only the first N digits of the split, in its order")
+    seed: int = setting(0, help="random seed (the same seed gives the same result)")
+    batch_size: int = setting(500, type=argtypes.positive_int, help="examples per attack call")
+    out: str | None = setting(None, help="also write autoattack.json and autoattack.md here")

@@ -62,6 +62,12 @@ def attack_batches(model, attack: Attack, x, y, *, eps=None, batch_size=256, pro
         ValueError: x outside the attack's bounds.
     """
     attack.check_bounds(x)
+    if attack.black_box:
+        # A NumPy search (Square): it batches its own queries and is never traced.
+        if eps is not None and np.ndim(eps) == 1 and len(eps) != len(x):
+            raise ValueError(f"Expected eps to be a scalar or one budget per example "
+                             f"[N={len(x)}]. Received {len(eps)} budgets.")
+        return np.asarray(attack(model, x, y, eps=eps))
     if eps is None:
         fn = compiled_attack(model, attack)
     else:
