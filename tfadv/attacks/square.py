@@ -4,16 +4,12 @@
 search" (arXiv:1912.00049), the black-box member of AutoAttack. It only reads
 the model's outputs (logits, probabilities or embeddings), never gradients,
 so it also evaluates models with masked gradients and models behind an
-endpoint. Each iteration changes the perturbation on one random square window
-per example and keeps the change if the loss decreases; the window covers a
-fraction p of the image, and p halves on a fixed schedule. Linf: a vertical
-stripes start, windows set to +-eps per channel. L2: pseudo-Gaussian tiles,
-then window updates that move mass between two windows at ||delta||_2 = eps.
-
-The search is a NumPy loop, NOT traceable in a `tf.function`: `model` may be
-any callable from a NumPy batch to outputs [n, C] or embeddings [n, D] - a
-Keras model (called in inference mode through one compiled function, in
-batches), a `tf.function`, a NumPy function, a remote endpoint's client.
+endpoint. Each iteration redraws one random square window per example (a
+fraction p of the image, p halving on a schedule) and keeps it if the loss
+falls. The search is a NumPy loop, NOT traceable in a `tf.function`: `model`
+may be any callable from a NumPy batch to outputs [n, C] or embeddings [n, D]
+(a Keras model, called in inference mode in batches; a NumPy function; a
+remote endpoint's client).
 
     result = Square(eps=0.1, queries=1000).run(model, x, y)  # .success, .queries
     x_adv = EmbeddingSquare(eps=8, threshold=0.4)(embedder, images, references)
@@ -59,13 +55,11 @@ class SquareResult:
         x_adv: NumPy array with the shape and dtype of x: the inputs found.
         success: bool [N]: misclassified (targeted: classified as y); for
             embeddings `success_at(similarity, threshold, mode)`.
-        queries: int64 [N]: queries spent on the example; the start counts 1.
-            As in the paper (which attacks only correctly classified points),
-            the clean forward pass is not counted: 0 where x already succeeds.
-        loss: float64 [N]: the loss minimised, at x_adv. Margin: score of y
-            minus the best other (targeted: negated); "ce": minus (targeted:
-            plus) the cross-entropy; embeddings: similarity (dodging) or
-            minus similarity (impersonation).
+        queries: int64 [N]: queries spent on the example; the start counts 1,
+            the clean pass not (as in the paper): 0 where x already succeeds.
+        loss: float64 [N]: the loss minimised, at x_adv (margin: score of y
+            minus the best other; "ce": minus the cross-entropy; targeted
+            negated; embeddings: the similarity, negated for impersonation).
     """
 
     x_adv: np.ndarray
