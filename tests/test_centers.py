@@ -1,6 +1,8 @@
 """Centre extraction and comparison functions, and the centres study's orchestration."""
 
+import dataclasses
 import json
+import os
 
 import keras
 import numpy as np
@@ -239,7 +241,8 @@ def test_tiny_study_writes_typed_results_and_resumes(tmp_path, capsys):
     assert set(a) == {"clean_accuracy", "robust_accuracy", "robust_after",
                       "intra_class_variance", "inter_class_separation",
                       "variance_to_separation", "comparisons", "centers", "train_seconds",
-                      "history"}
+                      "history", "autoattack"}
+    assert a["autoattack"] is None  # the quick setting skips AutoAttack
     assert list(a["robust_after"]) == ["pgd_ce", "apgd_ce", "apgd_dlr", "pgd_margin"]
     assert a["robust_after"]["pgd_margin"] == a["robust_accuracy"]
     assert CentersStudyResult.from_dict(results).to_dict() == study.to_dict() | {
@@ -257,3 +260,16 @@ def test_tiny_study_writes_typed_results_and_resumes(tmp_path, capsys):
     run_centers_study(changed, progress=False)
     out = capsys.readouterr().out
     assert "Model A: the results kept in" in out and "robust_steps: 2 -> 3" in out
+    # AutoAttack on the finished model: the model is not retrained, its result is
+    # kept in models_done/ and a rerun does not attack again.
+    with_aa = dataclasses.replace(changed, autoattack=True)
+    study = run_centers_study(with_aa, progress=False)
+    aa = study.models["A"].autoattack
+    assert aa["n"] == 60 and aa["eps"] == 0.3 and list(aa["per_attack"]) == [
+        "apgd-ce", "apgd-t", "fab-t", "square"]
+    assert aa["robust_accuracy"] <= aa["clean_accuracy"]
+    assert os.path.exists(tmp_path / "models_done" / "A.autoattack.json")
+    assert "AutoAttack (standard" in (tmp_path / "report.md").read_text()
+    capsys.readouterr()
+    run_centers_study(with_aa, progress=False)
+    assert capsys.readouterr().out == ""

@@ -74,6 +74,8 @@ class CentersStudyConfig:
     adv_center_on: str = setting("both", choices=CENTER_TARGETS,
                                  help="model D: the features center loss pulls")
     robust_eps: float = setting(0.3, type=_nonneg, help="budget of the robust-accuracy attacks")
+    autoattack: bool = setting(True, help="also run AutoAttack (standard, Linf robust_eps) on "
+                                          "each model's test digits")
     robust_steps: int = setting(40, type=_pos, help="steps of the robust-accuracy attacks")
     # Robust validation each epoch (PGD-10) runs on this many test images;
     # the final analysis uses the whole test split.
@@ -100,6 +102,6 @@ class CentersStudyConfig:
                     max_lr=0.05,
                     adv_steps=3, adv_step_size=0.12, adv_clean_epochs=1.0,
                     adv_warmup_epochs=1.0, robust_steps=10,
-                    uiat_epochs=1)
+                    uiat_epochs=1, autoattack=False)
         base.update(overrides)
         return cls(**base)

@@ -233,6 +233,9 @@ class CentersModelResult:
         centers: kind -> [K, D] array (training digits).
         train_seconds: training time over all epochs (also of a killed run).
         history: per-epoch training logs.
+        autoattack: AutoAttack (standard) on the analysed test digits:
+            `{"robust_accuracy", "per_attack", "seconds", "flags", "n", "eps"}`,
+            or None when it was not run.
     """
 
     clean_accuracy: float
@@ -245,6 +248,7 @@ class CentersModelResult:
     centers: dict
     train_seconds: float = 0.0
     history: dict = dataclasses.field(default_factory=dict)
+    autoattack: dict | None = None
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -38,6 +38,8 @@ from tfadv.config.centers import MODELS, CentersStudyConfig  # noqa: F401 (re-ex
 from tfadv.data import mnist as mnist_data
 from tfadv.evaluation import centers as C
 from tfadv.evaluation.centers import CentersModelResult, CentersStudyResult
+from tfadv.evaluation.autoattack import autoattack
+from tfadv.evaluation.autoattack import summary_lines as autoattack_summary
 from tfadv.evaluation.robustness import evaluate_robustness
 from tfadv.models import mnist_feature_net
 from tfadv.reports import centers as report
@@ -107,7 +109,8 @@ def run_key(cfg, name) -> dict:
     robust-accuracy attacks, so that changing those recomputes too.
     """
     key = {k: v for k, v in dataclasses.asdict(cfg).items()
-           if k not in ("out", "models") and (name == "D" or not k.startswith("adv_"))}
+           if k not in ("out", "models", "autoattack")
+           and (name == "D" or not k.startswith("adv_"))}
     key["robust_attacks"] = {k: a.get_config() for k, a in robust_attacks(cfg).items()}
     return json.loads(json.dumps(key, default=str))
 
@@ -152,6 +155,32 @@ def load_model_results(done_dir, name, cfg, *, log=print):
     with np.load(base + ".npz") as arrays:
         features = arrays["features"]
     return CentersModelResult.from_dict(saved["result"]), features
+
+
+def autoattack_model(cfg, name, x, y, say=print, progress=True) -> dict:
+    """AutoAttack (standard, Linf `cfg.robust_eps`) of study model `name` on (x, y).
+
+    Kept in `models_done/NAME.autoattack.json` with the model's run key, so a
+    resumed study does not attack a finished model again.
+    """
+    path = os.path.join(cfg.out, "models_done", f"{name}.autoattack.json")
+    key = {"model": run_key(cfg, name), "version": "standard", "eps": cfg.robust_eps,
+           "seed": cfg.seed}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("key") == json.loads(json.dumps(key, default=str)):
+            return saved["result"]
+    say(f"\n== Model {name}: AutoAttack (standard, Linf eps {cfg.robust_eps}) ==", flush=True)
+    model = keras.saving.load_model(os.path.join(cfg.out, f"model_{name}.keras"), safe_mode=True)
+    res = autoattack(model, x, y, norm="inf", eps=cfg.robust_eps, seed=cfg.seed,
+                     progress=progress)
+    result = {"n": res.n, "eps": res.eps, "clean_accuracy": res.clean_accuracy,
+              "robust_accuracy": res.robust_accuracy, "per_attack": res.per_attack,
+              "seconds": res.seconds, "flags": res.flags}
+    files.write_json(path, {"key": key, "result": result})
+    say("\n".join(autoattack_summary(res)))
+    return result
 
 
 def model_backup(out, name, cfg, *, log=print):
@@ -288,6 +317,9 @@ def run_centers_study(cfg: CentersStudyConfig, progress=True) -> CentersStudyRes
         study.models[name], study.features[name] = result, f_te
         say(f"Model {name}: clean {result.clean_accuracy:.3f}, robust "
             f"{result.robust_accuracy:.3f}, var/dist^2 {result.variance_to_separation:.4f}")
+    if cfg.autoattack:
+        for name, result in study.models.items():
+            result.autoattack = autoattack_model(cfg, name, x_te, y_te, say, progress)
     study.figures = report.write_figures(study, cfg.out)
     study.seconds = time.perf_counter() - t0
     files.write_json(os.path.join(cfg.out, "results.json"),

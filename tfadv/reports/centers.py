@@ -223,6 +223,20 @@ def markdown(study) -> str:
         for m, r in models.items():
             lines.append(f"| {m} | {r.clean_accuracy:.3f} | "
                          + " | ".join(f"{r.robust_after[a]:.3f}" for a in names) + " |")
+    attacked = {m: r.autoattack for m, r in models.items() if r.autoattack}
+    if attacked:
+        stages = list(next(iter(attacked.values()))["per_attack"])
+        lines += ["", f"AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; Croce & Hein "
+                  f"2020) at Linf eps {cfg.robust_eps}, robust accuracy after each attack:", "",
+                  "| model | clean | " + " | + ".join(stages) + " | seconds |",
+                  "|---|---|" + "---|" * len(stages) + "---|"]
+        for m, a in attacked.items():
+            lines.append(f"| {m} | {a['clean_accuracy']:.3f} | "
+                         + " | ".join(f"{a['per_attack'].get(s, float('nan')):.3f}"
+                                      for s in stages)
+                         + f" | {sum(a['seconds'].values()):.0f} |")
+        for m, a in attacked.items():
+            lines += [f"- Flag (model {m}): {f}" for f in a["flags"]]
     lines.append("")
     for m, r in models.items():
         lines += [f"## Model {m}: centre comparisons (mean ± std over classes)", "",
