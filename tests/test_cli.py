@@ -267,8 +267,8 @@ def test_every_config_setting_has_an_option_and_every_command_a_handler():
             seen.add(cls.__name__)
             missing = set(_expected_options(cls)) - _options(parser)
             assert not missing, (prog, cls.__name__, missing)
-    assert seen == {"MnistTrainConfig", "AttackEvalConfig", "MnistDataConfig", "CurveConfig",
-                    "CentersStudyConfig", "FaceFinetuneConfig", "SweepConfig",
+    assert seen == {"MnistTrainConfig", "AttackEvalConfig", "AutoAttackConfig",
+                    "EndpointAttackConfig", "MnistDataConfig", "CurveConfig", "CentersStudyConfig", "FaceFinetuneConfig", "SweepConfig",
                     "GenerateConfig", "ExportConfig", "ServeConfig", "QueryConfig"}
 
 

@@ -12,7 +12,8 @@ from tfadv.config.faces import FaceEvalConfig, FaceFinetuneConfig, GenerateConfi
 from tfadv.config.mnist import (AttackEvalConfig, AutoAttackConfig, CurveConfig, MnistDataConfig,
                                 MnistTrainConfig)
 from tfadv.config.options import setting
-from tfadv.config.serving import BatchingOptions, ExportConfig, QueryConfig, ServeConfig
+from tfadv.config.serving import (BatchingOptions, EndpointAttackConfig, ExportConfig,
+                                  QueryConfig, ServeConfig)
 
 __all__ = [
     "AttackEvalConfig",
@@ -23,6 +24,7 @@ __all__ = [
     "CenterLossConfig",
     "CentersStudyConfig",
     "CurveConfig",
+    "EndpointAttackConfig",
     "ExportConfig",
     "FaceEvalConfig",
     "FaceFinetuneConfig",

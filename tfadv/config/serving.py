@@ -1,4 +1,5 @@
-"""Settings of the serving commands: `tfadv export`, `tfadv serve`, `tfadv query`."""
+"""Settings of the serving commands: `tfadv export`, `tfadv serve`, `tfadv query`,
+`tfadv attack-endpoint`."""
 
 from __future__ import annotations
 
@@ -111,4 +112,48 @@ class QueryConfig:
     json: bool = setting(False, help="print one JSON object per image")
 
 
-__all__ = ["BatchingOptions", "ExportConfig", "QueryConfig", "ServeConfig"]
+@dataclass(frozen=True)
+class EndpointAttackConfig:
+    """Settings of `tfadv attack-endpoint`: a score-based black-box attack (Square) on a
+    served face-embedding model, through the gRPC client only."""
+
+    target: str = setting(positional=True, help="HOST:PORT of the gRPC endpoint")
+    faces: str = setting(help="face photos, one sub-folder per identity")
+    name: str = setting(C.DEFAULT_MODEL_NAME, help="model name")
+    eps: float = setting(4.0, type=argtypes.positive_float,
+                         help="budget in pixels (0-255): largest change per pixel (inf) or "
+                              "L2 norm (2)")
+    queries: int = setting(1000, type=_pos,
+                           help="search queries per face (its clean query comes on top)")
+    norm: str = setting("inf", type=argtypes.norm, help="threat model: inf or 2")
+    mode: str = setting("dodging", choices=("dodging", "impersonation"),
+                        help="dodging (no longer matches its own photo) or impersonation "
+                             "(matches a face of --targets)")
+    targets: str | None = setting(None, help="with --mode impersonation: folder of faces to "
+                                             "impersonate (face i aims at target i mod M)")
+    threshold: float | None = setting(
+        None, type=argtypes.cosine_threshold,
+        help="cosine threshold of the face system (default: bracketed from the served "
+             "verify signature's answers)")
+    limit: int | None = setting(None, type=_pos, help="attack only the first N faces")
+    seed: int = setting(0, type=argtypes.nonneg_int, help="random seed of the search")
+    crop: bool = setting(True, help="detect and crop the face (--no-crop: the images are "
+                                    "already face crops; the centre square is resized)")
+    version: int | None = setting(None, type=_pos, help="pin a version")
+    timeout: float = setting(10.0, type=argtypes.positive_float,
+                             help="deadline per call, seconds")
+    wait: float = setting(0.0, type=argtypes.nonneg_float,
+                          help="seconds to wait for the model to become available (0: fail "
+                               "at once when the endpoint does not answer)")
+    batch_size: int = setting(32, type=_pos, help="images per request")
+    ssl_root_cert: str | None = setting(None, help="PEM CA certificate (enables TLS)")
+    json: bool = setting(False, help="print one JSON object")
+
+    def __post_init__(self):
+        if (self.targets is not None) != (self.mode == "impersonation"):
+            raise ValueError("--mode impersonation needs --targets (the faces to impersonate); "
+                             "dodging takes none.")
+
+
+__all__ = ["BatchingOptions", "EndpointAttackConfig", "ExportConfig", "QueryConfig",
+           "ServeConfig"]

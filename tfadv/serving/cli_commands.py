@@ -1,7 +1,7 @@
-"""`tfadv export`, `tfadv serve` and `tfadv query`: options from their configs, one call each.
+"""`tfadv export`, `serve`, `query` and `attack-endpoint`: options from their configs.
 
 The settings are declared once, in `tfadv.config.serving`; `add_commands`
-registers the three commands the same way as every other `tfadv` command
+registers the commands the same way as every other `tfadv` command
 (`tfadv.config.options.add_command`), and each handler builds its config
 from the parsed options and calls the library.
 """
@@ -14,12 +14,13 @@ import sys
 
 from tfadv import serving
 from tfadv.config.options import add_command, build
-from tfadv.config.serving import BatchingOptions, ExportConfig, QueryConfig, ServeConfig
+from tfadv.config.serving import (BatchingOptions, EndpointAttackConfig, ExportConfig,
+                                  QueryConfig, ServeConfig)
 from tfadv.export import BatchingParameters, export_model
 
 
 def add_commands(subparsers):
-    """Adds `export`, `serve` and `query` to an argparse subparsers object."""
+    """Adds `export`, `serve`, `query` and `attack-endpoint` to an argparse subparsers object."""
     add_command(subparsers, "export", cmd_export, configs=(ExportConfig,),
                 help="export an embedding model for TF Serving")
     add_command(subparsers, "serve", cmd_serve, configs=(ServeConfig,),
@@ -27,6 +28,10 @@ def add_commands(subparsers):
     add_command(subparsers, "query", cmd_query, configs=(QueryConfig,),
                 help="embed the face in image files with a served model over gRPC "
                      "(MTCNN crop, as `tfadv facenet embed`)")
+    add_command(subparsers, "attack-endpoint", cmd_attack_endpoint,
+                configs=(EndpointAttackConfig,),
+                help="black-box dodging attack (Square, score-based) on a served face-embedding "
+                     "model over gRPC: success rate and queries")
 
 
 def batching_parameters(options: BatchingOptions, base: BatchingParameters | None = None):
@@ -98,3 +103,58 @@ def cmd_query(args):
     if failed:
         raise ValueError(f"{failed} of {len(results)} images could not be read or have "
                          "no face (see the errors above).")
+
+
+def cmd_attack_endpoint(args):
+    import grpc  # only the client commands need it
+
+    from tfadv.data.faces import load_face_folder
+    from tfadv.serving import endpoint_attack as ea
+
+    cfg = build(EndpointAttackConfig, args)
+    with serving.Client(cfg.target, name=cfg.name, version=cfg.version, timeout=cfg.timeout,
+                        batch_size=cfg.batch_size,
+                        root_certificates=cfg.ssl_root_cert) as client:
+        try:
+            if cfg.wait:
+                client.wait_until_ready(cfg.wait)
+            height, width = ea.served_image_size(client)
+            if height != width:
+                raise ValueError(f"Model {cfg.name!r} takes {height}x{width} images, but face "
+                                 "crops are square.")
+            detector = None if cfg.crop else "none"
+            faces = load_face_folder(cfg.faces, size=height, detector=detector)
+            images, paths = faces.images[:cfg.limit], faces.paths[:cfg.limit]
+            skipped = faces.skipped
+            targets = None
+            if cfg.targets is not None:
+                targets = load_face_folder(cfg.targets, size=height, detector=detector).images
+            result = ea.attack_endpoint(client, images, eps=cfg.eps, queries=cfg.queries,
+                                        norm=cfg.norm, mode=cfg.mode, threshold=cfg.threshold,
+                                        targets=targets, seed=cfg.seed,
+                                        batch_size=cfg.batch_size)
+        except (ConnectionError, TimeoutError) as err:
+            raise ValueError(str(err)) from None
+        except grpc.RpcError as err:
+            raise ValueError(f"{cfg.target}: {err.code().name}: {err.details()}") from None
+    if cfg.json:
+        print(json.dumps({"target": cfg.target, "name": cfg.name, **result.to_dict(),
+                          "paths": paths, "skipped": [list(s) for s in skipped]}))
+        return
+    what = "dodging" if result.mode == "dodging" else "impersonation"
+    norm = "Linf" if result.norm == "inf" else "L2"
+    median = result.median_queries
+    source = "given"
+    if result.threshold_bracket is not None:
+        low, high = result.threshold_bracket
+        source = f"the served verify's is in ({low:.7g}, {high:.7g}]"
+    print(f"{cfg.target} {cfg.name}: {result.n} faces ({len(skipped)} files skipped), "
+          f"{norm} eps {result.eps:g} px, {result.queries_budget} queries per face, "
+          f"threshold {result.threshold:.7g} ({source})")
+    print(f"{what} success {int(result.success.sum())}/{result.n} "
+          f"({100 * result.success_rate:.1f}%), median queries "
+          f"{'-' if median is None else f'{median:g}'} (successful faces, clean query included)")
+    print(f"sent {result.total_queries} images, {result.failed_requests} failed requests, "
+          f"clean embeddings after the attack "
+          f"{'unchanged' if result.consistent else 'CHANGED'} (max drift "
+          f"{result.clean_drift:.2g}), {result.seconds:.1f} s")
