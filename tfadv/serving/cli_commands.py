@@ -78,13 +78,17 @@ def cmd_serve(args):
                   warmup=cfg.warmup)
 
 
+def _client(cfg) -> serving.Client:
+    """The gRPC client of a client command's settings (target, name, version, ...)."""
+    return serving.Client(cfg.target, name=cfg.name, version=cfg.version, timeout=cfg.timeout,
+                          batch_size=cfg.batch_size, root_certificates=cfg.ssl_root_cert)
+
+
 def cmd_query(args):
     import grpc  # only this command needs it
 
     cfg = build(QueryConfig, args)
-    with serving.Client(cfg.target, name=cfg.name, version=cfg.version, timeout=cfg.timeout,
-                        batch_size=cfg.batch_size,
-                        root_certificates=cfg.ssl_root_cert) as client:
+    with _client(cfg) as client:
         try:
             results = client.embed_files(list(cfg.images), crop=cfg.crop)
         except grpc.RpcError as err:
@@ -112,9 +116,7 @@ def cmd_attack_endpoint(args):
     from tfadv.serving import endpoint_attack as ea
 
     cfg = build(EndpointAttackConfig, args)
-    with serving.Client(cfg.target, name=cfg.name, version=cfg.version, timeout=cfg.timeout,
-                        batch_size=cfg.batch_size,
-                        root_certificates=cfg.ssl_root_cert) as client:
+    with _client(cfg) as client:
         try:
             if cfg.wait:
                 client.wait_until_ready(cfg.wait)
