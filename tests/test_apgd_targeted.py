@@ -149,3 +149,7 @@ def test_apgd_eot_averages_the_gradient_of_a_randomised_model():
     assert acc(eot) < acc(one) - 0.04  # measured: 0.83-0.87 against 0.925-0.93
     with pytest.raises(ValueError, match="eot_iter"):
         APGD(eps=0.1, eot_iter=0)
+    # The config names eot_iter only when set: saved results keyed by the configs of
+    # deterministic attacks (the centres study's models_done/) still match.
+    assert "eot_iter" not in APGD(eps=0.1).get_config()
+    assert APGD(eps=0.1, eot_iter=20).get_config()["eot_iter"] == 20

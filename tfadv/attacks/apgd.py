@@ -227,8 +227,11 @@ class APGD(Attack):
         config = super().get_config()
         config.update(
             steps=self.steps, rho=self.rho, alpha=self.alpha, random_start=self.random_start,
-            eot_iter=self.eot_iter,
         )
+        if self.eot_iter != 1:
+            # Only when set: the configs (and the run keys of saved results) of attacks on
+            # deterministic models are those of the versions before EOT.
+            config["eot_iter"] = self.eot_iter
         return config
 
 
