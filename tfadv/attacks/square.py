@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfadv.attacks.base import Attack, _check_number
-from tfadv.attacks.embedding import MODES, PIXEL_BOUNDS, success_at
+from tfadv.attacks.embedding import MODES, PIXEL_BOUNDS, cosine_similarity, success_at
 from tfadv.attacks.registry import register
 from tfadv.config import check_threshold
 from tfadv.ops.labels import sparse_labels_np
@@ -432,11 +432,9 @@ class Square(Attack):
 
 
 def cosine_similarity_np(a, b):
-    """Row-wise cosine of [N, D] arrays in float64: `tfadv.attacks.embedding.cosine_similarity`
-    (same normalisation, `x / sqrt(max(sum(x^2), 1e-12))`) computed in NumPy."""
-    a, b = (np.asarray(v, np.float64) for v in (a, b))
-    a, b = (v / np.sqrt(np.maximum(np.sum(v * v, -1, keepdims=True), 1e-12)) for v in (a, b))
-    return np.sum(a * b, -1)
+    """Row-wise cosine of [N, D] arrays as float64 NumPy: the one cosine,
+    `tfadv.attacks.embedding.cosine_similarity`, run in float64."""
+    return cosine_similarity(np.asarray(a, np.float64), np.asarray(b, np.float64)).numpy()
 
 
 @register

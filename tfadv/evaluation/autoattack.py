@@ -158,8 +158,9 @@ class AutoAttackResult:
 
 
 def _perturbation_norms(x_adv, x, norm):
-    d = (np.asarray(x_adv, np.float64) - np.asarray(x, np.float64)).reshape(len(x), -1)
-    return np.abs(d).max(axis=1) if norm == "inf" else np.sqrt((d * d).sum(axis=1))
+    """Per-example norm of x_adv - x (float64 NumPy [N])."""
+    d = np.asarray(x_adv, np.float64) - np.asarray(x, np.float64)
+    return norms.lp_norm(tf.constant(d), norm).numpy()
 
 
 def _run(model, attack, x, y, batch_size, progress, desc):
@@ -211,13 +212,13 @@ def autoattack(model, x, y, *, norm="inf", eps, version="standard", n=None, seed
         x, y = x[: int(n)], y[: int(n)]
     keras.utils.set_random_seed(int(seed))
     x, y = _check_xy(x, y)
-    if bounds is not None and len(x) and (x.min() < bounds[0] or x.max() > bounds[1]):
-        raise ValueError(f"x has values in [{x.min():.4g}, {x.max():.4g}] outside bounds={bounds}. "
-                         f"Pass the bounds of your input units.")
-    num_classes = int(np.asarray(call_model(model, tf.constant(x[:1]))).shape[-1])
     if suite is None:
+        # The bounds check (with its message) is the attacks' own, before any model call.
+        APGD(eps=float(eps), norm=norm, bounds=bounds).check_bounds(x)
+        num_classes = int(np.asarray(call_model(model, tf.constant(x[:1]))).shape[-1])
         suite = autoattack_suite(norm, float(eps), version, num_classes=num_classes, seed=seed,
                                  bounds=bounds)
+    x, y = _check_xy(x, y, [runs[0] for runs in suite.values() if runs])
     clean = _still_correct(model, x, y, batch_size)
     broken_by = np.where(clean, "", "clean").astype(object)
     x_adv = x.copy()
