@@ -163,6 +163,40 @@ def test_successful_examples_stop_being_queried(norm):
     assert (result.queries[~result.success] == 50).all()
 
 
+def test_progress_bar_counts_iterations_and_changes_nothing(monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, **kwargs):
+            self.total, self.desc, self.n, self.standing, self.closed = total, desc, 0, [], False
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix(self, standing, refresh):
+            self.standing.append(standing)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    fn, x, y, _ = _linear_problem(n=40)
+    attack = Square(eps=0.08, queries=30)
+    quiet = attack.run(fn, x, y)
+    assert not bars
+    shown = attack.run(fn, x, y, progress="square test")
+    np.testing.assert_array_equal(shown.x_adv, quiet.x_adv)
+    np.testing.assert_array_equal(shown.queries, quiet.queries)
+    (bar,) = bars
+    assert (bar.desc, bar.total, bar.closed) == ("square test", 30, True)
+    assert bar.n == min(quiet.queries.max() + 1, 30)  # the bar stops where the search stopped
+    assert bar.standing[-1] == (~quiet.success).sum()
+    assert bar.standing == sorted(bar.standing, reverse=True)
+
+
 def test_already_misclassified_inputs_cost_no_query():
     fn, x, y, _ = _linear_problem(n=10)
     wrong = (y + 1) % 3

@@ -18,7 +18,6 @@ remote endpoint's client).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import keras
 import numpy as np
@@ -27,24 +26,13 @@ import tensorflow as tf
 from tfadv.attacks.base import Attack, _check_number
 from tfadv.attacks.embedding import MODES, PIXEL_BOUNDS, cosine_similarity, success_at
 from tfadv.attacks.registry import register
+from tfadv.attacks.square_windows import (corners, p_schedule, random_bumps, window_index,
+                                          window_mask, window_shape)
 from tfadv.config import check_threshold
 from tfadv.ops.labels import sparse_labels_np
 
 LOSSES = ("margin", "ce")
-# The iterations (out of 10,000, rescaled to the budget) after which p halves (paper, Sec. 3.3).
-P_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _RESAMPLE = 100  # Linf: most redraws of a window's signs that would leave it unchanged
-
-
-def p_schedule(p_init: float, iteration: int, queries: int) -> float:
-    """The fraction of the image a window covers at `iteration` (0 = first after the start).
-
-    `p_init / 2**k`, with k the number of `P_HALVINGS` that
-    `int(iteration / queries * 10000)` exceeds (the paper's schedule for
-    10,000 queries, rescaled to the budget as in AutoAttack).
-    """
-    it = int(iteration / queries * 10000)
-    return p_init / 2 ** sum(it > t for t in P_HALVINGS)
 
 
 @dataclasses.dataclass
@@ -120,59 +108,27 @@ def _forward(model, feature_shape, dtype, batch_size):
     return f
 
 
-def _rings(a, b):
-    """Unit-L2 [a, b] bump: nested rectangles around the centre, ring k weighted 1/(k+1)^2."""
-    dist = np.maximum(np.abs(np.arange(a) - a // 2)[:, None], np.abs(np.arange(b) - b // 2))
-    weights = 1.0 / np.arange(1, max(a // 2, b // 2) + 2) ** 2
-    m = np.cumsum(weights[::-1])[::-1][dist]  # sum of the weights of the rectangles covering
-    return m / np.sqrt(np.sum(m ** 2))
+class _bar:
+    """A tqdm bar over query iterations (`progress`: False, True or its description)."""
 
+    def __init__(self, progress, total, standing):
+        self.tqdm = None
+        if progress:
+            from tqdm.auto import tqdm
 
-def _bump(h, w, split_rows):
-    """Unit-L2 [h, w] update of the L2 attack: two bumps of opposite sign, side by side."""
-    if split_rows and h >= 2:
-        m = np.concatenate([_rings(h // 2, w), -_rings(h - h // 2, w)], 0)
-    elif w >= 2:
-        m = np.concatenate([_rings(h, w // 2), -_rings(h, w - w // 2)], 1)
-    else:
-        m = np.ones((h, w))
-    return m / np.sqrt(np.sum(m ** 2))
+            desc = progress if isinstance(progress, str) else "square"
+            self.tqdm = tqdm(total=total, desc=desc, unit="query", leave=False)
+            self.update(1, standing)
 
+    def update(self, n, standing):
+        if self.tqdm is not None:
+            self.tqdm.update(n)
+            self.tqdm.set_postfix(standing=int(standing), refresh=False)
 
-def _random_bumps(n, h, w, rng):
-    """[n, h, w, 1]: `_bump`s split along rows or columns at random (the paper's transpose)."""
-    rows = (rng.random(n) < 0.5)[:, None, None, None]
-    return np.where(rows, _bump(h, w, True)[..., None], _bump(h, w, False)[..., None])
-
-
-def _window_shape(h, w, p, l2):
-    """(height, width) of the window covering a fraction p of the H x W image: a square
-    (L2: odd side >= 3; Linf: side below the image's, as in the paper), a segment for vectors."""
-    square = min(h, w) > 1
-    side = int(round(math.sqrt(p * h * w) if square else p * h * w))
-    if l2:
-        side = max(side, 3)
-        side += 1 - side % 2
-    longest = min(h, w) if square else max(h, w)
-    side = max(min(side, longest if l2 else longest - 1), 1)
-    return (side, side) if square else ((1, side) if h == 1 else (side, 1))
-
-
-def _corners(n, h, w, sh, sw, rng):
-    return rng.integers(0, h - sh + 1, n), rng.integers(0, w - sw + 1, n)
-
-
-def _window_index(rows, cols, sh, sw):
-    """Index of the sh x sw windows at top-left corners (rows, cols): x[at] is [n, sh, sw, C]."""
-    return (np.arange(len(rows))[:, None, None], (rows[:, None] + np.arange(sh))[:, :, None],
-            (cols[:, None] + np.arange(sw))[:, None, :])
-
-
-def _mask(h, w, rows, cols, sh, sw):
-    """bool [n, H, W, 1]: each example's window with top-left corner (rows, cols)."""
-    r = np.arange(h) - rows[:, None]
-    c = np.arange(w) - cols[:, None]
-    return (((r >= 0) & (r < sh))[:, :, None] & ((c >= 0) & (c < sw))[:, None, :])[..., None]
+    def close(self, standing):
+        if self.tqdm is not None:
+            self.tqdm.set_postfix(standing=int(standing), refresh=False)
+            self.tqdm.close()
 
 
 @register
@@ -237,7 +193,7 @@ class Square(Attack):
         x_adv = self.run(model, x, y, eps=eps, loss=objective).x_adv
         return tf.constant(x_adv) if tf.is_tensor(x) else x_adv
 
-    def run(self, model, x, y, *, eps=None, loss=None) -> SquareResult:
+    def run(self, model, x, y, *, eps=None, loss=None, progress=False) -> SquareResult:
         """Runs the search; returns x_adv with per-example success and query counts.
 
         Args:
@@ -251,6 +207,8 @@ class Square(Attack):
             eps: budget for this call in the units of x: a number or a
                 per-example [N] array; None: `self.eps`.
             loss: overrides the configured loss for this call.
+            progress: False, True or a description: a progress bar over the
+                query iterations, showing how many examples still stand.
 
         Returns:
             `SquareResult`. Every x_adv is within eps of x (Linf: max |delta|;
@@ -286,8 +244,10 @@ class Square(Attack):
             best_loss[todo], done[todo] = self._evaluate(f(start), target[todo], loss)
             x_best[todo] = start
             queries[todo] = 1
+        bar = _bar(progress, self.queries, todo.size)
         for i in range(self.queries - 1):
             todo = np.flatnonzero(~done & (eps > 0))
+            bar.update(1, todo.size)
             if not todo.size:
                 break
             p = p_schedule(self.p_init, i, self.queries)
@@ -299,6 +259,7 @@ class Square(Attack):
             x_best[todo[keep]] = cand[keep]
             best_loss[todo[keep]] = new_loss[keep]
             done[todo] = new_done
+        bar.close(np.sum(~done & (eps > 0)))
         # Every candidate is within eps and bounds by construction (up to float rounding),
         # so x_adv is exactly the input the model was queried with.
         x_adv = tf.cast(x_best.reshape(x_np.shape), in_dtype).numpy()
@@ -372,15 +333,15 @@ class Square(Attack):
         delta = np.zeros(x.shape)
         for r in range((h % th) // 2, h - th + 1, th):
             for col in range((w % tw) // 2, w - tw + 1, tw):
-                delta[:, r:r + th, col:col + tw] += _random_bumps(n, th, tw, rng) * rng.choice(
+                delta[:, r:r + th, col:col + tw] += random_bumps(n, th, tw, rng) * rng.choice(
                     [-1.0, 1.0], size=(n, 1, 1, c))
         return self._at_radius(x, delta, eps)
 
     def _propose_linf(self, x, x_best, eps, p, rng):
         """Sets one window per example to x +- eps (a sign per channel), clipped to bounds."""
         n, h, w, c = x.shape
-        sh, sw = _window_shape(h, w, p, False)
-        at = _window_index(*_corners(n, h, w, sh, sw, rng), sh, sw)
+        sh, sw = window_shape(h, w, p, False)
+        at = window_index(*corners(n, h, w, sh, sw, rng), sh, sw)
         e = eps.reshape(-1, 1, 1, 1)
         win, best = x[at], x_best[at]  # [n, sh, sw, c]
         up, down = self._clip(win + e).astype(x.dtype), self._clip(win - e).astype(x.dtype)
@@ -405,20 +366,20 @@ class Square(Attack):
         so the channel's energy grows by slack / C, with slack = eps^2 - ||delta||^2.
         """
         n, h, w, c = x.shape
-        sh, sw = _window_shape(h, w, p, True)
-        r1, c1 = _corners(n, h, w, sh, sw, rng)
-        r2, c2 = _corners(n, h, w, sh, sw, rng)
+        sh, sw = window_shape(h, w, p, True)
+        r1, c1 = corners(n, h, w, sh, sw, rng)
+        r2, c2 = corners(n, h, w, sh, sw, rng)
         delta = (x_best - x).astype(np.float64)
-        at = _window_index(r1, c1, sh, sw)
+        at = window_index(r1, c1, sh, sw)
         win = delta[at]  # [n, sh, sw, c]
-        union = _mask(h, w, r1, c1, sh, sw) | _mask(h, w, r2, c2, sh, sw)
+        union = window_mask(h, w, r1, c1, sh, sw) | window_mask(h, w, r2, c2, sh, sw)
         union_norm = np.sqrt(np.sum((delta * union) ** 2, (1, 2)))  # [n, c]
         slack = np.maximum(eps ** 2 - np.sum(delta ** 2, (1, 2, 3)), 0.0)  # [n]
-        new = _random_bumps(n, sh, sw, rng) * rng.choice([-1.0, 1.0], size=(n, 1, 1, c))
+        new = random_bumps(n, sh, sw, rng) * rng.choice([-1.0, 1.0], size=(n, 1, 1, c))
         new += win / np.maximum(np.sqrt(np.sum(win ** 2, (1, 2), keepdims=True)), 1e-12)
         scale = np.sqrt(slack[:, None] / c + union_norm ** 2)[:, None, None, :]
         new *= scale / np.maximum(np.sqrt(np.sum(new ** 2, (1, 2), keepdims=True)), 1e-12)
-        delta[_mask(h, w, r2, c2, sh, sw)[..., 0]] = 0.0
+        delta[window_mask(h, w, r2, c2, sh, sw)[..., 0]] = 0.0
         delta[at] = new
         return self._at_radius(x, delta, eps)
 

@@ -166,7 +166,7 @@ def _perturbation_norms(x_adv, x, norm):
 def _run(model, attack, x, y, batch_size, progress, desc):
     """x_adv and, for a black-box search, its per-example query counts."""
     if attack.black_box:  # Square: a NumPy search over any callable, with query counts
-        res = attack.run(model, x, y)
+        res = attack.run(model, x, y, progress=desc if progress else False)
         return np.asarray(res.x_adv, np.float32), np.asarray(res.queries)
     return attack_batches(model, attack, x, y, batch_size=batch_size, progress=progress,
                           desc=desc), None

@@ -134,7 +134,7 @@ def cmd_attack_endpoint(args):
             result = ea.attack_endpoint(client, images, eps=cfg.eps, queries=cfg.queries,
                                         norm=cfg.norm, mode=cfg.mode, threshold=cfg.threshold,
                                         targets=targets, seed=cfg.seed,
-                                        batch_size=cfg.batch_size)
+                                        batch_size=cfg.batch_size, progress=not cfg.json)
         except (ConnectionError, TimeoutError) as err:
             raise ValueError(str(err)) from None
         except grpc.RpcError as err:

@@ -368,7 +368,7 @@ def _check_images(images, size, what="images"):
 def attack_endpoint(client, images, *, eps: float = 4.0, queries: int = 1000, norm="inf",
                     mode: str = "dodging", threshold: float | None = None, targets=None,
                     seed: int = 0, batch_size: int | None = None,
-                    p_init: float = 0.8) -> EndpointAttackResult:
+                    p_init: float = 0.8, progress=False) -> EndpointAttackResult:
     """Square Attack on a served embedding model, through its client only.
 
     Dodging (Sharif et al., CCS 2016): the reference of each face is the
@@ -398,6 +398,7 @@ def attack_endpoint(client, images, *, eps: float = 4.0, queries: int = 1000, no
             `batch_size`, else 32).
         p_init: initial fraction of the image one window covers (0.8:
             AutoAttack's; the paper uses 0.05 on ImageNet-sized Linf images).
+        progress: a progress bar over the query iterations (`Square.run`).
 
     Returns:
         `EndpointAttackResult`.
@@ -444,7 +445,7 @@ def attack_endpoint(client, images, *, eps: float = 4.0, queries: int = 1000, no
                              queries=probe.queries, p_init=probe.p_init, seed=probe.seed,
                              batch_size=max(len(x), 1))
     endpoint.answer_next_from(x, clean)
-    found = attack.run(endpoint, x, reference)
+    found = attack.run(endpoint, x, reference, progress=progress and f"{mode} via endpoint")
 
     again = endpoint.embed(x)
     drift = float(np.max(np.abs(again - clean)))
