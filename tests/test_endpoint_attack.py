@@ -323,3 +323,59 @@ def test_cli_errors_are_clear_and_quick(served, tmp_path, capsys):
     assert main(["attack-endpoint", server.grpc_target, "--name", "nobody", "--faces",
                  str(faces), "--no-crop", "--threshold", "0.5"]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_cli_adds_the_result_to_a_facenet_report(served, tmp_path, capsys):
+    """--report DIR --report-column C: the result lands in the report's metrics.json and
+    report.md; a second run of the same setting replaces it; the committed report renders
+    unchanged without one."""
+    import shutil
+    from pathlib import Path
+
+    from tfadv.reports.facenet import report_markdown
+
+    committed = Path(__file__).resolve().parents[1] / "reports" / "facenet"
+    m = json.loads((committed / "metrics.json").read_text())
+    assert report_markdown(m) == (committed / "report.md").read_text()
+    report = tmp_path / "report"
+    report.mkdir()
+    shutil.copy(committed / "metrics.json", report / "metrics.json")
+    _, server = served
+    _write_faces(tmp_path / "faces" / "someone", make_faces(4))
+    args = ["attack-endpoint", server.grpc_target, "--name", NAME, "--faces",
+            str(tmp_path / "faces"), "--eps", "16", "--queries", "30", "--threshold",
+            str(THRESHOLD), "--no-crop", "--report", str(report), "--json"]
+    for _ in range(2):
+        assert main([*args, "--report-column", "finetuned"]) == 0
+        out = json.loads(capsys.readouterr().out)
+    saved = json.loads((report / "metrics.json").read_text())
+    (entry,) = saved["endpoint_attack"]["finetuned"]
+    assert entry["success"] == out["success"] and entry["queries"] == out["queries"]
+    assert {k: saved[k] for k in m} == m  # nothing else changed
+    text = (report / "report.md").read_text()
+    assert text.startswith(report_markdown(m).split("![")[0].rstrip("\n"))
+    k = sum(out["success"])
+    assert (f"| dodging, Linf eps 16, 30 queries | success | n/a | {k / 4:.3f} ({k}/4) |"
+            in text)
+    assert "| dodging, Linf eps 16, 30 queries | failed requests | n/a | 0 |" in text
+    assert main([*args[:-1], "--eps", "8", "--report-column", "pretrained"]) == 0
+    saved = json.loads((report / "metrics.json").read_text())
+    assert [len(saved["endpoint_attack"][c]) for c in ("pretrained", "finetuned")] == [1, 1]
+    assert "| dodging, Linf eps 8, 30 queries | faces attacked | 4 | n/a |" in (
+        report / "report.md").read_text()
+
+
+def test_cli_report_errors_come_before_any_query(served, tmp_path, capsys):
+    _, server = served
+    faces = _write_faces(tmp_path / "faces" / "someone", make_faces(2))
+    base = ["attack-endpoint", f"127.0.0.1:{_free_port()}", "--faces", str(faces.parent),
+            "--threshold", "0.5", "--no-crop"]
+    assert main([*base, "--report", str(tmp_path)]) == 2
+    assert "--report-column" in capsys.readouterr().err
+    # No server listens at that port: the report is checked first.
+    assert main([*base, "--report", str(tmp_path), "--report-column", "finetuned"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.json not found" in err and "UNAVAILABLE" not in err
+    (tmp_path / "metrics.json").write_text("{\"half\": ")
+    assert main([*base, "--report", str(tmp_path), "--report-column", "finetuned"]) == 2
+    assert "is not the metrics of a FaceNet" in capsys.readouterr().err

@@ -14,7 +14,6 @@ Everything is a library call; see `tfadv.recipes.facenet`, `tfadv.export`,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ def run(out=DEFAULT_OUT, epochs=6, quick=False) -> dict:
     """Runs the face demo; returns the summary it also writes to `out/summary.json`."""
     from tfadv import assets
     from tfadv.export import export_model
+    from tfadv.files import write_json
     from tfadv.recipes import facenet as recipe
 
     t0 = time.perf_counter()
@@ -75,8 +75,7 @@ def run(out=DEFAULT_OUT, epochs=6, quick=False) -> dict:
     print(f"\nreport: {summary['report']}\nplots: "
           + ", ".join(str(out / "finetuned" / f) for f in metrics.get("figures", [])))
     print(f"export: {base}\ntotal {summary['seconds']:.0f} s")
-    with open(out / "summary.json", "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(out / "summary.json", summary)
     return summary
 
 

@@ -262,8 +262,8 @@ class Attack:
         low, high = self.bounds
         hint = ""
         if high <= 1.0:
-            hint = (f" If x holds raw 0-255 pixels, pass bounds=(0, 255) and eps in pixel "
-                    f"units (8 for 8/255), or divide x by 255.")
+            hint = (" If x holds raw 0-255 pixels, pass bounds=(0, 255) and eps in pixel "
+                    "units (8 for 8/255), or divide x by 255.")
         where = f"values in {observed}" if observed else "values (min and max below)"
         return (f"{type(self).__name__}: x has {where} outside the attack bounds="
                 f"{self.bounds}. Attacks clip to the bounds, which would move x "

@@ -6,7 +6,6 @@ import tensorflow as tf
 
 from tfadv.attacks import objectives as objectives_lib
 from tfadv.attacks.base import Attack, _check_number, call_model
-from tfadv.ops import norms
 
 
 class CarliniWagnerL2(Attack):

@@ -148,11 +148,20 @@ class EndpointAttackConfig:
     batch_size: int = setting(32, type=_pos, help="images per request")
     ssl_root_cert: str | None = setting(None, help="PEM CA certificate (enables TLS)")
     json: bool = setting(False, help="print one JSON object")
+    report: str | None = setting(None, help="a FaceNet report directory (metrics.json of "
+                                            "`tfadv facenet finetune`): add the result to it "
+                                            "and re-render its report.md")
+    report_column: str | None = setting(None, choices=("pretrained", "finetuned"),
+                                        help="with --report: the served model is the "
+                                             "report's pretrained or fine-tuned model")
 
     def __post_init__(self):
         if (self.targets is not None) != (self.mode == "impersonation"):
             raise ValueError("--mode impersonation needs --targets (the faces to impersonate); "
                              "dodging takes none.")
+        if (self.report is None) != (self.report_column is None):
+            raise ValueError("--report DIR and --report-column {pretrained,finetuned} go "
+                             "together: the column says which of the report's models is served.")
 
 
 __all__ = ["BatchingOptions", "EndpointAttackConfig", "ExportConfig", "QueryConfig",

@@ -38,7 +38,6 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-import tensorflow as tf
 
 from tfadv.attacks.base import call_model
 from tfadv.attacks.embedding import attack_success, embedding_attack, minimal_eps

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Callable, Mapping, Sequence
 
@@ -14,6 +13,7 @@ from tqdm.auto import tqdm
 from tfadv.attacks.base import Attack, call_model
 from tfadv.attacks.pgd import PGD
 from tfadv.evaluation.compiled import compiled, compiled_attack, in_batches
+from tfadv.files import write_json
 from tfadv.ops.labels import sparse_labels_np
 
 
@@ -345,7 +345,6 @@ def save_curve(curve: dict, prefix, **plot_kwargs) -> tuple[str, str]:
     if parent:
         os.makedirs(parent, exist_ok=True)
     json_path, png_path = prefix + ".json", prefix + ".png"
-    with open(json_path, "w") as f:
-        json.dump(curve, f, indent=1)
+    write_json(json_path, curve)
     plot_curve(curve, png_path, **plot_kwargs)
     return json_path, png_path

@@ -27,6 +27,7 @@ from tfadv.attacks.embedding import cosine_similarity as embedding_cosine
 from tfadv.config import check_threshold  # noqa: F401 (re-exported: the one rule)
 from tfadv.data.pairs import make_pairs
 from tfadv.export.contract import THRESHOLD_FILE, THRESHOLD_KEY
+from tfadv.files import write_text
 
 
 def _scores_and_labels(scores, is_same):
@@ -440,8 +441,8 @@ def save_threshold(path, threshold, **extra) -> Path:
             return value.tolist()
         raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
-    path.write_text(json.dumps({THRESHOLD_KEY: threshold, **extra}, indent=2,
-                               default=to_builtin) + "\n")
+    write_text(path, json.dumps({THRESHOLD_KEY: threshold, **extra}, indent=2,
+                                default=to_builtin) + "\n")
     return path
 
 

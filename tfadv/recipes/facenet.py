@@ -34,6 +34,7 @@ from tfadv.attacks import embedding as E
 from tfadv.attacks.pgd import PGD
 from tfadv.config.faces import ATTACKS, FaceEvalConfig, FaceFinetuneConfig  # noqa: F401 (re-exported)
 from tfadv.data import faces as faces_lib
+from tfadv.files import write_json, write_text
 from tfadv.evaluation import faces as face_eval
 from tfadv.evaluation import verification as V
 from tfadv.evaluation.faces import identity_references  # noqa: F401 (re-exported)
@@ -199,7 +200,7 @@ def _pretrained_metrics(base, splits, thr0, cfg, out, say) -> dict:
         return previous["metrics"]
     say(f"Pretrained {cfg.preset}: threshold {thr0:.3f}; evaluating ...")
     metrics = _timed_evaluation(base, splits, thr0, cfg.evaluation, say)
-    cached.write_text(json.dumps({"key": key, "metrics": metrics}, default=float))
+    write_text(cached, json.dumps({"key": key, "metrics": metrics}, default=float))
     return metrics
 
 
@@ -261,10 +262,9 @@ def finetune(cfg: FaceFinetuneConfig, *, progress=True, evaluate=True, splits=No
         metrics["finetuned"] = _timed_evaluation(tuned, splits, thr1, cfg.evaluation, say)
         metrics["figures"] = plot_curves(out, metrics)
     metrics["seconds"] = time.perf_counter() - t0
-    with open(out / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=1, default=float)
+    write_json(out / "metrics.json", json.loads(json.dumps(metrics, default=float)))
     if evaluate:
-        (out / "report.md").write_text(report_markdown(metrics))
+        write_text(out / "report.md", report_markdown(metrics))
     shutil.rmtree(out / "backup", ignore_errors=True)
     return metrics
 
@@ -321,9 +321,7 @@ def sweep(out, *, preset="facenet-mscele1m-128", faces=None, eps_list=(2.0, 4.0)
         else:
             m = finetune(cfg, progress=progress, splits=splits)
         rows[key] = sweep_row(eps, steps, lr, m)
-        tmp = state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        os.replace(tmp, state_path)
+        write_json(state_path, rows)
     table = sweep_table(rows)
-    (out / "sweep.md").write_text(table + "\n")
+    write_text(out / "sweep.md", table + "\n")
     return table

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 import time
@@ -16,7 +15,7 @@ from tfadv.attacks import FGSM, PGD
 from tfadv.config.mnist import STRATEGIES, MnistTrainConfig  # noqa: F401 (re-exported)
 from tfadv.data import mnist as mnist_data
 from tfadv.evaluation import evaluate_robustness
-from tfadv.trainers import METHODS, AdversarialModel, EpsilonWarmup, JSONHistory
+from tfadv.trainers import AdversarialModel, EpsilonWarmup, JSONHistory
 from tfadv.trainers.callbacks import backup_and_restore
 
 def make_strategy(name: str):

@@ -3,15 +3,22 @@
 Every function reads the JSON layout `tfadv.recipes.facenet.finetune` writes
 to `metrics.json`: {"config", "identities", "held_out", "pretrained",
 "finetuned", "train_seconds", "seconds", "figures"}, where "pretrained" and
-"finetuned" are `tfadv.evaluation.faces.FaceEvaluation.to_dict()` results.
+"finetuned" are `tfadv.evaluation.faces.FaceEvaluation.to_dict()` results,
+and optionally "endpoint_attack": {"pretrained"|"finetuned": [results of
+`tfadv.serving.endpoint_attack.EndpointAttackResult.to_dict()`]} added by
+`add_endpoint_attack` (`tfadv attack-endpoint --report DIR`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import numpy as np
 from matplotlib.figure import Figure
+
+from tfadv.files import write_json, write_text
 
 MODELS = ("pretrained", "finetuned")
 MODES = ("dodging", "impersonation")
@@ -124,10 +131,100 @@ def report_markdown(m) -> str:
         f"Photos matched clean: pretrained {fmt(m['pretrained'].get('matched_clean'))}, "
         f"fine-tuned {fmt(m['finetuned'].get('matched_clean'))}.", "",
     ]
+    lines += endpoint_section(m.get("endpoint_attack") or {})
     for fig in m.get("figures", []):
         lines.append(f"![{fig}]({fig})")
     lines += ["", f"Total time {m['seconds']:.0f} s on this machine.", ""]
     return "\n".join(lines)
+
+
+# -- the black-box attack through the served endpoint ----------------------------
+
+def _endpoint_key(r) -> tuple:
+    return (r["mode"], r["norm"], float(r["eps"]), int(r["queries_budget"]))
+
+
+def endpoint_section(results: dict) -> list[str]:
+    """Markdown lines for `m["endpoint_attack"]`: one row group per setting
+    (mode, norm, eps, query budget), a column per model; [] when empty."""
+    keys = sorted({_endpoint_key(r) for rs in results.values() for r in rs})
+    if not keys:
+        return []
+    lines = [
+        "## Black-box attack through the served endpoint", "",
+        "Square Attack (Andriushchenko et al., ECCV 2020; score-based: it reads only the "
+        "embeddings the served model returns, no weights, no gradients) run by `tfadv "
+        "attack-endpoint` over gRPC on the exported SavedModel. Dodging here means the "
+        "embedding of the attacked photo falls below the served threshold of cosine "
+        "similarity to the endpoint's embedding of the same clean photo (the white-box rows "
+        "above compare with the identity's gallery reference instead). Queries count the "
+        "clean one; the median is over the faces attacked successfully.", "",
+        "| setting | metric | pretrained | fine-tuned |", "|---|---|---|---|"]
+    for mode, norm, eps, budget in keys:
+        cells = [next((r for r in results.get(model, []) if _endpoint_key(r) ==
+                       (mode, norm, eps, budget)), None) for model in MODELS]
+        setting = f"{mode}, {'Linf' if norm == 'inf' else 'L2'} eps {eps:g}, {budget} queries"
+
+        def row(label, get):
+            vals = ["n/a" if r is None else get(r) for r in cells]
+            lines.append(f"| {setting} | {label} | {vals[0]} | {vals[1]} |")
+
+        row("faces attacked", lambda r: str(r["n"]))
+        row("threshold", lambda r: f"{r['threshold']:.3f} ({r['threshold_source']})")
+        row("success", lambda r: f"{r['success_rate']:.3f} ({sum(r['success'])}/{r['n']})")
+        row("median queries", lambda r: "n/a" if r["median_queries"] is None
+            else f"{r['median_queries']:g}")
+        row("failed requests", lambda r: str(r["failed_requests"]))
+        row("wall time (s)", lambda r: f"{r['seconds']:.0f}")
+    return lines + [""]
+
+
+def load_report_metrics(report_dir) -> tuple[Path, dict]:
+    """(path, dict) of a FaceNet report's metrics.json.
+
+    Raises:
+        ValueError: no metrics.json in report_dir, or not a before/after report's.
+    """
+    path = Path(report_dir) / "metrics.json"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: --report takes the directory of a FaceNet report "
+                         "(metrics.json and report.md, written by `tfadv facenet finetune`).")
+    try:
+        m = json.loads(path.read_text())
+    except ValueError:
+        m = None
+    if not isinstance(m, dict) or "config" not in m or not all(k in m for k in MODELS):
+        raise ValueError(f"{path} is not the metrics of a FaceNet before/after report "
+                         "(`tfadv facenet finetune`).")
+    return path, m
+
+
+def add_endpoint_attack(report_dir, model: str, result: dict) -> Path:
+    """Adds an endpoint attack's result to a FaceNet report and re-renders it.
+
+    Args:
+        report_dir: directory with the `metrics.json` of `tfadv facenet finetune`.
+        model: the report column, "pretrained" or "finetuned".
+        result: `EndpointAttackResult.to_dict()`; it replaces an earlier result
+            of the same column, mode, norm, eps and query budget.
+
+    Returns:
+        The path of the re-written report.md.
+
+    Raises:
+        ValueError: unknown column, or no report's metrics.json in report_dir
+            (nothing is written then).
+    """
+    if model not in MODELS:
+        raise ValueError(f"Expected the report column in {MODELS}. Received: {model!r}")
+    path, m = load_report_metrics(report_dir)
+    runs = [r for r in m.setdefault("endpoint_attack", {}).get(model, [])
+            if _endpoint_key(r) != _endpoint_key(result)]
+    m["endpoint_attack"][model] = runs + [result]
+    text = report_markdown(m)  # rendered before anything is written
+    write_json(path, m)
+    write_text(path.with_name("report.md"), text)
+    return path.with_name("report.md")
 
 
 # -- the sweep -------------------------------------------------------------------

@@ -116,6 +116,10 @@ def cmd_attack_endpoint(args):
     from tfadv.serving import endpoint_attack as ea
 
     cfg = build(EndpointAttackConfig, args)
+    if cfg.report is not None:  # checked before the queries are spent
+        from tfadv.reports.facenet import load_report_metrics
+
+        load_report_metrics(cfg.report)
     with _client(cfg) as client:
         try:
             if cfg.wait:
@@ -139,6 +143,11 @@ def cmd_attack_endpoint(args):
             raise ValueError(str(err)) from None
         except grpc.RpcError as err:
             raise ValueError(f"{cfg.target}: {err.code().name}: {err.details()}") from None
+    if cfg.report is not None:
+        from tfadv.reports.facenet import add_endpoint_attack
+
+        written = add_endpoint_attack(cfg.report, cfg.report_column, result.to_dict())
+        print(f"added to {written} ({cfg.report_column})", file=sys.stderr)
     if cfg.json:
         print(json.dumps({"target": cfg.target, "name": cfg.name, **result.to_dict(),
                           "paths": paths, "skipped": [list(s) for s in skipped]}))
