@@ -329,7 +329,6 @@ def test_cli_adds_the_result_to_a_facenet_report(served, tmp_path, capsys):
     """--report DIR --report-column C: the result lands in the report's metrics.json and
     report.md; a second run of the same setting replaces it; the committed report renders
     unchanged without one."""
-    import shutil
     from pathlib import Path
 
     from tfadv.reports.facenet import report_markdown
@@ -337,9 +336,12 @@ def test_cli_adds_the_result_to_a_facenet_report(served, tmp_path, capsys):
     committed = Path(__file__).resolve().parents[1] / "reports" / "facenet"
     m = json.loads((committed / "metrics.json").read_text())
     assert report_markdown(m) == (committed / "report.md").read_text()
+    assert "Black-box attack through the served endpoint" in report_markdown(m)
+    del m["endpoint_attack"]
+    assert "Black-box" not in report_markdown(m)
     report = tmp_path / "report"
     report.mkdir()
-    shutil.copy(committed / "metrics.json", report / "metrics.json")
+    (report / "metrics.json").write_text(json.dumps(m))
     _, server = served
     _write_faces(tmp_path / "faces" / "someone", make_faces(4))
     args = ["attack-endpoint", server.grpc_target, "--name", NAME, "--faces",
