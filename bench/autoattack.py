@@ -15,10 +15,11 @@ as strong), and tfadv's wall time <= 1/3 of ART's. Both are printed as
 ratios against the target; `--strict` makes a miss exit with status 1.
 
 The digits are attacked in chunks (`--chunk`, 100 by default), each chunk by
-tfadv and then by ART, so both see the same machine load; with `--state DIR`
-each finished chunk is saved there and a killed run resumes at the next one
-(ART alone needs hours for 1,000 digits on 2 cores). The figures are summed
-over the chunks: robust accuracy over all digits, wall times added up.
+tfadv and then by ART, so both see the same machine load (process CPU
+seconds are recorded too: other processes disturb them less); with `--state
+DIR` each finished chunk is saved there and a killed run resumes at the next
+one (ART alone needs hours for 1,000 digits on 2 cores). The figures are
+summed over the chunks: robust accuracy over all digits, times added up.
 
 Usage:
     python bench/autoattack.py runs/mnist-pgd/model.keras --state runs/bench-autoattack
@@ -44,7 +45,7 @@ SPEED_TARGET = 1 / 3
 
 
 def art_autoattack(model, x, y, eps, batch_size):
-    """Per-example robustness (bool [N]) under ART's default AutoAttack, and its wall time."""
+    """Per-example robustness (bool [N]) under ART's default AutoAttack; wall and CPU seconds."""
     import tensorflow as tf
     from art.attacks.evasion import AutoAttack
     from art.estimators.classification import TensorFlowV2Classifier
@@ -52,28 +53,29 @@ def art_autoattack(model, x, y, eps, batch_size):
     classifier = TensorFlowV2Classifier(
         model=model, nb_classes=10, input_shape=x.shape[1:], clip_values=(0.0, 1.0),
         loss_object=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     attack = AutoAttack(classifier, norm=np.inf, eps=eps, eps_step=eps / 4,
                         batch_size=batch_size)
     x_adv = attack.generate(x=x, y=y)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert np.abs(x_adv - x).max() <= eps + 1e-5
     pred = np.argmax(classifier.predict(x_adv, batch_size=batch_size), axis=1)
-    return pred == y, seconds
+    return pred == y, seconds, cpu
 
 
 def run_chunk(model, x, y, args):
     """tfadv's cascade, then ART's AutoAttack, on one chunk: a JSON-friendly dict."""
     from tfadv.evaluation.autoattack import autoattack
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     ours = autoattack(model, x, y, norm="inf", eps=args.eps, batch_size=args.batch_size,
                       progress=True)
     out = {"n": len(y), "tfadv": {**ours.to_dict(), "wall_s": time.perf_counter() - start,
+                                  "cpu_s": time.process_time() - cpu,
                                   "robust": [bool(r) for r in ours.correct]}}
     if not args.skip_art:
-        robust, seconds = art_autoattack(model, x, y, args.eps, args.batch_size)
-        out["art"] = {"robust": [bool(r) for r in robust], "wall_s": seconds}
+        robust, seconds, cpu = art_autoattack(model, x, y, args.eps, args.batch_size)
+        out["art"] = {"robust": [bool(r) for r in robust], "wall_s": seconds, "cpu_s": cpu}
     return out
 
 
@@ -124,10 +126,12 @@ def main(argv=None):
         chunks.append(saved)
     ours_robust = np.concatenate([c["tfadv"]["robust"] for c in chunks])
     ours_s = sum(c["tfadv"]["wall_s"] for c in chunks)
+    ours_cpu = sum(c["tfadv"]["cpu_s"] for c in chunks)
     clean = sum(c["tfadv"]["clean_accuracy"] * c["n"] for c in chunks) / len(y)
     out = {"n": len(y), "eps": args.eps, "chunks": len(chunks),
            "tfadv": {"clean_accuracy": float(clean),
                      "robust_accuracy": float(ours_robust.mean()), "wall_s": ours_s,
+                     "cpu_s": ours_cpu,
                      "seconds": {a: sum(c["tfadv"]["seconds"].get(a, 0.0) for c in chunks)
                                  for a in chunks[0]["tfadv"]["seconds"]},
                      "flags": sorted({f for c in chunks for f in c["tfadv"]["flags"]})}}
@@ -137,18 +141,22 @@ def main(argv=None):
     if not args.skip_art:
         art_robust = np.concatenate([c["art"]["robust"] for c in chunks])
         art_acc, art_s = float(art_robust.mean()), sum(c["art"]["wall_s"] for c in chunks)
-        out["art"] = {"robust_accuracy": art_acc, "wall_s": art_s}
+        art_cpu = sum(c["art"]["cpu_s"] for c in chunks)
+        out["art"] = {"robust_accuracy": art_acc, "wall_s": art_s, "cpu_s": art_cpu}
         strength = float(ours_robust.mean()) - art_acc
         speed = ours_s / art_s
         out["strength_difference"] = strength
         out["time_ratio"] = speed
+        out["cpu_time_ratio"] = ours_cpu / art_cpu
         out["only_art_broke"] = int(np.sum(ours_robust & ~art_robust))
         out["only_tfadv_broke"] = int(np.sum(~ours_robust & art_robust))
         print(f"\nrobust accuracy: tfadv {ours_robust.mean():.4f}  ART {art_acc:.4f}  "
               f"difference {strength:+.4f} (target <= +{STRENGTH_SLACK}); digits only ART "
               f"broke: {out['only_art_broke']}, only tfadv broke: {out['only_tfadv_broke']}")
         print(f"wall time: tfadv {ours_s:.1f} s  ART {art_s:.1f} s  ratio {speed:.3f} "
-              f"(target <= {SPEED_TARGET:.3f}; {speed / SPEED_TARGET:.2f}x the limit)")
+              f"(target <= {SPEED_TARGET:.3f}; {speed / SPEED_TARGET:.2f}x the limit); CPU "
+              f"time: tfadv {ours_cpu:.0f} s  ART {art_cpu:.0f} s  ratio "
+              f"{out['cpu_time_ratio']:.3f}")
         if strength > STRENGTH_SLACK:
             missed.append("strength")
         if speed > SPEED_TARGET:
