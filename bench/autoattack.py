@@ -19,7 +19,8 @@ tfadv and then by ART, so both see the same machine load (process CPU
 seconds are recorded too: other processes disturb them less); with `--state
 DIR` each finished chunk is saved there and a killed run resumes at the next
 one (ART alone needs hours for 1,000 digits on 2 cores). The figures are
-summed over the chunks: robust accuracy over all digits, times added up.
+summed over the chunks: robust accuracy over all digits, times added up
+(tfadv's include its flag checks, run on every chunk).
 
 Usage:
     python bench/autoattack.py runs/mnist-pgd/model.keras --state runs/bench-autoattack
@@ -79,6 +80,18 @@ def run_chunk(model, x, y, args):
     return out
 
 
+def _load_chunk(path):
+    """A saved chunk, or {} when there is none or it cannot be read (it is then redone)."""
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def _model_digest(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
@@ -97,28 +110,29 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = p.parse_args(argv)
+    if args.n < 1 or args.chunk < 1 or args.batch_size < 1:
+        p.error("--n, --chunk and --batch-size must be >= 1")
 
     import keras
 
-    import tfadv  # noqa: F401  (registers tfadv's serializable objects)
+    import tfadv  # registers tfadv's serializable objects
     from tfadv.data import load_mnist
     from tfadv.files import write_json
 
     model = keras.saving.load_model(args.model, safe_mode=True)
     x, y = load_mnist("embedded", "test")
     x, y = x[: args.n], y[: args.n]
-    key = {"model": _model_digest(args.model), "eps": args.eps, "skip_art": args.skip_art}
+    # A chunk is reused only for the same model file, settings and tfadv version.
+    key = {"model": _model_digest(args.model), "eps": args.eps, "batch_size": args.batch_size,
+           "tfadv": tfadv.__version__}
     if args.state:
         os.makedirs(args.state, exist_ok=True)
     chunks = []
     for lo in range(0, len(y), args.chunk):
         hi = min(lo + args.chunk, len(y))
         path = args.state and os.path.join(args.state, f"digits_{lo:05d}_{hi:05d}.json")
-        saved = {}
-        if path and os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
-        if saved.get("key") != key:
+        saved = _load_chunk(path)
+        if saved.get("key") != key or ("art" not in saved and not args.skip_art):
             print(f"\ndigits {lo}-{hi - 1} of {len(y)}", flush=True)
             saved = {"key": key, **run_chunk(model, x[lo:hi], y[lo:hi], args)}
             if path:
@@ -134,9 +148,12 @@ def main(argv=None):
                      "cpu_s": ours_cpu,
                      "seconds": {a: sum(c["tfadv"]["seconds"].get(a, 0.0) for c in chunks)
                                  for a in chunks[0]["tfadv"]["seconds"]},
-                     "flags": sorted({f for c in chunks for f in c["tfadv"]["flags"]})}}
+                     "flags": [f"digits {lo}-{lo + c['n'] - 1}: {f}" for lo, c in
+                               zip(range(0, len(y), args.chunk), chunks)
+                               for f in c["tfadv"]["flags"]]}}
+    flags = "; ".join(out["tfadv"]["flags"]) or "none"
     print(f"\ntfadv AutoAttack on {len(y)} digits: clean {clean:.4f}, robust "
-          f"{ours_robust.mean():.4f}, {ours_s:.0f} s; flags: {out['tfadv']['flags'] or 'none'}")
+          f"{ours_robust.mean():.4f}, {ours_s:.0f} s; flags: {flags}")
     missed = []
     if not args.skip_art:
         art_robust = np.concatenate([c["art"]["robust"] for c in chunks])

@@ -381,3 +381,8 @@ def test_cli_report_errors_come_before_any_query(served, tmp_path, capsys):
     (tmp_path / "metrics.json").write_text("{\"half\": ")
     assert main([*base, "--report", str(tmp_path), "--report-column", "finetuned"]) == 2
     assert "is not the metrics of a FaceNet" in capsys.readouterr().err
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": {}, "pretrained": {},
+                                                       "finetuned": {}}))
+    assert main([*base, "--report", str(tmp_path), "--report-column", "finetuned"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be rendered" in err and "UNAVAILABLE" not in err

@@ -192,9 +192,15 @@ def test_progress_bar_counts_iterations_and_changes_nothing(monkeypatch):
     np.testing.assert_array_equal(shown.queries, quiet.queries)
     (bar,) = bars
     assert (bar.desc, bar.total, bar.closed) == ("square test", 30, True)
-    assert bar.n == min(quiet.queries.max() + 1, 30)  # the bar stops where the search stopped
+    assert bar.n == quiet.queries.max() == 30
     assert bar.standing[-1] == (~quiet.success).sum()
     assert bar.standing == sorted(bar.standing, reverse=True)
+    # One step per query: after the start, the examples it left; then after each iteration.
+    assert len(bar.standing) == bar.n
+    assert bar.standing[0] == (quiet.queries > 1).sum()  # the start broke the others
+    early = Square(eps=0.3, queries=30).run(fn, x, y, progress=True)
+    assert early.success.all() and bars[1].n == early.queries.max() < 30  # stops with the search
+    assert bars[1].desc == "square" and bars[1].standing[-1] == 0
 
 
 def test_already_misclassified_inputs_cost_no_query():

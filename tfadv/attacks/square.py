@@ -111,23 +111,23 @@ def _forward(model, feature_shape, dtype, batch_size):
 class _bar:
     """A tqdm bar over query iterations (`progress`: False, True or its description)."""
 
-    def __init__(self, progress, total, standing):
+    def __init__(self, progress, total, done, standing):
         self.tqdm = None
         if progress:
             from tqdm.auto import tqdm
 
             desc = progress if isinstance(progress, str) else "square"
             self.tqdm = tqdm(total=total, desc=desc, unit="query", leave=False)
-            self.update(1, standing)
+            self.update(done, standing)
 
     def update(self, n, standing):
+        """`n` more queries per example still searched; `standing`: examples left."""
         if self.tqdm is not None:
             self.tqdm.update(n)
             self.tqdm.set_postfix(standing=int(standing), refresh=False)
 
-    def close(self, standing):
+    def close(self):
         if self.tqdm is not None:
-            self.tqdm.set_postfix(standing=int(standing), refresh=False)
             self.tqdm.close()
 
 
@@ -244,10 +244,9 @@ class Square(Attack):
             best_loss[todo], done[todo] = self._evaluate(f(start), target[todo], loss)
             x_best[todo] = start
             queries[todo] = 1
-        bar = _bar(progress, self.queries, todo.size)
+        bar = _bar(progress, self.queries, int(todo.size > 0), np.sum(~done & (eps > 0)))
         for i in range(self.queries - 1):
             todo = np.flatnonzero(~done & (eps > 0))
-            bar.update(1, todo.size)
             if not todo.size:
                 break
             p = p_schedule(self.p_init, i, self.queries)
@@ -259,7 +258,8 @@ class Square(Attack):
             x_best[todo[keep]] = cand[keep]
             best_loss[todo[keep]] = new_loss[keep]
             done[todo] = new_done
-        bar.close(np.sum(~done & (eps > 0)))
+            bar.update(1, np.sum(~done & (eps > 0)))
+        bar.close()
         # Every candidate is within eps and bounds by construction (up to float rounding),
         # so x_adv is exactly the input the model was queried with.
         x_adv = tf.cast(x_best.reshape(x_np.shape), in_dtype).numpy()

@@ -11,9 +11,9 @@ and optionally "endpoint_attack": {"pretrained"|"finetuned": [results of
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -155,11 +155,13 @@ def endpoint_section(results: dict) -> list[str]:
         "Square Attack (Andriushchenko et al., ECCV 2020; score-based: it reads only the "
         "embeddings the served model returns, no weights, no gradients) run by `tfadv "
         "attack-endpoint` over gRPC on the exported SavedModel. Dodging here means the "
-        "embedding of the attacked photo falls below the served threshold of cosine "
-        "similarity to the endpoint's embedding of the same clean photo (the white-box rows "
-        "above compare with the identity's gallery reference instead). Queries count the "
-        "clean one; their median is over the faces attacked successfully. The similarity "
-        "is that of the best input found for each face to the reference (1: unchanged).", "",
+        "cosine similarity of the attacked photo's embedding to the endpoint's embedding of "
+        "the same clean photo falls below the threshold (the white-box rows above compare "
+        "with the identity's gallery reference instead); impersonation, that the similarity "
+        "to the target's embedding reaches it. The threshold is bracketed from the served "
+        "`verify` signature unless it was given. Queries count the clean one; their median "
+        "is over the faces attacked successfully. The similarity after the attack is that "
+        "of the best input found to the reference (dodging: 1 = unchanged).", "",
         "| setting | metric | pretrained | fine-tuned |", "|---|---|---|---|"]
     for mode, norm, eps, budget in keys:
         cells = [next((r for r in results.get(model, []) if _endpoint_key(r) ==
@@ -199,6 +201,13 @@ def load_report_metrics(report_dir) -> tuple[Path, dict]:
     if not isinstance(m, dict) or "config" not in m or not all(k in m for k in MODELS):
         raise ValueError(f"{path} is not the metrics of a FaceNet before/after report "
                          "(`tfadv facenet finetune`).")
+    try:
+        report_markdown(m)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise ValueError(f"{path} is not the metrics of a FaceNet before/after report "
+                         f"(`tfadv facenet finetune`): it cannot be rendered ({err!r}).") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"{path.parent} is not writable: the report cannot be updated.")
     return path, m
 
 
@@ -258,4 +267,5 @@ def sweep_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["attack_list", "fmt", "plot_curves", "report_markdown", "sweep_row", "sweep_table"]
+__all__ = ["add_endpoint_attack", "attack_list", "endpoint_section", "fmt",
+           "load_report_metrics", "plot_curves", "report_markdown", "sweep_row", "sweep_table"]

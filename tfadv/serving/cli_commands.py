@@ -143,14 +143,18 @@ def cmd_attack_endpoint(args):
             raise ValueError(str(err)) from None
         except grpc.RpcError as err:
             raise ValueError(f"{cfg.target}: {err.code().name}: {err.details()}") from None
-    if cfg.report is not None:
+    _print_endpoint_result(cfg, result, paths, skipped)
+    if cfg.report is not None:  # after the result is out: a failed write loses nothing
         from tfadv.reports.facenet import add_endpoint_attack
 
         written = add_endpoint_attack(cfg.report, cfg.report_column, result.to_dict())
         print(f"added to {written} ({cfg.report_column})", file=sys.stderr)
+
+
+def _print_endpoint_result(cfg, result, paths, skipped):
     if cfg.json:
         print(json.dumps({"target": cfg.target, "name": cfg.name, **result.to_dict(),
-                          "paths": paths, "skipped": [list(s) for s in skipped]}))
+                          "paths": paths, "skipped": [list(s) for s in skipped]}), flush=True)
         return
     what = "dodging" if result.mode == "dodging" else "impersonation"
     norm = "Linf" if result.norm == "inf" else "L2"
@@ -168,4 +172,4 @@ def cmd_attack_endpoint(args):
     print(f"sent {result.total_queries} images, {result.failed_requests} failed requests, "
           f"clean embeddings after the attack "
           f"{'unchanged' if result.consistent else 'CHANGED'} (max drift "
-          f"{result.clean_drift:.2g}), {result.seconds:.1f} s")
+          f"{result.clean_drift:.2g}), {result.seconds:.1f} s", flush=True)
