@@ -114,6 +114,13 @@ def _answer(models, n, failed) -> list[str]:
     return lines
 
 
+def _autoattack_note(r) -> str:
+    """"AutoAttack X; " before the comparison with A, when AutoAttack was run."""
+    if not r.autoattack:
+        return ""
+    return f"AutoAttack {r.autoattack['robust_accuracy']:.3f}; "
+
+
 def _closer(il, cl) -> str:
     return "closer to" if il["mse_mean"] < cl["mse_mean"] else "no closer to"
 
@@ -159,7 +166,8 @@ def verdict(study) -> list[str]:
         a, d = models["A"], models["D"]
         lines.append(
             f"Model D (PGD + center loss) buys robust accuracy {d.robust_accuracy:.3f} "
-            f"(A: {a.robust_accuracy:.3f}) at clean accuracy {d.clean_accuracy:.3f} "
+            f"({_autoattack_note(d)}A: {a.robust_accuracy:.3f}) at clean accuracy "
+            f"{d.clean_accuracy:.3f} "
             f"(A: {a.clean_accuracy:.3f}); variance/separation {d.variance_to_separation:.4f}"
             f" (A: {a.variance_to_separation:.4f}).")
         il, cl = d.comparisons.get("inverse vs learned"), d.comparisons.get("clean vs learned")
@@ -235,8 +243,8 @@ def markdown(study) -> str:
                          + " | ".join(f"{a['per_attack'].get(s, float('nan')):.3f}"
                                       for s in stages)
                          + f" | {sum(a['seconds'].values()):.0f} |")
-        for m, a in attacked.items():
-            lines += [f"- Flag (model {m}): {f}" for f in a["flags"]]
+        flags = [f"- Flag (model {m}): {f}" for m, a in attacked.items() for f in a["flags"]]
+        lines += [""] + flags if flags else []
     lines.append("")
     for m, r in models.items():
         lines += [f"## Model {m}: centre comparisons (mean ± std over classes)", "",
