@@ -175,3 +175,19 @@ def test_cli_autoattack_json_on_the_embedded_split(tmp_path):
     assert os.path.exists(tmp_path / "aa" / "autoattack.md")
     with open(tmp_path / "aa" / "autoattack.json") as f:
         assert json.load(f)["robust_accuracy"] == result["robust_accuracy"]
+
+
+def test_labels_beyond_the_models_classes_are_refused():
+    """A 5-logit model on 10-class labels used to report clean accuracy 0 without a word."""
+    import keras
+
+    from tfadv.evaluation import evaluate_robustness, robustness_curve
+
+    five = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5)])
+    x = np.random.default_rng(0).uniform(0, 1, (6, 4)).astype("float32")
+    y = np.array([0, 1, 2, 3, 4, 9])
+    for run in (lambda: autoattack(five, x, y, eps=0.1, checks=False),
+                lambda: evaluate_robustness(five, x, y, attacks={}),
+                lambda: robustness_curve(five, x, y, [0.0])):
+        with pytest.raises(ValueError, match="5 outputs .* labels go up to 9"):
+            run()

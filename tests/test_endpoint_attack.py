@@ -374,6 +374,12 @@ def test_cli_report_errors_come_before_any_query(served, tmp_path, capsys):
             "--threshold", "0.5", "--no-crop"]
     assert main([*base, "--report", str(tmp_path)]) == 2
     assert "--report-column" in capsys.readouterr().err
+    # A missing --faces folder is named before any connection is tried.
+    missing = ["attack-endpoint", f"127.0.0.1:{_free_port()}", "--faces",
+               str(tmp_path / "nowhere"), "--threshold", "0.5"]
+    assert main(missing) == 2
+    err = capsys.readouterr().err
+    assert "nowhere: not found" in err and "UNAVAILABLE" not in err
     # No server listens at that port: the report is checked first.
     assert main([*base, "--report", str(tmp_path), "--report-column", "finetuned"]) == 2
     err = capsys.readouterr().err

@@ -204,6 +204,8 @@ def cmd_eval(args):
 
 def cmd_autoattack(args):
     cfg = build(AutoAttackConfig, args)
+    if cfg.out:  # before the attacks: a bad --out must not cost the run
+        os.makedirs(cfg.out, exist_ok=True)
     model = load_classifier(args.model)
     x, y = eval_data(build(MnistDataConfig, args))
     with warnings.catch_warnings():

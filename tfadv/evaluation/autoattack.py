@@ -39,7 +39,8 @@ from tfadv.attacks.fab import FAB, FABT
 from tfadv.attacks.square import Square
 from tfadv.evaluation.checks import (GradientMaskingWarning, outputs_look_like_probabilities,
                                      zero_gradient_fraction)
-from tfadv.evaluation.robustness import _check_xy, _still_correct, attack_batches
+from tfadv.evaluation.robustness import (_check_label_range, _check_xy, _still_correct,
+                                         attack_batches)
 from tfadv.ops import norms
 
 VERSIONS = {
@@ -219,6 +220,7 @@ def autoattack(model, x, y, *, norm="inf", eps, version="standard", n=None, seed
         suite = autoattack_suite(norm, float(eps), version, num_classes=num_classes, seed=seed,
                                  bounds=bounds)
     x, y = _check_xy(x, y, [runs[0] for runs in suite.values() if runs])
+    _check_label_range(model, x, y)
     clean = _still_correct(model, x, y, batch_size)
     broken_by = np.where(clean, "", "clean").astype(object)
     x_adv = x.copy()

@@ -86,6 +86,17 @@ def attack_batches(model, attack: Attack, x, y, *, eps=None, batch_size=256, pro
     return np.concatenate(out) if out else np.zeros_like(x)
 
 
+def _check_label_range(model, x, y):
+    """Raises ValueError when a label is not one of the model's classes (one model call)."""
+    if not len(y):
+        return
+    num_classes = int(np.asarray(call_model(model, tf.constant(x[:1]))).shape[-1])
+    if int(np.max(y)) >= num_classes:
+        raise ValueError(f"The model has {num_classes} outputs (classes 0-{num_classes - 1}) "
+                         f"but the labels go up to {int(np.max(y))}: pass a classifier with one "
+                         "logit per class of the data.")
+
+
 def _still_correct(model, x, y, batch_size):
     """The one success rule: an example stands while the model's top class is its label."""
     return _predict(model, x, batch_size) == y
@@ -213,6 +224,7 @@ def evaluate_robustness(
     if eps is not None and np.ndim(eps) == 1 and len(eps) != len(x):
         raise ValueError(f"Expected eps to be a scalar or one budget per example [N={len(x)}]. "
                          f"Received {len(eps)} budgets.")
+    _check_label_range(model, x, y)
     clean_correct = _still_correct(model, x, y, batch_size)
     worst = clean_correct.copy()
     per_attack, attacked = {}, {}
@@ -297,6 +309,7 @@ def robustness_curve(
         raise ValueError(f"Expected an attack built with a positive eps (the curve's budgets "
                          f"rescale it). Received: {attack!r}")
     x, y = _check_xy(x, y)
+    _check_label_range(model, x, y)
     accs = []
     attack_name = None
     for e in _progress(eps_values, progress, "curve"):

@@ -116,6 +116,9 @@ def cmd_attack_endpoint(args):
     from tfadv.serving import endpoint_attack as ea
 
     cfg = build(EndpointAttackConfig, args)
+    if not os.path.isdir(cfg.faces):  # checked before any connection
+        raise ValueError(f"--faces {cfg.faces}: not found or not a folder (expected one "
+                         "sub-folder of photos per identity).")
     if cfg.report is not None:  # checked before the queries are spent
         from tfadv.reports.facenet import load_report_metrics
 
