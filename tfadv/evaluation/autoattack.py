@@ -216,11 +216,11 @@ def autoattack(model, x, y, *, norm="inf", eps, version="standard", n=None, seed
     if suite is None:
         # The bounds check (with its message) is the attacks' own, before any model call.
         APGD(eps=float(eps), norm=norm, bounds=bounds).check_bounds(x)
-        num_classes = int(np.asarray(call_model(model, tf.constant(x[:1]))).shape[-1])
+    num_classes = _check_label_range(model, x, y)
+    if suite is None:
         suite = autoattack_suite(norm, float(eps), version, num_classes=num_classes, seed=seed,
                                  bounds=bounds)
     x, y = _check_xy(x, y, [runs[0] for runs in suite.values() if runs])
-    _check_label_range(model, x, y)
     clean = _still_correct(model, x, y, batch_size)
     broken_by = np.where(clean, "", "clean").astype(object)
     x_adv = x.copy()

@@ -86,15 +86,14 @@ def attack_batches(model, attack: Attack, x, y, *, eps=None, batch_size=256, pro
     return np.concatenate(out) if out else np.zeros_like(x)
 
 
-def _check_label_range(model, x, y):
-    """Raises ValueError when a label is not one of the model's classes (one model call)."""
-    if not len(y):
-        return
+def _check_label_range(model, x, y) -> int:
+    """The model's class count (one model call); ValueError when a label is not one of them."""
     num_classes = int(np.asarray(call_model(model, tf.constant(x[:1]))).shape[-1])
-    if int(np.max(y)) >= num_classes:
+    if len(y) and int(np.max(y)) >= num_classes:
         raise ValueError(f"The model has {num_classes} outputs (classes 0-{num_classes - 1}) "
                          f"but the labels go up to {int(np.max(y))}: pass a classifier with one "
                          "logit per class of the data.")
+    return num_classes
 
 
 def _still_correct(model, x, y, batch_size):
