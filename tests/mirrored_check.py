@@ -30,7 +30,7 @@ import tfadv  # noqa: E402
 from tfadv.config import CenterLossConfig  # noqa: E402
 
 
-def run(strategy, method):
+def run(strategy, method, **extra):
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (16, 8, 8, 1)).astype("float32")
@@ -44,7 +44,7 @@ def run(strategy, method):
                           for w in base.get_weights()])
         attack = tfadv.attacks.PGD(eps=0.1, step_size=0.05, steps=3, random_start=False)
         model = tfadv.AdversarialModel(base, attack=attack, method=method,
-                                       adv_ratio=0.5 if method == "pgd" else 1.0)
+                                       adv_ratio=0.5 if method == "pgd" else 1.0, **extra)
         model.compile(optimizer=keras.optimizers.SGD(0.5),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     w0 = [w.copy() for w in base.get_weights()]
@@ -55,9 +55,12 @@ def run(strategy, method):
 
 def equal_split():
     diffs, moved = [], []
-    for method in ("pgd", "trades"):
-        w0, single, _ = run(tf.distribute.get_strategy(), method)
-        _, mirrored, replicas = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), method)
+    # The fast methods without start noise: the same adversaries on any device split.
+    for method, extra in (("pgd", {}), ("trades", {}), ("fgsm_rs", {"fast_noise": 0.0}),
+                          ("n_fgsm", {"fast_noise": 0.0}), ("free", {"free_replays": 3})):
+        w0, single, _ = run(tf.distribute.get_strategy(), method, **extra)
+        _, mirrored, replicas = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
+                                    method, **extra)
         diffs += [float(np.abs(a - b).max()) for a, b in zip(single, mirrored)]
         moved += [float(np.abs(a - b).max()) for a, b in zip(single, w0)]
     return {"replicas": replicas, "max_weight_diff": max(diffs), "weights_moved": min(moved)}

@@ -8,7 +8,9 @@ import math
 import numpy as np
 
 # Training methods of `tfadv.AdversarialModel` (clean, Madry PGD, TRADES).
-METHODS = ("standard", "pgd", "trades")
+# Training methods: clean, the attack-based min-max (Madry PGD, TRADES) and the
+# fast one-pass methods (tfadv.trainers.fast).
+METHODS = ("standard", "pgd", "trades", "fgsm_rs", "n_fgsm", "free")
 CENTER_TARGETS = ("clean", "adversarial", "both")
 CENTER_SOURCES = ("learned", "inverse_batch")
 

@@ -62,14 +62,19 @@ class AdversarialModel(TrainerBase):
         - "trades" (Zhang et al., 2019): `L(f(x), y) + beta * KL(f(x) || f(x_adv))`,
           with `x_adv` maximising that KL inside the attack's ball;
           `tfadv.losses.trades_loss`.
+        - "fgsm_rs", "n_fgsm", "free": the fast methods of `TrainerBase`
+          (Wong et al. 2020; de Jorge et al. 2022; Shafahi et al. 2019),
+          minimising the "pgd" loss on their cheaper adversaries; the
+          training attack gives only their threat model (eps, norm, bounds).
         - "standard": clean training (still reports robust validation metrics).
 
     Args:
         base: Keras model mapping inputs to logits. It is what you save and
             deploy; this wrapper only trains it.
         attack: the training attack (inner maximisation), e.g. `PGD(...)`.
-        method: one of "standard", "pgd", "trades".
-        adv_ratio: weight of the adversarial loss for "pgd", in [0, 1].
+        method: one of "standard", "pgd", "trades", "fgsm_rs", "n_fgsm", "free".
+        adv_ratio: weight of the adversarial loss for "pgd" and the fast
+            methods, in [0, 1].
         trades_beta: TRADES regularisation weight (6.0 in the paper).
         eval_attack: attack for robust validation metrics; defaults to `attack`.
             None-valued `attack` with method "standard" needs an `eval_attack`
@@ -78,6 +83,8 @@ class AdversarialModel(TrainerBase):
             the base model's feature layer; the centres are a non-trainable
             `ClassCenters` layer of this model, saved with it (float32 under
             any mixed-precision policy).
+        fast_step, fast_noise, free_replays: the fast methods' settings
+            (`TrainerBase`; None: each paper's default).
 
     Shape:
         x: `[N, ...]` float inputs of `base`; y: `[N]`, `[N, 1]` or `[N, C]`;
@@ -99,6 +106,7 @@ class AdversarialModel(TrainerBase):
     """
 
     _model_args = ("base",)
+    methods = METHODS
 
     def __init__(
         self,
@@ -116,21 +124,20 @@ class AdversarialModel(TrainerBase):
             raise ValueError(f"Expected base to be a keras.Model. Received: {type(base).__name__}")
         if method not in METHODS:
             raise ValueError(f"Expected method to be one of {METHODS}. Received: method={method!r}")
-        super().__init__(attack=attack, eval_attack=eval_attack,
-                         num_classes=_output_classes(base), **kwargs)
-        if self.eval_attack is None:
-            self.eval_attack = self.attack
-        if method != "standard" and self.attack is None:
+        if method != "standard" and attack is None:
             raise ValueError(
                 f'method="{method}" needs a training attack, e.g. '
                 "attack=tfadv.attacks.PGD(eps=0.3, step_size=0.04, steps=10)."
             )
+        super().__init__(attack=attack, eval_attack=eval_attack, method=method,
+                         num_classes=_output_classes(base), **kwargs)
+        if self.eval_attack is None:
+            self.eval_attack = self.attack
         if not 0.0 <= float(adv_ratio) <= 1.0:
             raise ValueError(f"Expected 0 <= adv_ratio <= 1. Received: adv_ratio={adv_ratio}")
         if float(trades_beta) < 0:
             raise ValueError(f"Expected trades_beta >= 0. Received: trades_beta={trades_beta}")
         self.base = base
-        self.method = method
         self.adv_ratio = float(adv_ratio)
         self.trades_beta = float(trades_beta)
         own_metrics = [keras.metrics.SparseCategoricalAccuracy(name="robust_accuracy"),
@@ -192,8 +199,8 @@ class AdversarialModel(TrainerBase):
             clean_probs = tf.nn.softmax(tf.cast(self.base(x, training=False), tf.float32))
             x_adv = self.attack(self.base, x, clean_probs,
                                 objective=objectives_lib.kl_divergence, eps=self._budget())
-        elif self.method == "pgd" and self.adv_ratio > 0.0:
-            x_adv = self.attack(self.base, x, labels, eps=self._budget())
+        elif self.method not in ("standard", "trades") and self.adv_ratio > 0.0:
+            x_adv = self.inner_max(self.base, x, labels)
         else:
             x_adv = None
         centers = None
@@ -206,7 +213,7 @@ class AdversarialModel(TrainerBase):
         if x_adv is None:
             return ("clean",)
         clean_features = self.center_cfg is not None and self.center_cfg.on in ("clean", "both")
-        if self.method == "pgd" and self.adv_ratio == 1.0 and not clean_features:
+        if self.method != "trades" and self.adv_ratio == 1.0 and not clean_features:
             return ("adversarial",)
         return ("clean", "adversarial")
 

@@ -34,208 +34,25 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
-# Private Keras module: one of the two Keras internals listed in the
-# "Keras internals" section below.
-from keras.src.trainers.compile_utils import MetricsList
-
+from tfadv.attacks import objectives as objectives_lib
 from tfadv.attacks.registry import deserialize, serialize
-from tfadv.losses.reduction import sample_weights, unscale_for_replicas
+from tfadv.losses.reduction import sample_weights
+from tfadv.ops import norms
 from tfadv.ops.labels import sparse_labels
+from tfadv.trainers import fast
+from tfadv.trainers.keras_internals import (  # noqa: F401 (re-exported)
+    DOWN, UP, MetricGroup, _KerasHooks, directed_mean)
+from tfadv.trainers.replicas import (  # noqa: F401 (re-exported)
+    apply_gradients, for_strategy, track_loss)
 
-UP, DOWN = "up", "down"
+__all__ = ["DOWN", "UP", "Batch", "MetricGroup", "TrainerBase", "apply_gradients",
+           "directed_mean", "for_strategy", "track_loss"]
 
-# =============================================================================
-# Keras internals
-#
-# The only place tfadv relies on Keras beyond its public API. keras is pinned
-# below the next minor version (pyproject.toml), and
-# tests/test_trainer_base.py::test_keras_internals_are_still_there fails
-# loudly when an upgrade removes or changes one of them:
-#
-# 1. Metric directions. Keras' monitor callbacks (EarlyStopping,
-#    ModelCheckpoint, ReduceLROnPlateau) infer in mode="auto" whether a
-#    metric is to be maximised only for metrics held in a
-#    `keras.src.trainers.compile_utils.MetricsList` (or the compiled
-#    metrics), from the metric's `_direction` attribute
-#    (keras/src/callbacks/monitor_callback.py); Keras has no public way to
-#    give a custom metric a direction.
-# 2. The first build under MultiWorkerMirroredStrategy. Keras 3.15 builds the
-#    model and its metrics from the first distributed batch reduced with
-#    `strategy.reduce()` (`Trainer._maybe_symbolic_build`), which
-#    MultiWorkerMirroredStrategy cannot apply to a tuple of PerReplica
-#    values; `_KerasHooks` overrides that method and calls
-#    `Trainer._symbolic_build` with this worker's first replica's batch.
-# =============================================================================
-
-def directed_mean(name, direction):
-    """A `keras.metrics.Mean` that tells Keras' callbacks which way is better.
-
-    Args:
-        name: the metric's name (the log key; "val_" + name in validation).
-        direction: "up" (higher is better) or "down".
-
-    Returns:
-        `keras.metrics.Mean` with Keras' `_direction` set.
-
-    Raises:
-        ValueError: another direction.
-    """
-    if direction not in (UP, DOWN):
-        raise ValueError(f'Expected direction "up" or "down". Received: {direction!r}')
-    metric = keras.metrics.Mean(name=name)
-    metric._direction = direction
-    return metric
-
-
-class MetricGroup(MetricsList):
-    """The metrics a trainer reports itself, beyond those given to `compile()`.
-
-    Held in one group so that Keras' monitor callbacks find them (and their
-    directions) in `mode="auto"`: `EarlyStopping(monitor="val_robust_accuracy")`
-    maximises, `monitor="val_robust_loss"` minimises. `result()` is the dict
-    `{name: value}`, which `Model.get_metrics_result` flattens into the logs.
-
-    Args:
-        metrics: Keras metrics, each with a `_direction` ("up" or "down").
-        name: the group's name.
-
-    Raises:
-        ValueError: a metric without a direction, or two with one name.
-    """
-
-    def __init__(self, metrics, name="tfadv_metrics"):
-        metrics = list(metrics)
-        names = [m.name for m in metrics]
-        if len(set(names)) != len(names):
-            raise ValueError(f"Expected distinct metric names. Received: {names}")
-        for m in metrics:
-            if getattr(m, "_direction", None) not in (UP, DOWN):
-                raise ValueError(
-                    f"Metric {m.name!r} needs a direction ('up' or 'down') for Keras' "
-                    "monitor callbacks; build it with tfadv.trainers.base.directed_mean."
-                )
-        super().__init__(metrics, name=name)
-
-    def result(self):
-        return {m.name: m.result() for m in self.metrics}
-
-    def __getitem__(self, name):
-        for m in self.metrics:
-            if m.name == name:
-                return m
-        raise KeyError(name)
-
-    def __contains__(self, name):
-        return any(m.name == name for m in self.metrics)
-
-    @property
-    def names(self):
-        return [m.name for m in self.metrics]
-
-
-class _KerasHooks(keras.Model):
-    """The private `Trainer` methods the trainers override (internal 2 above)."""
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Only shapes matter for the build: under MultiWorkerMirroredStrategy use
-        # this worker's first replica's batch instead of a cross-worker reduce.
-        strategy = self.distribute_strategy
-        if iterator is None or not isinstance(strategy,
-                                              tf.distribute.MultiWorkerMirroredStrategy):
-            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        def first_local(value):
-            if isinstance(value, tf.distribute.DistributedValues):
-                return strategy.experimental_local_results(value)[0]
-            return value
-
-        for _, _, it in iterator:
-            data_batch = tf.nest.map_structure(first_local, next(it))
-            break
-        with strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
-
-
-# =============================================================================
-# End of the Keras internals.
-# =============================================================================
-
-
-def track_loss(tracker, loss, batch_size):
-    """Records a step's loss the way Keras' own `train_step` does.
-
-    The loss a replica computes is its share (divided by the replicas in
-    sync); the tracker records it times the replicas, weighted by the
-    replica's batch size, so that the logged loss is the global-batch loss
-    and an empty replica counts for nothing.
-    """
-    tracker.update_state(unscale_for_replicas(tf.cast(loss, tf.float32)),
-                         sample_weight=batch_size)
-
-
-def for_strategy(strategy, logs):
-    """Step logs in a form Keras can reduce across workers.
-
-    Keras 3.15 reduces step outputs across workers with reduce(MEAN, axis=0),
-    which fails on scalars (tensorflow/tensorflow#72388). Rank-1 logs reduce
-    to the same scalars.
-    """
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return {k: tf.reshape(v, [1]) for k, v in logs.items()}
-    return logs
-
-
-def apply_gradients(optimizer, grads, variables):
-    """`optimizer.apply(grads, variables)` with one loss-scaling decision for all replicas.
-
-    Keras 3's `LossScaleOptimizer` (TensorFlow backend, `_tf_apply`) decides
-    whether a step is finite from replica 0's local gradients, before the
-    inner optimizer all-reduces them: when only another replica's scaled
-    float16 gradients overflow, it applies the step and the all-reduced inf
-    turns every weight into NaN, without lowering the scale. Here the
-    replicas first all-reduce one flag; when any replica's gradients are
-    non-finite, every replica's gradients are made non-finite, so the
-    optimizer skips the step and halves its scale on all replicas alike, as
-    on one device (and where a strategy needs no merge call and each replica
-    decides from its own gradients, all replicas decide the same). Without a
-    `LossScaleOptimizer` or with one replica this is `optimizer.apply`
-    unchanged.
-
-    Args:
-        optimizer: the compiled optimizer (`model.optimizer`).
-        grads: this replica's gradients of the (scaled) loss; None entries
-            are passed through.
-        variables: the variables they belong to.
-    """
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        context = tf.distribute.get_replica_context()
-        if context is not None and context.num_replicas_in_sync > 1:
-            grads = _nonfinite_if_any_replica_is(context, grads)
-    optimizer.apply(grads, variables)
-
-
-def _values(grad):
-    return grad.values if isinstance(grad, tf.IndexedSlices) else grad
-
-
-def _nonfinite_if_any_replica_is(context, grads):
-    present = [_values(g) for g in grads if g is not None]
-    if not present:
-        return grads
-    finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in present]))
-    nonfinite = context.all_reduce(tf.distribute.ReduceOp.SUM,
-                                   1.0 - tf.cast(finite, tf.float32))
-    # Adding 0 keeps the gradients; adding NaN marks the step as overflowed.
-    poison = tf.where(nonfinite > 0.0, float("nan"), 0.0)
-
-    def mark(g):
-        if g is None:
-            return None
-        if isinstance(g, tf.IndexedSlices):
-            return tf.IndexedSlices(g.values + tf.cast(poison, g.values.dtype), g.indices,
-                                    g.dense_shape)
-        return g + tf.cast(poison, g.dtype)
-
-    return [mark(g) for g in grads]
+# The Keras internals (metric directions, the first build under
+# MultiWorkerMirroredStrategy) live in tfadv.trainers.keras_internals; the
+# replica arithmetic of a step (loss tracking, one overflow decision for all
+# replicas) in tfadv.trainers.replicas. Both are re-exported here; the steps
+# below look `apply_gradients` up in this module.
 
 
 class Batch(NamedTuple):
@@ -296,30 +113,86 @@ class TrainerBase(_KerasHooks):
     `_model_args` the constructor arguments that are Keras models (they are
     serialised with their config).
 
+    The inner maximisation (`inner_max`) is chosen by `method`:
+
+    - "pgd" (and the subclass's own attack-based methods): the training
+      attack as given, e.g. PGD-10 (Madry et al., ICLR 2018).
+    - "fgsm_rs" (Wong, Rice & Kolter, ICLR 2020): one signed step of
+      `fast_step * eps` (1.25 eps) from a uniform start in the eps-ball,
+      projected onto the ball.
+    - "n_fgsm" (de Jorge et al., NeurIPS 2022): one step of `fast_step * eps`
+      (eps) from noise `U(-fast_noise * eps, fast_noise * eps)` (2 eps), not
+      projected.
+    - "free" (Shafahi et al., NeurIPS 2019): each batch replayed
+      `free_replays` times (8); each replay's backward pass steps the weights
+      and the perturbation (`fast_step * eps`, eps), which is carried to the
+      next batch. An epoch costs `free_replays` training passes: divide the
+      epochs by it to compare with one-pass methods at equal cost.
+
+    The fast methods take eps, norm, bounds, objective and direction from the
+    training attack (its own steps and step size are not used) and scale with
+    the warm-up like it. `step_scale` (a variable, 1 by default, not saved with
+    the model) multiplies their step; `CatastrophicOverfittingGuard` lowers it.
+
     Args:
         attack: the training attack (a tfadv `Attack` or its serialised dict),
             or None.
         eval_attack: the validation attack, or None.
         num_classes: classes of the labels (one-hot rows of another width are
             rejected), or None.
+        method: how the training adversaries are made (above); the
+            subclass's `methods` lists those it accepts.
+        fast_step, fast_noise: the fast methods' step and start-noise radius
+            as multiples of eps; None: the method's paper default.
+        free_replays: replays per batch for "free".
         **kwargs: `keras.Model` arguments (name, dtype, ...).
 
     Raises:
         ValueError: an attack that is neither a tfadv Attack nor its
-            serialised dict.
+            serialised dict; a method the subclass does not offer; a fast
+            method without a training attack with a positive eps; a negative
+            fast_step / fast_noise or free_replays < 1.
     """
 
     _model_args: tuple = ()
+    methods: tuple = ("pgd", *fast.FAST_METHODS)
 
-    def __init__(self, *, attack=None, eval_attack=None, num_classes=None, **kwargs):
+    def __init__(self, *, attack=None, eval_attack=None, num_classes=None, method="pgd",
+                 fast_step=None, fast_noise=None, free_replays=fast.FREE_REPLAYS, **kwargs):
         super().__init__(**kwargs)
         self.attack = _as_attack(attack)
         self.eval_attack = _as_attack(eval_attack)
         self.num_classes = None if num_classes is None else int(num_classes)
+        if method not in self.methods:
+            raise ValueError(f"Expected method to be one of {self.methods}. "
+                             f"Received: method={method!r}")
+        self.method = method
+        if method in fast.FAST_METHODS and not getattr(self.attack, "eps", None):
+            raise ValueError(
+                f'method="{method}" takes its threat model (eps, norm, bounds) from the '
+                "training attack: pass one with a positive eps, e.g. "
+                "attack=tfadv.attacks.PGD(eps=0.3).")
+        defaults = fast.DEFAULTS.get(method, {})
+        for name, value in (("fast_step", fast_step), ("fast_noise", fast_noise)):
+            if value is not None and not float(value) >= 0:
+                raise ValueError(f"Expected {name} >= 0. Received: {name}={value}")
+        self.fast_step = float(defaults.get("fast_step", 1.0) if fast_step is None
+                               else fast_step)
+        self.fast_noise = float(defaults.get("fast_noise", 0.0) if fast_noise is None
+                                else fast_noise)
+        if int(free_replays) != free_replays or int(free_replays) < 1:
+            raise ValueError(f"Expected free_replays >= 1. Received: {free_replays}")
+        self.free_replays = int(free_replays)
         # Fraction of the training attack's budget in use; EpsilonWarmup ramps it.
         self.eps_fraction = self.add_weight(
             shape=(), initializer="ones", trainable=False, name="eps_fraction", dtype="float32"
         )
+        # Multiplies the fast methods' step; CatastrophicOverfittingGuard lowers it
+        # (and keeps it in its own state file: not a saved weight, so that the
+        # save format of the trainers is unchanged).
+        object.__setattr__(self, "step_scale", tf.Variable(1.0, trainable=False,
+                                                           name="step_scale"))
+        object.__setattr__(self, "_carried", None)
 
     # -- structure ---------------------------------------------------------
     @property
@@ -355,6 +228,33 @@ class TrainerBase(_KerasHooks):
         if not eps:
             return None
         return eps * self.eps_fraction
+
+    def inner_max(self, model, x, target, *, objective=None):
+        """The training adversaries of this step, by `method` (see the class docstring).
+
+        Args:
+            model: callable x -> outputs to attack.
+            x: `[N, ...]` inputs; target: labels or reference outputs for the
+                objective.
+            objective: overrides the training attack's objective.
+
+        Returns:
+            `x_adv` like x, no gradient attached; x itself for "free" (its
+            replays perturb inside `train_step`).
+        """
+        budget = self._budget()
+        if self.method == "free":
+            return x
+        if self.method not in fast.ONE_STEP_METHODS:
+            return self.attack(model, x, target, objective=objective, eps=budget)
+        attack = self.attack
+        objective = objectives_lib.get(attack.objective if objective is None else objective)
+        step = self.fast_step * budget * tf.cast(self.step_scale, budget.dtype)
+        return fast.one_step_adversary(
+            model, x, attack.prepare_target(target, objective), objective, eps=budget,
+            step_size=step, noise=self.fast_noise * budget, norm=attack.norm,
+            bounds=attack.bounds, project=fast.DEFAULTS[self.method]["project"],
+            direction=-1.0 if attack.targeted else 1.0)
 
     def _labels(self, y):
         """The labels the trainer itself uses: `[N]` int64 (y as given goes to compile's loss)."""
@@ -399,6 +299,8 @@ class TrainerBase(_KerasHooks):
 
     def train_step(self, data):
         batch = self._unpack(data)
+        if self.method == "free":
+            return self._free_train_step(batch)
         prepared = self.prepare_batch(batch)
         with tf.GradientTape() as tape:
             loss, outputs = self.compute_adversarial_loss(batch, prepared)
@@ -419,6 +321,63 @@ class TrainerBase(_KerasHooks):
             apply_gradients(self.optimizer, grads, variables)
             compiled = self.after_train_step(batch, prepared, outputs)
         return self._logs(True, compiled)
+
+    def _free_train_step(self, batch):
+        """`free_replays` optimizer steps on one batch, each also stepping the perturbation."""
+        prepared = self.prepare_batch(batch)
+        x = tf.cast(batch.x, norms.working_dtype(batch.x.dtype))
+        budget = self._budget()
+        eps = tf.cast(budget, x.dtype)
+        step = tf.cast(self.fast_step * budget * self.step_scale, x.dtype)
+        attack = self.attack
+        direction = -1.0 if attack.targeted else 1.0
+        carried = self._carried
+        delta = tf.zeros_like(x) if carried is None else carried.start(x)
+        delta = norms.clip_to_bounds(x + norms.project(delta, eps, attack.norm),
+                                     attack.bounds) - x
+        variables = self.trainable_variables
+        compiled = None
+        for replay in range(self.free_replays):
+            if compiled is not None:
+                self.compute_metrics(*compiled)
+            x_adv = x + delta
+            with tf.GradientTape() as tape:
+                tape.watch(x_adv)
+                replay_prepared = dict(prepared, x_adv=tf.cast(x_adv, batch.x.dtype))
+                loss, outputs = self.compute_adversarial_loss(batch, replay_prepared)
+                scaled = self.optimizer.scale_loss(loss)
+            track_loss(self.tracked_metrics["loss"], loss, batch.size)
+            *grads, grad_x = tape.gradient(scaled, [*variables, x_adv])
+            delta = fast.free_step(x, x_adv, grad_x, eps=eps, step_size=step,
+                                   norm=attack.norm, bounds=attack.bounds,
+                                   direction=direction)
+            computed = [t for t in tf.nest.flatten((loss, grads, delta, outputs))
+                        if isinstance(t, tf.Tensor)]
+            with tf.control_dependencies(computed):
+                apply_gradients(self.optimizer, grads, variables)
+                compiled = self.after_train_step(batch, replay_prepared, outputs)
+                # The next replay reads the weights this one updated.
+                delta = tf.identity(delta)
+        if carried is not None:
+            carried.store(delta)
+        return self._logs(True, compiled)
+
+    def fit(self, x=None, y=None, batch_size=None, **kwargs):
+        """`keras.Model.fit`; for method "free" it first sizes the carried perturbation.
+
+        The perturbation that "free" carries between batches needs a fixed
+        shape under XLA; its rows are the first batch's (per replica), read
+        from a `tf.data.Dataset` (one element), or `batch_size` for arrays.
+        """
+        if self.method == "free" and self._carried is None:
+            rows = fast.batch_rows(x, batch_size)
+            shape = getattr(self.network, "input_shape", None)
+            if rows and shape is not None and None not in tuple(shape[1:]):
+                replicas = self.distribute_strategy.num_replicas_in_sync
+                with self.distribute_strategy.scope():
+                    carried = fast.CarriedPerturbation(-(-rows // replicas), tuple(shape[1:]))
+                object.__setattr__(self, "_carried", carried)
+        return super().fit(x, y, batch_size=batch_size, **kwargs)
 
     def test_step(self, data):
         batch = self._unpack(data)
@@ -473,7 +432,11 @@ class TrainerBase(_KerasHooks):
         config.update(
             attack=None if self.attack is None else serialize(self.attack),
             eval_attack=None if self.eval_attack is None else serialize(self.eval_attack),
+            method=self.method,
         )
+        if self.method in fast.FAST_METHODS:
+            config.update(fast_step=self.fast_step, fast_noise=self.fast_noise,
+                          free_replays=self.free_replays)
         return config
 
     @classmethod

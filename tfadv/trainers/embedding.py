@@ -48,6 +48,7 @@ from tfadv.losses.adversarial import adversarial_loss, consistency_loss
 from tfadv.losses.center_loss import center_loss as center_loss_fn
 from tfadv.losses.reduction import global_batch_mean
 from tfadv.trainers.base import DOWN, UP, TrainerBase, directed_mean
+from tfadv.trainers.fast import FAST_METHODS
 
 ATTACK_ON = ("embedding", "classification")
 CONSISTENCY_TARGETS = ("clean", "teacher")
@@ -79,6 +80,11 @@ class EmbeddingAdversarialModel(TrainerBase):
         teacher: frozen embedding model to distil from (usually the
             pretrained embedder); `distill_weight` its weight.
         static_models: embedding models for ensemble adversarial training.
+        method: "pgd" (the training attack as given), or a fast method of
+            `TrainerBase`: "fgsm_rs", "n_fgsm" (one step against the
+            embedder, or the batch's static model) or "free" (replays against
+            the embedder; static models are not used). `fast_step`,
+            `fast_noise`, `free_replays`: their settings.
         head_scale: logit scale of the cosine head.
         eval_attack, eval_threshold: validation dodging attack (reference:
             the clean embedding) and the threshold its success is judged at;
@@ -105,6 +111,7 @@ class EmbeddingAdversarialModel(TrainerBase):
     """
 
     _model_args = ("embedder", "teacher", "static_models")
+    methods = ("pgd", *FAST_METHODS)
 
     def __init__(self, embedder, num_classes, *, attack=None, attack_on="embedding",
                  adv_weight=0.5, ce_weight=1.0, consistency_weight=1.0,
@@ -210,14 +217,12 @@ class EmbeddingAdversarialModel(TrainerBase):
         return self.head(self.embedder(x, training=False))
 
     def _adversarial(self, x, y):
-        budget = self._budget()
-
         def on(model):
             def craft():
                 if self.attack_on == "classification" and model is self.embedder:
-                    return self.attack(self._classifier, x, y, eps=budget)
+                    return self.inner_max(self._classifier, x, y)
                 ref = tf.stop_gradient(model(x, training=False))
-                return self.attack(model, x, ref, objective=cosine_distance, eps=budget)
+                return self.inner_max(model, x, ref, objective=cosine_distance)
             return craft
 
         sources = [self.embedder] + self.static_models
