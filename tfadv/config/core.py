@@ -10,7 +10,8 @@ import numpy as np
 # Training methods of `tfadv.AdversarialModel` (clean, Madry PGD, TRADES).
 # Training methods: clean, the attack-based min-max (Madry PGD, TRADES) and the
 # fast one-pass methods (tfadv.trainers.fast).
-METHODS = ("standard", "pgd", "trades", "fgsm_rs", "n_fgsm", "free")
+FAST_METHODS = ("fgsm_rs", "n_fgsm", "free")
+METHODS = ("standard", "pgd", "trades", *FAST_METHODS)
 CENTER_TARGETS = ("clean", "adversarial", "both")
 CENTER_SOURCES = ("learned", "inverse_batch")
 

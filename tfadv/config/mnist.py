@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 from tfadv import argtypes
-from tfadv.config.core import METHODS
+from tfadv.config.core import FAST_METHODS, METHODS
 from tfadv.config.options import comma_list, setting
 
 SOURCES = ("embedded", "tfds", "full")
+MODELS = ("reference", "madry", "smallcnn")
+GUARD_CHOICES = ("auto", "off", "stop", "reduce_step")
 STRATEGIES = ("default", "mirrored", "multi-worker")
 EVAL_ATTACKS = ("fgsm", "pgd", "apgd", "cw")
 AUTOATTACK_VERSIONS = ("standard", "plus", "rand")
@@ -26,7 +28,12 @@ class MnistTrainConfig:
     """
 
     out: str = setting(help="output directory (re-use it to resume)")
-    method: str = setting("pgd", choices=METHODS, help="training method (Madry PGD, TRADES, or clean)")
+    method: str = setting("pgd", choices=METHODS,
+                          help="training method: Madry PGD, TRADES, the fast fgsm_rs, n_fgsm, "
+                               "free, or clean (standard)")
+    model: str = setting("reference", choices=MODELS,
+                         help="classifier: the reference CNN, Madry et al.'s CNN, TRADES' "
+                              "SmallCNN")
     epochs: int = setting(20, type=argtypes.positive_int, help="training epochs")
     eps: float = setting(0.3, type=argtypes.nonneg_float, help="training budget (Linf, [0, 1] units)")
     steps: int = setting(10, type=argtypes.positive_int, help="PGD steps of the training attack")
@@ -42,6 +49,24 @@ class MnistTrainConfig:
     adv_ratio: float = setting(1.0, help="weight of the adversarial loss (pgd); 0.5 = balanced "
                                          "clean/adversarial")
     trades_beta: float = setting(6.0, type=argtypes.nonneg_float, help="TRADES beta")
+    fast_step: float | None = setting(
+        None, type=argtypes.nonneg_float,
+        help="fast methods' step as a multiple of eps (default: fgsm_rs 1.25, n_fgsm 1, free 1)")
+    fast_noise: float | None = setting(
+        None, type=argtypes.nonneg_float,
+        help="fast methods' start-noise radius as a multiple of eps (fgsm_rs 1, n_fgsm 2)")
+    free_replays: int = setting(8, type=argtypes.positive_int,
+                                help="free: replays of each batch (an epoch costs that many "
+                                     "passes)")
+    guard: str = setting("auto", choices=GUARD_CHOICES,
+                         help="catastrophic-overfitting guard: a PGD check after each epoch; "
+                              "on a collapse restore the best weights and stop or halve the "
+                              "step (auto: stop, for the fast methods only)")
+    guard_size: int = setting(500, type=argtypes.positive_int,
+                              help="training digits the guard attacks (fixed)")
+    guard_threshold: float = setting(0.2, type=argtypes.positive_float,
+                                     help="accuracy drop from the best that counts as a "
+                                          "collapse")
     # PGD at the full budget from a random init can collapse to a constant
     # prediction (measured: seed 0, Adam 1e-3, loss stuck at log 10 for 20 epochs).
     eps_warmup_epochs: float = setting(
@@ -67,18 +92,34 @@ class MnistTrainConfig:
             raise ValueError(
                 f"Expected strategy to be one of {STRATEGIES}. Received: {self.strategy!r}"
             )
+        if self.model not in MODELS:
+            raise ValueError(f"Expected model to be one of {MODELS}. Received: {self.model!r}")
+        if self.guard not in GUARD_CHOICES:
+            raise ValueError(f"Expected guard in {GUARD_CHOICES}. Received: {self.guard!r}")
         if self.data not in SOURCES:
             raise ValueError(f"Expected data to be one of {SOURCES}. Received: {self.data!r}")
-        for name in ("epochs", "steps", "batch_size", "eval_steps"):
+        for name in ("epochs", "steps", "batch_size", "eval_steps", "free_replays",
+                     "guard_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"Expected {name} >= 1. Received: {name}={getattr(self, name)}")
         if self.eps < 0 or self.step_size < 0:
             raise ValueError(f"Expected eps, step_size >= 0. Received: {self.eps}, {self.step_size}")
+        if not 0.0 < self.guard_threshold <= 1.0:
+            raise ValueError(f"Expected 0 < guard_threshold <= 1. "
+                             f"Received: {self.guard_threshold}")
         if self.mixed_precision not in (None, *MIXED_PRECISION):
             raise ValueError(
                 "Expected mixed_precision to be None, 'mixed_float16' or 'mixed_bfloat16'. "
                 f"Received: {self.mixed_precision!r}"
             )
+
+
+    @property
+    def guard_action(self) -> str | None:
+        """What the guard does on a collapse ("stop", "reduce_step"), or None: no guard."""
+        if self.guard == "auto":
+            return "stop" if self.method in FAST_METHODS else None
+        return None if self.guard == "off" else self.guard
 
 
 @dataclasses.dataclass(frozen=True)

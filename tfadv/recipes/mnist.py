@@ -8,15 +8,18 @@ import tempfile
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfadv import files, models
 from tfadv.attacks import FGSM, PGD
+from tfadv.config.core import FAST_METHODS
 from tfadv.config.mnist import STRATEGIES, MnistTrainConfig  # noqa: F401 (re-exported)
 from tfadv.data import mnist as mnist_data
 from tfadv.evaluation import evaluate_robustness
 from tfadv.trainers import AdversarialModel, EpsilonWarmup, JSONHistory
-from tfadv.trainers.callbacks import backup_and_restore
+from tfadv.trainers.callbacks import (CatastrophicOverfittingGuard, EpochSeconds,
+                                      backup_and_restore)
 
 def make_strategy(name: str):
     """The tf.distribute strategy for a name. Create it before any other TF work:
@@ -53,10 +56,17 @@ def _eval_pgd(cfg: MnistTrainConfig) -> PGD:
 
 
 def build_training_model(cfg: MnistTrainConfig) -> AdversarialModel:
-    """The reference CNN wrapped for adversarial training and compiled."""
+    """The chosen MNIST classifier (`cfg.model`) wrapped for adversarial training and compiled.
+
+    The fast methods take eps from the training attack (its steps are unused).
+    """
     attack = PGD(eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, random_start=True)
     eval_attack = _eval_pgd(cfg)
-    base = models.mnist_cnn()
+    base = models.MNIST_MODELS[cfg.model]()
+    fast = {}
+    if cfg.method in FAST_METHODS:
+        fast = dict(fast_step=cfg.fast_step, fast_noise=cfg.fast_noise,
+                    free_replays=cfg.free_replays)
     model = AdversarialModel(
         base,
         attack=attack if cfg.method != "standard" else None,
@@ -64,6 +74,7 @@ def build_training_model(cfg: MnistTrainConfig) -> AdversarialModel:
         adv_ratio=cfg.adv_ratio,
         trades_beta=cfg.trades_beta,
         eval_attack=eval_attack,
+        **fast,
     )
     model.compile(
         optimizer=keras.optimizers.Adam(cfg.learning_rate),
@@ -73,6 +84,23 @@ def build_training_model(cfg: MnistTrainConfig) -> AdversarialModel:
     )
     model.build((None, 28, 28, 1))
     return model
+
+
+def _guard(cfg: MnistTrainConfig, x_tr, y_tr, chief):
+    """The catastrophic-overfitting guard of `cfg.guard_action`, or None.
+
+    It attacks a fixed random sample of `guard_size` training digits with
+    PGD-10 at the training eps (Wong et al. check a training minibatch), and
+    keeps its state in `out/guard` so that a resumed run continues it.
+    """
+    if cfg.guard_action is None:
+        return None
+    rng = np.random.default_rng(cfg.seed)
+    rows = rng.choice(len(x_tr), min(cfg.guard_size, len(x_tr)), replace=False)
+    return CatastrophicOverfittingGuard(
+        x_tr[rows], y_tr[rows], PGD(eps=cfg.eps, steps=10, random_start=True),
+        threshold=cfg.guard_threshold, on_overfit=cfg.guard_action,
+        state_dir=os.path.join(cfg.out, "guard") if chief else tempfile.mkdtemp())
 
 
 def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
@@ -107,7 +135,12 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
             model = build_training_model(cfg)
         # Non-chief workers must write their backups elsewhere (TF's rule).
         backup_dir = os.path.join(cfg.out, "backup") if chief else tempfile.mkdtemp()
-        callbacks = [backup_and_restore(backup_dir)]
+        callbacks = [EpochSeconds()]
+        guard = _guard(cfg, x_tr, y_tr, chief)
+        if guard is not None:
+            # Before the backup, so that a backup holds weights the guard restored.
+            callbacks.append(guard)
+        callbacks.append(backup_and_restore(backup_dir))
         if cfg.eps_warmup_epochs > 0 and cfg.method != "standard":
             callbacks.append(EpsilonWarmup(cfg.eps_warmup_epochs))
         history_cb = JSONHistory(os.path.join(cfg.out, "history.json")) if chief else None
@@ -131,6 +164,7 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
             "test": result.to_dict(),
             "eval_attack": f"PGD-{cfg.eval_steps} + FGSM, eps={cfg.eps}, worst case per example",
             "train_seconds_this_run": train_seconds,
+            "overfitting_events": [] if guard is None else guard.events,
             "replicas": strategy.num_replicas_in_sync,
         }
         if chief:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from tfadv import files
 
@@ -171,3 +173,172 @@ class EpsilonWarmup(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._set(1.0)
+
+
+class CatastrophicOverfittingWarning(UserWarning):
+    """Robust accuracy under PGD collapsed during fast adversarial training."""
+
+
+GUARD_ACTIONS = ("stop", "reduce_step")
+
+
+class CatastrophicOverfittingGuard(keras.callbacks.Callback):
+    """Detects catastrophic overfitting of fast adversarial training, and undoes it.
+
+    One-step methods (FGSM-RS, N-FGSM) can overfit catastrophically: within an
+    epoch the accuracy under PGD falls to near zero while the accuracy under
+    the training attack rises (Wong, Rice & Kolter, ICLR 2020, section 5.2).
+    After every epoch this callback attacks a fixed batch with a short PGD;
+    when the accuracy falls more than `threshold` below the best seen, it
+    restores the network's weights of the best epoch (Wong et al.'s early
+    stopping), prints and warns, and then either stops training
+    (`on_overfit="stop"`) or continues with the fast step multiplied by
+    `step_factor` (`"reduce_step"`, through the trainer's `step_scale`).
+
+    Each epoch's logs (and so `JSONHistory`'s history.json, when this callback
+    comes before it) get `guard_robust_accuracy` and
+    `catastrophic_overfitting` (1.0 in an epoch where it was detected); the
+    events are in `events`. With `state_dir` the best weights, the best
+    accuracy, the step scale and the events are kept on disk and reloaded by a
+    resumed run (put the callback before `BackupAndRestore`, so a backup
+    holds the restored weights).
+
+    Args:
+        x, y: the fixed batch: inputs `[N, ...]` in the attack's bounds and
+            int labels `[N]` (NumPy). Wong et al. use a training minibatch;
+            held-out data works the same.
+        attack: the PGD that measures it, e.g. `PGD(eps=0.3, steps=10)`.
+        threshold: the drop from the best accuracy that counts as
+            catastrophic (0.2: twenty points).
+        on_overfit: "stop" or "reduce_step".
+        step_factor: multiplies the step on each detection ("reduce_step").
+        state_dir: directory for the guard's state (None: memory only).
+        batch_size: examples per attack call.
+        verbose: print each epoch's guard accuracy (detections always print).
+
+    Raises:
+        ValueError: threshold outside (0, 1], an unknown on_overfit, a
+            step_factor outside (0, 1), or x and y of different lengths.
+    """
+
+    def __init__(self, x, y, attack, *, threshold=0.2, on_overfit="stop", step_factor=0.5,
+                 state_dir=None, batch_size=500, verbose=0):
+        super().__init__()
+        if not 0.0 < float(threshold) <= 1.0:
+            raise ValueError(f"Expected 0 < threshold <= 1. Received: threshold={threshold}")
+        if on_overfit not in GUARD_ACTIONS:
+            raise ValueError(f"Expected on_overfit in {GUARD_ACTIONS}. Received: {on_overfit!r}")
+        if not 0.0 < float(step_factor) < 1.0:
+            raise ValueError(f"Expected 0 < step_factor < 1. Received: step_factor={step_factor}")
+        self.x = np.asarray(x, np.float32)
+        self.y = np.asarray(y).astype(np.int64).reshape(-1)
+        if len(self.x) != len(self.y) or len(self.x) == 0:
+            raise ValueError(f"Expected x and y of one non-zero length. Received: "
+                             f"{len(self.x)} and {len(self.y)}")
+        self.attack = attack
+        self.threshold = float(threshold)
+        self.on_overfit = on_overfit
+        self.step_factor = float(step_factor)
+        self.state_dir = None if state_dir is None else os.fspath(state_dir)
+        self.batch_size = int(batch_size)
+        self.verbose = verbose
+        self.best_accuracy = -1.0
+        self.best_epoch = None
+        self.best_weights = None
+        self.events: list[dict] = []
+        self._predict = None
+
+    # -- state -----------------------------------------------------------------
+    def _paths(self):
+        return (os.path.join(self.state_dir, "guard.json"),
+                os.path.join(self.state_dir, "best.weights.h5"))
+
+    def _save_state(self, weights_changed):
+        if self.state_dir is None:
+            return
+        os.makedirs(self.state_dir, exist_ok=True)
+        meta, weights = self._paths()
+        if weights_changed:
+            with files.atomic_path(weights, suffix=".weights.h5") as tmp:
+                self.model.network.save_weights(tmp)
+        files.write_json(meta, {"best_accuracy": self.best_accuracy,
+                                "best_epoch": self.best_epoch,
+                                "step_scale": float(self.model.step_scale.numpy()),
+                                "events": self.events})
+
+    def on_train_begin(self, logs=None):
+        network = self.model.network
+        self._predict = None
+        if self.state_dir is None:
+            return
+        meta, weights = self._paths()
+        if not (os.path.exists(meta) and os.path.exists(weights)):
+            return
+        with open(meta) as f:
+            state = json.load(f)
+        self.best_accuracy = float(state["best_accuracy"])
+        self.best_epoch = state["best_epoch"]
+        self.events = list(state["events"])
+        self.model.step_scale.assign(float(state["step_scale"]))
+        current = network.get_weights()
+        network.load_weights(weights)
+        self.best_weights = network.get_weights()
+        network.set_weights(current)
+
+    # -- measuring -------------------------------------------------------------
+    def robust_accuracy(self):
+        """The network's accuracy on the fixed batch under the guard's attack."""
+        network = self.model.network
+        if self._predict is None:
+            attack = self.attack
+
+            @tf.function(reduce_retracing=True)
+            def predict(x, y):
+                x_adv = attack(network, x, y)
+                return tf.argmax(network(x_adv, training=False), axis=-1)
+
+            self._predict = predict
+        correct = 0
+        for i in range(0, len(self.x), self.batch_size):
+            x, y = self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
+            correct += int(np.sum(self._predict(tf.constant(x), tf.constant(y)).numpy() == y))
+        return correct / len(self.x)
+
+    def on_epoch_end(self, epoch, logs=None):
+        accuracy = self.robust_accuracy()
+        network = self.model.network
+        detected = (self.best_weights is not None
+                    and accuracy < self.best_accuracy - self.threshold)
+        if logs is not None:
+            logs["guard_robust_accuracy"] = accuracy
+            logs["catastrophic_overfitting"] = float(detected)
+        if self.verbose:
+            print(f"guard: epoch {epoch + 1} PGD accuracy {accuracy:.3f} "
+                  f"(best {max(self.best_accuracy, accuracy):.3f})")
+        if detected:
+            network.set_weights(self.best_weights)
+            event = {"epoch": int(epoch), "robust_accuracy": accuracy,
+                     "best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
+                     "action": self.on_overfit}
+            if self.on_overfit == "stop":
+                self.model.stop_training = True
+                then = "training stops"
+            else:
+                scale = float(self.model.step_scale.numpy()) * self.step_factor
+                self.model.step_scale.assign(scale)
+                event["step_scale"] = scale
+                then = f"training continues with the step times {scale:g}"
+            self.events.append(event)
+            message = (f"Catastrophic overfitting at epoch {epoch + 1}: PGD accuracy on the "
+                       f"guard batch fell to {accuracy:.3f} from {self.best_accuracy:.3f} "
+                       f"(epoch {self.best_epoch + 1}). The weights of epoch "
+                       f"{self.best_epoch + 1} are restored and {then}.")
+            print(f"\n*** {message} ***\n")
+            warnings.warn(message, CatastrophicOverfittingWarning, stacklevel=2)
+            self._save_state(weights_changed=False)
+            return
+        improved = accuracy > self.best_accuracy
+        if improved:
+            self.best_accuracy, self.best_epoch = accuracy, int(epoch)
+            self.best_weights = network.get_weights()
+        self._save_state(weights_changed=improved)

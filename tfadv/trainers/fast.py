@@ -27,10 +27,13 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfadv.attacks.base import input_gradient
+from tfadv.config.core import FAST_METHODS  # ("fgsm_rs", "n_fgsm", "free")
 from tfadv.ops import norms
 
+__all__ = ["DEFAULTS", "FAST_METHODS", "FREE_REPLAYS", "ONE_STEP_METHODS", "CarriedPerturbation",
+           "batch_rows", "free_step", "one_step_adversary"]
+
 ONE_STEP_METHODS = ("fgsm_rs", "n_fgsm")
-FAST_METHODS = (*ONE_STEP_METHODS, "free")
 
 # Each method's step and noise as multiples of eps, and whether it projects:
 # the papers' defaults (Wong et al. alpha = 1.25 eps; de Jorge et al. k = 2 eps,

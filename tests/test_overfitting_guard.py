@@ -1,0 +1,108 @@
+"""CatastrophicOverfittingGuard: detection, restoring the best weights, stop or a smaller
+step, its record in the logs and on disk, and a real catastrophic overfit."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfadv
+from tfadv.attacks import PGD
+from tfadv.trainers import JSONHistory
+from tfadv.trainers.callbacks import CatastrophicOverfittingGuard, CatastrophicOverfittingWarning
+
+RNG = np.random.default_rng(0)
+Y = np.arange(64) % 2
+X = (np.where(Y[:, None] == 1, 0.8, 0.2) + RNG.uniform(-0.05, 0.05, (64, 16))).astype("f4")
+GUARD_ATTACK = PGD(eps=0.05, steps=5)
+
+
+class Sabotage(keras.callbacks.Callback):
+    """Flips the network's weights at the end of one epoch (a collapse the guard must see)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.weights = at, {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        net = self.model.network
+        self.weights[epoch] = net.get_weights()
+        if epoch == self.at:
+            net.set_weights([-w for w in net.get_weights()])
+
+
+def trainer(method="fgsm_rs"):
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((16,)), keras.layers.Dense(2)])
+    model = tfadv.AdversarialModel(base, attack=PGD(eps=0.05), method=method)
+    model.compile(optimizer=keras.optimizers.SGD(0.5),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def run(tmp_path, on_overfit, epochs=5, model=None):
+    model = model or trainer()
+    sabotage = Sabotage(at=2)
+    guard = CatastrophicOverfittingGuard(X, Y, GUARD_ATTACK, on_overfit=on_overfit,
+                                         state_dir=tmp_path / "guard")
+    history = JSONHistory(tmp_path / "history.json")
+    with pytest.warns(CatastrophicOverfittingWarning, match="epoch 3"):
+        model.fit(X, Y, batch_size=16, epochs=epochs, verbose=0,
+                  callbacks=[sabotage, guard, history])
+    return model, sabotage, guard, json.loads((tmp_path / "history.json").read_text())
+
+
+def test_detects_restores_the_best_weights_and_stops(tmp_path):
+    model, sabotage, guard, history = run(tmp_path, "stop")
+    assert history["epoch"] == [0, 1, 2]  # stopped after the collapse
+    accuracy = history["guard_robust_accuracy"]
+    assert accuracy[0] < accuracy[1] == 1.0 and accuracy[2] == 0.0
+    assert history["catastrophic_overfitting"] == [0.0, 0.0, 1.0]
+    # The best epoch's weights (the second epoch's) are back.
+    for got, want in zip(model.network.get_weights(), sabotage.weights[1]):
+        np.testing.assert_array_equal(got, want)
+    assert guard.events == [{"epoch": 2, "robust_accuracy": 0.0, "best_accuracy": 1.0,
+                             "best_epoch": 1, "action": "stop"}]
+    assert guard.robust_accuracy() == 1.0
+
+
+def test_reduce_step_continues_with_half_the_step_and_resumes_from_disk(tmp_path):
+    model, _, guard, history = run(tmp_path, "reduce_step")
+    assert history["epoch"] == [0, 1, 2, 3, 4]
+    assert history["catastrophic_overfitting"] == [0.0, 0.0, 1.0, 0.0, 0.0]
+    assert float(model.step_scale.numpy()) == 0.5
+    assert guard.events[0]["step_scale"] == 0.5
+    state = json.loads((tmp_path / "guard" / "guard.json").read_text())
+    assert state["step_scale"] == 0.5 and state["best_accuracy"] == 1.0
+    # A resumed run (a new process: a new trainer and guard) picks the state up.
+    again = trainer()
+    fresh = CatastrophicOverfittingGuard(X, Y, GUARD_ATTACK, state_dir=tmp_path / "guard")
+    fresh.set_model(again)
+    fresh.on_train_begin()
+    assert float(again.step_scale.numpy()) == 0.5
+    assert fresh.best_accuracy == 1.0 and fresh.events == guard.events
+    for got, want in zip(fresh.best_weights, guard.best_weights):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_no_collapse_no_event(tmp_path):
+    model = trainer()
+    guard = CatastrophicOverfittingGuard(X, Y, GUARD_ATTACK)
+    hist = model.fit(X, Y, batch_size=16, epochs=2, verbose=0, callbacks=[guard]).history
+    assert hist["catastrophic_overfitting"] == [0.0, 0.0] and guard.events == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(threshold=0.0), "threshold"), (dict(on_overfit="restart"), "on_overfit"),
+    (dict(step_factor=1.0), "step_factor")])
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CatastrophicOverfittingGuard(X, Y, GUARD_ATTACK, **kwargs)
+
+
+def test_mismatched_batch():
+    with pytest.raises(ValueError, match="one non-zero length"):
+        CatastrophicOverfittingGuard(X, Y[:3], GUARD_ATTACK)
