@@ -12,6 +12,7 @@ from tfadv.config.options import comma_list, setting
 SOURCES = ("embedded", "tfds", "full")
 MODELS = ("reference", "madry", "smallcnn")
 GUARD_CHOICES = ("auto", "off", "stop", "reduce_step")
+LR_SCHEDULES = ("flat", "cyclic")
 STRATEGIES = ("default", "mirrored", "multi-worker")
 EVAL_ATTACKS = ("fgsm", "pgd", "apgd", "cw")
 AUTOATTACK_VERSIONS = ("standard", "plus", "rand")
@@ -46,6 +47,9 @@ class MnistTrainConfig:
     data_dir: str | None = setting(None, help="tfds data directory (--data tfds)")
     learning_rate: float = setting(1e-3, type=argtypes.nonneg_float, flags=("--lr",),
                                    help="Adam learning rate")
+    lr_schedule: str = setting("flat", choices=LR_SCHEDULES,
+                               help="flat --lr, or cyclic: linear from 0 up to --lr at half the "
+                                    "run and back to 0 (Wong et al.'s fast training)")
     adv_ratio: float = setting(1.0, help="weight of the adversarial loss (pgd); 0.5 = balanced "
                                          "clean/adversarial")
     trades_beta: float = setting(6.0, type=argtypes.nonneg_float, help="TRADES beta")
@@ -94,6 +98,9 @@ class MnistTrainConfig:
             )
         if self.model not in MODELS:
             raise ValueError(f"Expected model to be one of {MODELS}. Received: {self.model!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"Expected lr_schedule in {LR_SCHEDULES}. "
+                             f"Received: {self.lr_schedule!r}")
         if self.guard not in GUARD_CHOICES:
             raise ValueError(f"Expected guard in {GUARD_CHOICES}. Received: {self.guard!r}")
         if self.data not in SOURCES:

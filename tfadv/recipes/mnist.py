@@ -17,7 +17,7 @@ from tfadv.config.core import FAST_METHODS
 from tfadv.config.mnist import STRATEGIES, MnistTrainConfig  # noqa: F401 (re-exported)
 from tfadv.data import mnist as mnist_data
 from tfadv.evaluation import evaluate_robustness
-from tfadv.trainers import AdversarialModel, EpsilonWarmup, JSONHistory
+from tfadv.trainers import AdversarialModel, CyclicLR, EpsilonWarmup, JSONHistory
 from tfadv.trainers.callbacks import (CatastrophicOverfittingGuard, EpochSeconds,
                                       backup_and_restore)
 
@@ -55,10 +55,23 @@ def _eval_pgd(cfg: MnistTrainConfig) -> PGD:
     return PGD(eps=cfg.eps, steps=cfg.eval_steps, step_size=cfg.eval_step_size, random_start=True)
 
 
-def build_training_model(cfg: MnistTrainConfig) -> AdversarialModel:
+def _learning_rate(cfg: MnistTrainConfig, steps_per_epoch):
+    """`cfg.learning_rate`, or Wong et al.'s cyclic schedule peaking at it mid-run."""
+    if cfg.lr_schedule == "flat":
+        return cfg.learning_rate
+    if not steps_per_epoch:
+        raise ValueError("--lr-schedule cyclic needs the number of batches per epoch.")
+    # Each of free's replays is an optimizer step.
+    per_batch = cfg.free_replays if cfg.method == "free" else 1
+    return CyclicLR(cfg.learning_rate, cfg.epochs * steps_per_epoch * per_batch,
+                    mode="triangular", min_lr=0.0)
+
+
+def build_training_model(cfg: MnistTrainConfig, steps_per_epoch=None) -> AdversarialModel:
     """The chosen MNIST classifier (`cfg.model`) wrapped for adversarial training and compiled.
 
     The fast methods take eps from the training attack (its steps are unused).
+    `steps_per_epoch` (batches) is needed by the cyclic learning rate.
     """
     attack = PGD(eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, random_start=True)
     eval_attack = _eval_pgd(cfg)
@@ -77,7 +90,7 @@ def build_training_model(cfg: MnistTrainConfig) -> AdversarialModel:
         **fast,
     )
     model.compile(
-        optimizer=keras.optimizers.Adam(cfg.learning_rate),
+        optimizer=keras.optimizers.Adam(_learning_rate(cfg, steps_per_epoch)),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=cfg.jit_compile,
@@ -132,7 +145,7 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
             train_ds, test_ds = train_ds.with_options(opts), test_ds.with_options(opts)
 
         with strategy.scope():
-            model = build_training_model(cfg)
+            model = build_training_model(cfg, -(-len(x_tr) // cfg.batch_size))
         # Non-chief workers must write their backups elsewhere (TF's rule).
         backup_dir = os.path.join(cfg.out, "backup") if chief else tempfile.mkdtemp()
         callbacks = [EpochSeconds()]

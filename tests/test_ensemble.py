@@ -1,0 +1,73 @@
+"""tfadv.models.ensemble: the averaged outputs (NumPy), saving in safe mode, bad members."""
+
+import keras
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_cnn
+from tfadv.models import ensemble
+
+RNG = np.random.default_rng(0)
+X = RNG.uniform(0, 1, (5, 12, 12, 1)).astype("float32")
+
+
+def members(n=3):
+    out = []
+    for i in range(n):
+        keras.utils.set_random_seed(i)
+        m = tiny_cnn()
+        m.name = f"m{i}"
+        out.append(m)
+    return out
+
+
+def embedder(seed, name):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((12, 12, 1))
+    h = keras.layers.Dense(4)(keras.layers.Flatten()(x))
+    return keras.Model(x, keras.layers.UnitNormalization()(h), name=name)
+
+
+def test_mean_logits_is_the_mean_of_the_members():
+    ms = members()
+    want = np.mean([m.predict(X, verbose=0) for m in ms], axis=0)
+    np.testing.assert_allclose(ensemble(ms).predict(X, verbose=0), want, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_embedding_is_the_normalised_mean():
+    ms = [embedder(1, "a"), embedder(2, "b")]
+    mean = np.mean([m.predict(X, verbose=0) for m in ms], axis=0)
+    want = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    got = ensemble(ms, combine="mean_embedding").predict(X, verbose=0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
+
+
+def test_saves_and_loads_in_safe_mode(tmp_path):
+    model = ensemble(members(2))
+    path = str(tmp_path / "ensemble.keras")
+    model.save(path)
+    again = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(again.predict(X, verbose=0), model.predict(X, verbose=0),
+                               rtol=1e-6)
+
+
+def test_members_with_one_name_are_copied_not_renamed():
+    a, b = tiny_cnn(), tiny_cnn()
+    a.name = b.name = "same"
+    want = (a.predict(X, verbose=0) + b.predict(X, verbose=0)) / 2
+    np.testing.assert_allclose(ensemble([a, b]).predict(X, verbose=0), want, rtol=1e-5,
+                               atol=1e-6)
+    assert a.name == b.name == "same"
+
+
+@pytest.mark.parametrize("models, kwargs, match", [
+    (lambda: members(1), {}, "at least two"),
+    (lambda: members(2), {"combine": "vote"}, "combine"),
+    (lambda: [tiny_cnn(), tiny_cnn(num_classes=3)], {}, "one output shape"),
+    (lambda: [tiny_cnn(), tiny_cnn(input_shape=(10, 10, 1))], {}, "one input shape"),
+    (lambda: [tiny_cnn(), lambda x: x], {}, "Keras models"),
+])
+def test_bad_members(models, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ensemble(models(), **kwargs)
