@@ -11,6 +11,7 @@ exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ import warnings
 import keras
 import tensorflow as tf
 
+import tfadv
 from tfadv import assets
 from tfadv import attacks as attack_lib
 from tfadv import demo
@@ -30,7 +32,7 @@ from tfadv.config.options import add_command, add_group, build
 from tfadv.data import load_mnist, subset
 from tfadv.evaluation import (evaluate_robustness, gradient_masking_checks, robustness_curve,
                               save_curve)
-from tfadv.evaluation.autoattack import autoattack, markdown_table
+from tfadv.evaluation.autoattack import autoattack, autoattack_in_chunks, markdown_table
 from tfadv.evaluation.autoattack import summary_lines as autoattack_summary
 from tfadv.evaluation.checks import GradientMaskingWarning
 from tfadv.files import write_json, write_text
@@ -211,8 +213,17 @@ def cmd_autoattack(args):
     with warnings.catch_warnings():
         # The flags are printed below (or are in the JSON): not twice.
         warnings.simplefilter("ignore", GradientMaskingWarning)
-        res = autoattack(model, x, y, norm=cfg.norm, eps=cfg.eps, version=cfg.version, n=cfg.n,
-                         seed=cfg.seed, batch_size=cfg.batch_size, progress=not args.json)
+        settings = dict(norm=cfg.norm, eps=cfg.eps, version=cfg.version, n=cfg.n,
+                        seed=cfg.seed, batch_size=cfg.batch_size, progress=not args.json)
+        if cfg.chunk:
+            key = {"model_sha256": assets.sha256_of(args.model), "tfadv": tfadv.__version__,
+                   "data": dataclasses.asdict(build(MnistDataConfig, args)),
+                   **{k: v for k, v in settings.items() if k != "progress"}}
+            res = autoattack_in_chunks(
+                model, x, y, chunk=cfg.chunk, key=key,
+                state_dir=cfg.out and os.path.join(cfg.out, "chunks"), **settings)
+        else:
+            res = autoattack(model, x, y, **settings)
     out = res.to_dict()
     out["model"] = os.path.abspath(args.model)
     if cfg.out:

@@ -87,6 +87,9 @@ class MnistTrainConfig:
     strategy: str = setting("default", choices=STRATEGIES, help="tf.distribute strategy")
     limit: int | None = setting(None, type=argtypes.positive_int,
                                 help="use only N examples per split")
+    val_limit: int | None = setting(None, type=argtypes.positive_int,
+                                    help="validate each epoch on a fixed random N test digits "
+                                         "(the final evaluation uses all)")
     verbose: int | str = setting("auto", cli=False, help="Keras fit verbosity")
 
     def __post_init__(self):
@@ -192,3 +195,6 @@ class AutoAttackConfig:
     seed: int = setting(0, help="random seed (the same seed gives the same result)")
     batch_size: int = setting(500, type=argtypes.positive_int, help="examples per attack call")
     out: str | None = setting(None, help="also write autoattack.json and autoattack.md here")
+    chunk: int | None = setting(None, type=argtypes.positive_int,
+                                help="attack N digits at a time; with --out each finished "
+                                     "chunk is kept in OUT/chunks and a killed run resumes")

@@ -26,6 +26,8 @@ accuracy that does not reach 0 at a large budget.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 import warnings
 
@@ -37,6 +39,7 @@ from tfadv.attacks.apgd import APGD, APGDT
 from tfadv.attacks.base import call_model
 from tfadv.attacks.fab import FAB, FABT
 from tfadv.attacks.square import Square
+from tfadv.files import write_json
 from tfadv.evaluation.checks import (GradientMaskingWarning, outputs_look_like_probabilities,
                                      zero_gradient_fraction)
 from tfadv.evaluation.robustness import (_check_label_range, _check_xy, _still_correct,
@@ -348,3 +351,112 @@ def markdown_table(result: AutoAttackResult) -> str:
     if result.flags:
         text += "\n" + "\n".join(f"- **Flag:** {f}" for f in result.flags) + "\n"
     return text
+
+
+def result_from_dict(data: dict) -> AutoAttackResult:
+    """An `AutoAttackResult` from its `to_dict()` (x_adv is not kept there: None)."""
+    fields = {f.name for f in dataclasses.fields(AutoAttackResult)} - {"broken_by", "x_adv"}
+    return AutoAttackResult(**{k: data[k] for k in fields},
+                            broken_by=np.asarray(data["broken_by"], dtype=str))
+
+
+def merge(results, starts=None) -> AutoAttackResult:
+    """One result from the results of consecutive chunks of one split, in order.
+
+    Accuracies, per-attack accuracies, times, attacked counts and the largest
+    perturbation are exact; `square_queries` is the median of the chunks'
+    medians; flags are kept per chunk, prefixed by the chunk's examples.
+
+    Args:
+        results: `AutoAttackResult`s of one threat model and version.
+        starts: the index of each chunk's first example (for the flags).
+
+    Raises:
+        ValueError: no results, or results of different threat models.
+    """
+    results = list(results)
+    if not results:
+        raise ValueError("Expected at least one result to merge.")
+    first = results[0]
+    model = (first.version, first.norm, first.eps, list(first.per_attack))
+    for r in results:
+        if (r.version, r.norm, r.eps, list(r.per_attack)) != model:
+            raise ValueError("Expected chunks of one AutoAttack run (same version, norm, eps "
+                             "and attacks).")
+    starts = list(starts) if starts is not None else list(
+        np.cumsum([0] + [r.n for r in results[:-1]]))
+    broken_by = np.concatenate([r.broken_by for r in results]).astype(str)
+    per_attack, gone = {}, broken_by == "clean"
+    for name in first.per_attack:
+        gone = gone | (broken_by == name)
+        per_attack[name] = float(1.0 - gone.mean())
+    queries = [r.square_queries for r in results if r.square_queries is not None]
+    flags = [f"examples {s}-{s + r.n - 1}: {flag}" for s, r in zip(starts, results)
+             for flag in r.flags]
+    return AutoAttackResult(
+        version=first.version, norm=first.norm, eps=first.eps, n=int(len(broken_by)),
+        clean_accuracy=float(np.mean(broken_by != "clean")),
+        robust_accuracy=float(np.mean(broken_by == "")), per_attack=per_attack,
+        seconds={k: round(sum(r.seconds.get(k, 0.0) for r in results), 3)
+                 for k in first.seconds},
+        attacked={k: int(sum(r.attacked.get(k, 0) for r in results)) for k in first.attacked},
+        max_perturbation=max(r.max_perturbation for r in results),
+        square_queries=float(np.median(queries)) if queries else None, flags=flags,
+        checks={f"examples {s}-{s + r.n - 1}": r.checks for s, r in zip(starts, results)},
+        broken_by=broken_by, x_adv=None)
+
+
+def autoattack_in_chunks(model, x, y, *, chunk, state_dir=None, key=None, progress=False,
+                         **kwargs) -> AutoAttackResult:
+    """`autoattack` on consecutive chunks of `chunk` examples, merged (`merge`).
+
+    With `state_dir` each finished chunk is kept there
+    (`digits_LO_HI.json`) and reused by a later call with the same `key`
+    (e.g. the model file's hash and the settings): a killed evaluation of a
+    large split resumes at the chunk it was in. An unreadable chunk is redone.
+
+    Args:
+        model, x, y: as `autoattack` (`n` is applied before chunking).
+        chunk: examples per chunk.
+        state_dir: directory for finished chunks, or None.
+        key: JSON-compatible identity of the run; chunks saved under another
+            key are redone.
+        progress: print a line per chunk (and the attacks' bars).
+        **kwargs: `autoattack` settings (norm, eps, version, seed, ...).
+
+    Raises:
+        ValueError: chunk < 1, and as `autoattack`.
+    """
+    if int(chunk) < 1:
+        raise ValueError(f"Expected chunk >= 1. Received: chunk={chunk!r}")
+    n = kwargs.pop("n", None)
+    if n is not None:
+        x, y = x[: int(n)], y[: int(n)]
+    if state_dir:
+        os.makedirs(state_dir, exist_ok=True)
+    results, starts = [], list(range(0, len(y), int(chunk)))
+    for lo in starts:
+        hi = min(lo + int(chunk), len(y))
+        path = state_dir and os.path.join(state_dir, f"digits_{lo:05d}_{hi:05d}.json")
+        saved = _load(path)
+        if saved.get("key") == key and "result" in saved:
+            results.append(result_from_dict(saved["result"]))
+            continue
+        if progress:
+            print(f"examples {lo}-{hi - 1} of {len(y)}", flush=True)
+        result = autoattack(model, x[lo:hi], y[lo:hi], progress=progress, **kwargs)
+        if path:
+            write_json(path, {"key": key, "result": result.to_dict()})
+        results.append(result)
+    return merge(results, starts)
+
+
+def _load(path):
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}

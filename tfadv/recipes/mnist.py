@@ -138,7 +138,8 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
         # Batches are global: each of the R replicas gets batch_size / R.
         train_ds = mnist_data.to_dataset(x_tr, y_tr, batch_size=cfg.batch_size, shuffle=True,
                                          seed=cfg.seed)
-        test_ds = mnist_data.to_dataset(x_te, y_te, batch_size=max(cfg.batch_size, 100))
+        x_val, y_val = mnist_data.subset(x_te, y_te, cfg.val_limit, cfg.seed)
+        test_ds = mnist_data.to_dataset(x_val, y_val, batch_size=max(cfg.batch_size, 100))
         if cfg.strategy == "multi-worker":
             opts = tf.data.Options()
             opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
