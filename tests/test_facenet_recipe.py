@@ -212,3 +212,25 @@ def test_cli_embed_json_real_face_and_bad_file(tmp_path):
     assert res[0]["path"] == str(photo) and len(res[0]["embedding"]) == 128
     assert np.linalg.norm(res[0]["embedding"]) == pytest.approx(1.0, abs=1e-4)
     assert res[1]["path"] == str(bad) and "error" in res[1]
+
+
+@pytest.mark.parametrize("method", ["fgsm_rs", "n_fgsm", "free"])
+def test_finetune_with_a_fast_method(method, splits, tiny_pretrained, tmp_path, monkeypatch):
+    """The fast methods reach the face recipe: the trainer runs them, the report names them."""
+    monkeypatch.setattr(R, "freeze_backbone", lambda model, until, **kw: 0)
+    cfg = R.FaceFinetuneConfig(out=str(tmp_path / "run"), epochs=1, batch_size=4, holdout=1,
+                               method=method, free_replays=2, freeze_until="Conv2d_1a_3x3",
+                               evaluation=R.FaceEvalConfig.quick())
+    trainer = R.build_trainer(cfg, 3, 0.5)
+    assert trainer.method == method and trainer.attack.eps == cfg.train_eps
+    assert trainer.free_replays == 2
+    R.finetune(cfg, splits=splits, progress=False)
+    names = {"fgsm_rs": "FGSM-RS (step 1.25 eps, noise 1 eps)",
+             "n_fgsm": "N-FGSM (step 1 eps, noise 2 eps)",
+             "free": "free (step 1 eps, noise 0 eps, 2 replays)"}
+    assert names[method] in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_fast_method_needs_a_budget():
+    with pytest.raises(ValueError, match="--train-eps > 0"):
+        R.FaceFinetuneConfig(out="x", method="n_fgsm", train_eps=0.0)

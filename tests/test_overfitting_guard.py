@@ -2,12 +2,10 @@
 step, its record in the logs and on disk, and a real catastrophic overfit."""
 
 import json
-import os
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import tfadv
 from tfadv.attacks import PGD

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tfadv import argtypes
+from tfadv.config.core import FAST_METHODS
 from tfadv.config.options import comma_list, setting
 
 ATTACKS = ("fgsm", "pgd", "apgd", "cw")
@@ -97,6 +98,16 @@ class FaceFinetuneConfig:
     train_steps: int = setting(10, help="PGD steps of the training attack")
     train_step_size: float | None = setting(None, type=_nonneg,
                                             help="its step (default 2.5 * train_eps / train_steps)")
+    method: str = setting("pgd", choices=("pgd", *FAST_METHODS),
+                          help="training adversaries: PGD (--train-steps), or the fast fgsm_rs, "
+                               "n_fgsm, free (one gradient pass; --train-eps is their budget)")
+    fast_step: float | None = setting(None, type=_nonneg,
+                                      help="fast methods' step as a multiple of --train-eps "
+                                           "(default: fgsm_rs 1.25, n_fgsm 1, free 1)")
+    fast_noise: float | None = setting(None, type=_nonneg,
+                                       help="fast methods' start noise as a multiple of "
+                                            "--train-eps (fgsm_rs 1, n_fgsm 2)")
+    free_replays: int = setting(4, type=_pos, help="free: replays of each batch")
     attack_on: str = setting("embedding", choices=("embedding", "classification"),
                              help="what the training attack ascends")
     adv_weight: float = setting(0.5, type=_nonneg, help="weight of the adversarial CE term")
@@ -125,6 +136,11 @@ class FaceFinetuneConfig:
             raise ValueError(f"Expected holdout >= 0. Received: {self.holdout}")
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError("Expected epochs >= 0 and batch_size >= 1.")
+        if self.method not in ("pgd", *FAST_METHODS):
+            raise ValueError(f"Expected method pgd, fgsm_rs, n_fgsm or free. "
+                             f"Received: {self.method!r}")
+        if self.method in FAST_METHODS and not self.train_eps > 0:
+            raise ValueError(f"--method {self.method} needs --train-eps > 0 (its budget).")
         if isinstance(self.evaluation, dict):
             self.evaluation = FaceEvalConfig(**self.evaluation)
 

@@ -168,14 +168,16 @@ def build_trainer(cfg: FaceFinetuneConfig, num_classes, threshold):
     freeze_backbone(embedder, cfg.freeze_until)
     teacher = (pretrained(cfg.preset)
                if cfg.distill_weight > 0 or cfg.consistency_target == "teacher" else None)
-    step = cfg.train_step_size or 2.5 * cfg.train_eps / max(cfg.train_steps, 1)
-    if cfg.train_steps == 0:
+    fast = cfg.method != "pgd"
+    steps = 1 if fast else cfg.train_steps  # a fast method uses only the attack's budget
+    step = cfg.train_step_size or 2.5 * cfg.train_eps / max(steps, 1)
+    if steps == 0:
         attack = None
     elif cfg.attack_on == "embedding":
-        attack = E.embedding_attack("pgd", "dodging", eps=cfg.train_eps, steps=cfg.train_steps,
+        attack = E.embedding_attack("pgd", "dodging", eps=cfg.train_eps, steps=steps,
                                     step_size=step, unroll=False)
     else:
-        attack = PGD(eps=cfg.train_eps, steps=cfg.train_steps, step_size=step, bounds=(0, 255),
+        attack = PGD(eps=cfg.train_eps, steps=steps, step_size=step, bounds=(0, 255),
                      unroll=False)
     static = [facenet(p) for p in cfg.static_presets]
     eval_attack = E.embedding_attack("pgd", "dodging", eps=cfg.evaluation.eps, steps=5,
@@ -186,7 +188,9 @@ def build_trainer(cfg: FaceFinetuneConfig, num_classes, threshold):
         consistency_weight=cfg.consistency_weight if attack is not None else 0.0,
         consistency_target=cfg.consistency_target if teacher is not None else "clean",
         center_weight=cfg.center_weight, teacher=teacher, distill_weight=cfg.distill_weight,
-        static_models=static, eval_attack=eval_attack, eval_threshold=threshold)
+        static_models=static, eval_attack=eval_attack, eval_threshold=threshold,
+        method=cfg.method, **({"fast_step": cfg.fast_step, "fast_noise": cfg.fast_noise,
+                               "free_replays": cfg.free_replays} if fast else {}))
 
 
 def _pretrained_metrics(base, splits, thr0, cfg, out, say) -> dict:

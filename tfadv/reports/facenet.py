@@ -108,6 +108,21 @@ def _rows(m, ev) -> list[str]:
     return rows
 
 
+def training_adversary(cfg) -> str:
+    """How the fine-tuning adversaries were made, from a run's config dict."""
+    method = cfg.get("method", "pgd")
+    if method == "pgd":
+        return f"PGD-{cfg['train_steps']}"
+    names = {"fgsm_rs": "FGSM-RS", "n_fgsm": "N-FGSM", "free": "free"}
+    from tfadv.trainers.fast import DEFAULTS
+
+    step = cfg.get("fast_step") or DEFAULTS[method]["fast_step"]
+    noise = cfg.get("fast_noise")
+    noise = DEFAULTS[method]["fast_noise"] if noise is None else noise
+    extra = f", {cfg.get('free_replays')} replays" if method == "free" else ""
+    return f"{names[method]} (step {step:g} eps, noise {noise:g} eps{extra})"
+
+
 def report_markdown(m) -> str:
     """The before/after Markdown report of a fine-tuning run's metrics dict."""
     cfg = m["config"]
@@ -118,7 +133,7 @@ def report_markdown(m) -> str:
         f"Preset `{cfg['preset']}`; faces `{cfg['faces'] or 'demo set (5 celebrities)'}`; "
         f"identities {', '.join(m['identities'])}; held out of fine-tuning: {held}.",
         f"Fine-tuning: {cfg['epochs']} epochs, batch {cfg['batch_size']}, Adam "
-        f"{cfg['learning_rate']:g}, PGD-{cfg['train_steps']} eps {cfg['train_eps']:g} against "
+        f"{cfg['learning_rate']:g}, {training_adversary(cfg)} eps {cfg['train_eps']:g} against "
         f"the {cfg['attack_on']}, adv weight {cfg['adv_weight']}, consistency "
         f"{cfg['consistency_weight']}, center loss {cfg['center_weight']}, distillation "
         f"{cfg['distill_weight']}, backbone trained from `{cfg['freeze_until']}` "
