@@ -104,3 +104,47 @@ def test_bad_settings(kwargs, match):
 def test_mismatched_batch():
     with pytest.raises(ValueError, match="one non-zero length"):
         CatastrophicOverfittingGuard(X, Y[:3], GUARD_ATTACK)
+
+
+@pytest.mark.slow
+def test_a_real_catastrophic_overfit_is_caught(mnist_small):
+    """PGD training makes a model somewhat robust; FGSM training (zero start, Adam 3e-3) then
+    overfits catastrophically (measured: in 6 epochs FGSM accuracy 0.26 -> 0.62 while PGD
+    accuracy 0.225 -> 0.035, the loss falling). The guard sees the collapse after the first
+    epoch, restores the PGD-trained weights and stops."""
+    x, y = mnist_small[0], mnist_small[1]
+    keras.utils.set_random_seed(0)
+    base = tfadv.models.mnist_cnn()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    pgd = tfadv.AdversarialModel(base, attack=PGD(eps=0.3, steps=5, step_size=0.15))
+    pgd.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
+    guard = CatastrophicOverfittingGuard(x[:200], y[:200], PGD(eps=0.3, steps=10),
+                                         threshold=0.15)
+    pgd.fit(x, y, batch_size=50, epochs=6, verbose=0, callbacks=[guard])
+    robust, robust_weights = guard.best_accuracy, [w.copy() for w in guard.best_weights]
+    assert robust >= 0.18 and guard.events == []
+    fgsm_before = float(np.mean(np.argmax(base(tfadv.attacks.FGSM(eps=0.3)(
+        base, x[:200], y[:200])), -1) == y[:200]))
+
+    class Probe(keras.callbacks.Callback):
+        """FGSM and PGD accuracy on the guard batch, before the guard acts."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            fgsm = tfadv.attacks.FGSM(eps=0.3)(base, x[:200], y[:200])
+            pgd_adv = PGD(eps=0.3, steps=10)(base, x[:200], y[:200])
+            self.fgsm = float(np.mean(np.argmax(base(fgsm), -1) == y[:200]))
+            self.pgd = float(np.mean(np.argmax(base(pgd_adv), -1) == y[:200]))
+
+    fast = tfadv.AdversarialModel(base, attack=PGD(eps=0.3), method="fgsm_rs", fast_noise=0.0,
+                                  fast_step=1.0)
+    fast.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss)
+    probe = Probe()
+    with pytest.warns(CatastrophicOverfittingWarning):
+        hist = fast.fit(x, y, batch_size=50, epochs=4, verbose=0,
+                        callbacks=[probe, guard]).history
+    assert hist["catastrophic_overfitting"][-1] == 1.0 and len(hist["loss"]) < 4
+    # Its signature: robust to the training attack, not to PGD.
+    assert probe.pgd < robust - 0.15 and probe.fgsm >= fgsm_before - 0.05
+    assert probe.fgsm > probe.pgd + 0.15
+    for got, want in zip(base.get_weights(), robust_weights):
+        np.testing.assert_array_equal(got, want)
