@@ -209,3 +209,14 @@ def test_embedding_trainer_free_first_replay_is_clean_training():
         np.testing.assert_allclose(a, b, atol=1e-6)
     two = _embedding_step(PGD(eps=EPS_E), method="free", free_replays=2)
     assert max(float(np.abs(a - b).max()) for a, b in zip(two, want)) > 1e-4
+
+
+def test_fit_keeps_keras_positional_arguments():
+    """fit(x, y, batch_size, epochs, verbose) as keras.Model.fit takes them."""
+    base = linear_model()
+    model = tfadv.AdversarialModel(base, attack=THREAT, method="free", free_replays=3)
+    model.compile(optimizer=keras.optimizers.SGD(LR),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(X, Y, 2, 2, 0, shuffle=False)
+    assert len(history.history["loss"]) == 2
+    np.testing.assert_allclose(base.get_weights()[0], free_numpy(3, 2)[0], atol=1e-5)

@@ -362,7 +362,7 @@ class TrainerBase(_KerasHooks):
             carried.store(delta)
         return self._logs(True, compiled)
 
-    def fit(self, x=None, y=None, batch_size=None, **kwargs):
+    def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):
         """`keras.Model.fit`; for method "free" it first sizes the carried perturbation.
 
         The perturbation that "free" carries between batches needs a fixed
@@ -377,7 +377,7 @@ class TrainerBase(_KerasHooks):
                 with self.distribute_strategy.scope():
                     carried = fast.CarriedPerturbation(-(-rows // replicas), tuple(shape[1:]))
                 object.__setattr__(self, "_carried", carried)
-        return super().fit(x, y, batch_size=batch_size, **kwargs)
+        return super().fit(x, y, batch_size, *args, **kwargs)
 
     def test_step(self, data):
         batch = self._unpack(data)
