@@ -220,3 +220,50 @@ def test_fit_keeps_keras_positional_arguments():
     history = model.fit(X, Y, 2, 2, 0, shuffle=False)
     assert len(history.history["loss"]) == 2
     np.testing.assert_allclose(base.get_weights()[0], free_numpy(3, 2)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("method, kwargs", [("pgd", {}), ("fgsm_rs", {"fast_noise": 0.0})])
+def test_static_models_take_turns_as_the_adversaries_source(method, kwargs):
+    """Ensemble adversarial training on the shared base: batch 0's adversary is made on the
+    model being trained, batch 1's on the static model (Tramer et al. 2018), in closed form."""
+    from tests.test_trainer import ONE_STEP
+
+    ws = np.array([[-0.4, 0.6], [0.3, -0.5]], np.float32)
+    bs = np.array([0.0, 0.2], np.float32)
+    static = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    static.set_weights([ws, bs])
+    base = linear_model()
+    attack = ONE_STEP if method == "pgd" else THREAT
+    model = tfadv.AdversarialModel(base, attack=attack, method=method, static_models=[static],
+                                   **kwargs)
+    model.compile(optimizer=keras.optimizers.SGD(LR),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(X, Y, batch_size=1, epochs=1, shuffle=False, verbose=0)
+
+    def fgsm(x, y, w, b):
+        gx, _, _ = ce_grads(x, y, w, b)
+        return np.clip(x + EPS * np.sign(gx), 0, 1)
+
+    w, b = W.copy(), B.copy()
+    for i, (sw, sb) in enumerate(((W, B), (ws, bs))):
+        x, y = X[i:i + 1], Y[i:i + 1]
+        src_w, src_b = (w, b) if i == 0 else (sw, sb)
+        _, gw, gb = ce_grads(fgsm(x, y, src_w, src_b), y, w, b)
+        w, b = w - LR * gw, b - LR * gb
+    np.testing.assert_allclose(base.get_weights()[0], w, atol=1e-6)
+    np.testing.assert_allclose(base.get_weights()[1], b, atol=1e-6)
+    np.testing.assert_array_equal(static.get_weights()[0], ws)  # frozen
+    assert int(model._batch.numpy()) == 2
+
+
+def test_static_models_round_trip_and_refuse_methods_without_an_attack(tmp_path):
+    static = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)], name="static")
+    model = tfadv.AdversarialModel(linear_model(), attack=THREAT, static_models=[static])
+    again = tfadv.AdversarialModel.from_config(model.get_config())
+    assert len(again.static_models) == 1 and not again.static_models[0].trainable
+    assert "static_models" not in tfadv.AdversarialModel(linear_model(),
+                                                         attack=THREAT).get_config()
+    for method in ("trades", "free"):
+        with pytest.raises(ValueError, match="static_models"):
+            tfadv.AdversarialModel(linear_model(), attack=THREAT, method=method,
+                                   static_models=[static])

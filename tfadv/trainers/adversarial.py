@@ -85,6 +85,10 @@ class AdversarialModel(TrainerBase):
             any mixed-precision policy).
         fast_step, fast_noise, free_replays: the fast methods' settings
             (`TrainerBase`; None: each paper's default).
+        static_models: frozen classifiers for ensemble adversarial training
+            (Tramer et al., ICLR 2018): batch k's adversaries are made on
+            source `k mod (1 + len(static_models))`, `base` first ("pgd",
+            "fgsm_rs", "n_fgsm").
 
     Shape:
         x: `[N, ...]` float inputs of `base`; y: `[N]`, `[N, 1]` or `[N, C]`;
@@ -105,7 +109,7 @@ class AdversarialModel(TrainerBase):
         >>> base.save("model.keras")
     """
 
-    _model_args = ("base",)
+    _model_args = ("base", "static_models")
     methods = METHODS
 
     def __init__(
@@ -118,6 +122,7 @@ class AdversarialModel(TrainerBase):
         trades_beta=6.0,
         eval_attack=None,
         center_loss=None,
+        static_models=(),
         **kwargs,
     ):
         if not isinstance(base, keras.Model):
@@ -133,6 +138,11 @@ class AdversarialModel(TrainerBase):
                          num_classes=_output_classes(base), **kwargs)
         if self.eval_attack is None:
             self.eval_attack = self.attack
+        if static_models and method in ("standard", "trades", "free"):
+            raise ValueError(f'static_models (ensemble adversarial training) take the place of '
+                             f'the training attack\'s model for "pgd", "fgsm_rs" and "n_fgsm"; '
+                             f'method="{method}" has no such attack.')
+        self._set_static_models(static_models)
         if not 0.0 <= float(adv_ratio) <= 1.0:
             raise ValueError(f"Expected 0 <= adv_ratio <= 1. Received: adv_ratio={adv_ratio}")
         if float(trades_beta) < 0:
@@ -200,7 +210,8 @@ class AdversarialModel(TrainerBase):
             x_adv = self.attack(self.base, x, clean_probs,
                                 objective=objectives_lib.kl_divergence, eps=self._budget())
         elif self.method not in ("standard", "trades") and self.adv_ratio > 0.0:
-            x_adv = self.inner_max(self.base, x, labels)
+            x_adv = self.from_sources(lambda model: self.inner_max(model, x, labels))
+            self.count_batch(x_adv)
         else:
             x_adv = None
         centers = None

@@ -256,6 +256,54 @@ class TrainerBase(_KerasHooks):
             bounds=attack.bounds, project=fast.DEFAULTS[self.method]["project"],
             direction=-1.0 if attack.targeted else 1.0)
 
+    # -- ensemble adversarial training ---------------------------------------
+    def _set_static_models(self, static_models, *, count_always=False):
+        """Keeps frozen static models and the batch counter that rotates the sources.
+
+        Ensemble adversarial training (Tramer et al., ICLR 2018): batch k's
+        adversaries come from source `k mod (1 + len(static_models))`, the
+        model being trained first, then each static model. The counter is a
+        saved weight, created only when there are static models (or
+        `count_always`, for trainers whose save format has always had it).
+        """
+        self.static_models = list(static_models or ())
+        for m in self.static_models:
+            if not isinstance(m, keras.Model):
+                raise ValueError(f"Expected static_models to be Keras models. "
+                                 f"Received: {type(m).__name__}")
+            m.trainable = False
+        self._batch = None
+        if self.static_models or count_always:
+            # Every replica counts the same global batches.
+            self._batch = self.add_weight(name="batch_counter", shape=(), dtype="int64",
+                                          initializer="zeros", trainable=False,
+                                          aggregation="only_first_replica")
+
+    def from_sources(self, craft):
+        """`craft(model)` on this batch's source: the trained network or a static model.
+
+        Args:
+            craft: `model -> x_adv`, called with `self.network` or a static model.
+
+        Returns:
+            This batch's adversaries (the counter advances after they are made).
+        """
+        sources = [self.network] + self.static_models
+        if len(sources) == 1:
+            x_adv = craft(self.network)
+        else:
+            index = tf.cast(self._batch % len(sources), tf.int32)
+            x_adv = tf.switch_case(index, [lambda m=m: craft(m) for m in sources])
+        return x_adv
+
+    def count_batch(self, after):
+        """Advances the source counter once `after` (this batch's adversaries) is computed."""
+        if self._batch is None:
+            return
+        # After the read that chose this batch's source model (see train_step).
+        with tf.control_dependencies(tf.nest.flatten(after)):
+            self._batch.assign_add(1)
+
     def _labels(self, y):
         """The labels the trainer itself uses: `[N]` int64 (y as given goes to compile's loss)."""
         return sparse_labels(y, self.num_classes)
@@ -428,7 +476,10 @@ class TrainerBase(_KerasHooks):
     def get_config(self):
         config = super().get_config()
         for name in self._model_args:
-            config[name] = _serialize_models(getattr(self, name))
+            value = getattr(self, name)
+            if name == "static_models" and not value:
+                continue  # as configs were written before static models existed
+            config[name] = _serialize_models(value)
         config.update(
             attack=None if self.attack is None else serialize(self.attack),
             eval_attack=None if self.eval_attack is None else serialize(self.eval_attack),

@@ -154,13 +154,7 @@ class EmbeddingAdversarialModel(TrainerBase):
         if teacher is not None:
             teacher.trainable = False
         self.teacher = teacher
-        self.static_models = list(static_models)
-        for m in self.static_models:
-            m.trainable = False
-        # Every replica counts the same global batches.
-        self._batch = self.add_weight(name="batch_counter", shape=(), dtype="int64",
-                                      initializer="zeros", trainable=False,
-                                      aggregation="only_first_replica")
+        self._set_static_models(static_models, count_always=True)
         tracked = [
             directed_mean("ce", DOWN),
             keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
@@ -217,27 +211,19 @@ class EmbeddingAdversarialModel(TrainerBase):
         return self.head(self.embedder(x, training=False))
 
     def _adversarial(self, x, y):
-        def on(model):
-            def craft():
-                if self.attack_on == "classification" and model is self.embedder:
-                    return self.inner_max(self._classifier, x, y)
-                ref = tf.stop_gradient(model(x, training=False))
-                return self.inner_max(model, x, ref, objective=cosine_distance)
-            return craft
+        def craft(model):
+            if self.attack_on == "classification" and model is self.embedder:
+                return self.inner_max(self._classifier, x, y)
+            ref = tf.stop_gradient(model(x, training=False))
+            return self.inner_max(model, x, ref, objective=cosine_distance)
 
-        sources = [self.embedder] + self.static_models
-        if len(sources) == 1:
-            return on(self.embedder)()
-        index = tf.cast(self._batch % len(sources), tf.int32)
-        return tf.switch_case(index, [on(m) for m in sources])
+        return self.from_sources(craft)
 
     def prepare_batch(self, batch):
         """The adversaries (x itself without an attack) and the teacher's embeddings."""
         x = batch.x
         x_adv = self._adversarial(x, batch.labels) if self.attack is not None else x
-        # After the read that chose this batch's source model (see TrainerBase.train_step).
-        with tf.control_dependencies([x_adv]):
-            self._batch.assign_add(1)
+        self.count_batch(x_adv)
         target = None
         if self.teacher is not None:
             target = tf.stop_gradient(self.teacher(x, training=False))
