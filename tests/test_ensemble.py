@@ -71,3 +71,25 @@ def test_members_with_one_name_are_copied_not_renamed():
 def test_bad_members(models, kwargs, match):
     with pytest.raises(ValueError, match=match):
         ensemble(models(), **kwargs)
+
+
+def test_cli_ensemble_writes_a_model_that_loads(tmp_path):
+    import subprocess
+    import sys
+
+    paths = []
+    for i, m in enumerate(members(2)):
+        paths.append(str(tmp_path / f"m{i}.keras"))
+        m.save(paths[-1])
+    out = tmp_path / "sub" / "ens.keras"
+    run = subprocess.run([sys.executable, "-m", "tfadv.cli", "ensemble", *paths, "--out",
+                          str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "mean_logits of 2 models" in run.stdout
+    loaded = keras.saving.load_model(out, safe_mode=True)
+    want = np.mean([keras.saving.load_model(p).predict(X, verbose=0) for p in paths], axis=0)
+    np.testing.assert_allclose(loaded.predict(X, verbose=0), want, rtol=1e-5, atol=1e-6)
+    bad = subprocess.run([sys.executable, "-m", "tfadv.cli", "ensemble", paths[0],
+                          str(tmp_path / "missing.keras"), "--out", str(tmp_path / "e.keras")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "No model at" in bad.stderr

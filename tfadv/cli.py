@@ -35,7 +35,9 @@ from tfadv.evaluation import (evaluate_robustness, gradient_masking_checks, robu
 from tfadv.evaluation.autoattack import autoattack, autoattack_in_chunks, markdown_table
 from tfadv.evaluation.autoattack import summary_lines as autoattack_summary
 from tfadv.evaluation.checks import GradientMaskingWarning
-from tfadv.files import write_json, write_text
+from tfadv.files import atomic_path, write_json, write_text
+from tfadv.models.ensemble import COMBINE as ENSEMBLE_COMBINE
+from tfadv.models.ensemble import ensemble
 from tfadv.recipes import centers as centers_recipe
 from tfadv.recipes import facenet as facenet_recipe
 from tfadv.recipes import facenet_generate
@@ -67,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     aa.add_argument("model", help="a .keras classifier (inputs in [0, 1], logits out)")
     aa.add_argument("--json", action="store_true",
                     help="print one JSON object (clean_accuracy, robust_accuracy, ...) only")
+
+    en = add_command(sub, "ensemble", cmd_ensemble,
+                     help="combine saved models into one that averages their outputs")
+    en.add_argument("models", nargs="+", help="two or more .keras models (same input, output)")
+    en.add_argument("--combine", choices=ENSEMBLE_COMBINE, default="mean_logits",
+                    help="mean_logits (classifiers) or mean_embedding (face embedders)")
+    en.add_argument("--out", required=True, help="the ensemble's .keras file")
 
     c = add_command(sub, "curve", cmd_curve, configs=(CurveConfig, MnistDataConfig),
                     help="robustness curve: accuracy vs eps (JSON + PNG)")
@@ -156,7 +165,8 @@ def load_classifier(path):
     """A saved .keras classifier (tfadv's custom objects are registered on import)."""
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"No model at {path!r}. Train one with `tfadv train mnist --out DIR`.")
+            f"No model at {path!r}. Train one with `tfadv train mnist --out DIR` (or "
+            "`tfadv facenet finetune` for an embedder).")
     return keras.saving.load_model(path, safe_mode=True)
 
 
@@ -236,6 +246,18 @@ def cmd_autoattack(args):
     print("\n".join(autoattack_summary(res)))
     if cfg.out:
         print(f"wrote {os.path.join(cfg.out, 'autoattack.json')} and autoattack.md")
+
+
+def cmd_ensemble(args):
+    if not args.out.endswith(".keras"):
+        raise ValueError(f"--out must be a .keras file. Received: {args.out!r}")
+    members = [load_classifier(path) for path in args.models]
+    model = ensemble(members, combine=args.combine)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with atomic_path(args.out) as tmp:
+        model.save(tmp)
+    print(f"wrote {args.out}: {args.combine} of {len(members)} models "
+          f"({model.count_params():,} parameters)")
 
 
 def cmd_curve(args):
