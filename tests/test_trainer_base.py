@@ -38,13 +38,14 @@ def test_keras_is_within_the_pin_the_internals_are_checked_for():
     with open(PYPROJECT, "rb") as f:
         deps = tomllib.load(f)["project"]["dependencies"]
     (pin,) = [Requirement(d) for d in deps if Requirement(d).name == "keras"]
-    assert pin.specifier, "keras needs an upper bound: tfadv.trainers.base uses Keras internals"
+    assert pin.specifier, ("keras needs an upper bound: tfadv.trainers.keras_internals uses "
+                           "Keras internals")
     assert any(s.operator == "<" for s in pin.specifier)
     assert keras.__version__ in pin.specifier
 
 
 def test_keras_internals_are_still_there():
-    """Every private Keras hook of tfadv.trainers.base ("Keras internals" there).
+    """Every private Keras hook of tfadv.trainers.keras_internals.
 
     A failure here after a Keras upgrade means that section must be revisited
     before the pin in pyproject.toml moves."""
