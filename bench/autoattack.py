@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 import time
@@ -80,18 +79,6 @@ def run_chunk(model, x, y, args):
     return out
 
 
-def _load_chunk(path):
-    """A saved chunk, or {} when there is none or it cannot be read (it is then redone)."""
-    if not path or not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return saved if isinstance(saved, dict) else {}
-
-
 def _model_digest(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
@@ -117,7 +104,7 @@ def main(argv=None):
 
     import tfadv  # registers tfadv's serializable objects
     from tfadv.data import load_mnist
-    from tfadv.files import write_json
+    from tfadv.files import read_json_or_empty, write_json
 
     model = keras.saving.load_model(args.model, safe_mode=True)
     x, y = load_mnist("embedded", "test")
@@ -131,7 +118,7 @@ def main(argv=None):
     for lo in range(0, len(y), args.chunk):
         hi = min(lo + args.chunk, len(y))
         path = args.state and os.path.join(args.state, f"digits_{lo:05d}_{hi:05d}.json")
-        saved = _load_chunk(path)
+        saved = read_json_or_empty(path)
         if saved.get("key") != key or ("art" not in saved and not args.skip_art):
             print(f"\ndigits {lo}-{hi - 1} of {len(y)}", flush=True)
             saved = {"key": key, **run_chunk(model, x[lo:hi], y[lo:hi], args)}

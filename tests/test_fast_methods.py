@@ -121,20 +121,15 @@ def test_fgsm_rs_reach_is_the_ball_and_n_fgsm_reach_three_eps():
     assert np.abs(d).max() > EPS * 1.5  # N-FGSM is not projected
 
 
-def test_step_scale_scales_the_fast_step():
+@pytest.mark.parametrize("method, variable", [("n_fgsm", "step_scale"),
+                                              ("fgsm_rs", "eps_fraction")])
+def test_step_scale_and_warmup_scale_the_fast_step(method, variable):
+    """step_scale (the guard's) scales the step; the warm-up's eps_fraction scales the step
+    and the ball."""
     gx, _, _ = ce_grads(X, Y)
     base = linear_model()
-    model = tfadv.AdversarialModel(base, attack=THREAT, method="n_fgsm", fast_noise=0.0)
-    model.step_scale.assign(0.5)
-    d = model.inner_max(base, X, Y).numpy() - X
-    np.testing.assert_allclose(d, 0.5 * EPS * np.sign(gx), atol=1e-7)
-
-
-def test_warmup_scales_the_fast_methods():
-    gx, _, _ = ce_grads(X, Y)
-    base = linear_model()
-    model = tfadv.AdversarialModel(base, attack=THREAT, method="fgsm_rs", fast_noise=0.0)
-    model.eps_fraction.assign(0.5)
+    model = tfadv.AdversarialModel(base, attack=THREAT, method=method, fast_noise=0.0)
+    getattr(model, variable).assign(0.5)
     d = model.inner_max(base, X, Y).numpy() - X
     np.testing.assert_allclose(d, 0.5 * EPS * np.sign(gx), atol=1e-7)
 

@@ -36,3 +36,16 @@ def test_temporary_name_keeps_the_suffix(tmp_path):
         assert tmp.endswith(".keras") and os.path.dirname(tmp) == str(tmp_path)
         open(tmp, "w").close()
     assert (tmp_path / "embedder.keras").exists()
+
+
+def test_read_json_or_empty(tmp_path):
+    from tfadv.files import read_json_or_empty
+
+    path = tmp_path / "state.json"
+    assert read_json_or_empty(path) == {} and read_json_or_empty(None) == {}
+    path.write_text('{"key": 1}')
+    assert read_json_or_empty(path) == {"key": 1}
+    path.write_text('{"key": ')  # torn by a kill
+    assert read_json_or_empty(path) == {}
+    path.write_text("[1, 2]")  # not an object
+    assert read_json_or_empty(path) == {}

@@ -60,3 +60,19 @@ def write_json(path, obj, *, indent=1) -> None:
         TypeError / ValueError: `obj` is not JSON-serialisable (`path` untouched).
     """
     write_text(path, json.dumps(obj, indent=indent))
+
+
+def read_json_or_empty(path) -> dict:
+    """The JSON object in `path`, or {} when there is none or it cannot be read.
+
+    For caches a killed run may have left torn or missing: their work is
+    then redone.
+    """
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -26,7 +26,6 @@ accuracy that does not reach 0 at a large budget.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 import warnings
@@ -39,7 +38,7 @@ from tfadv.attacks.apgd import APGD, APGDT
 from tfadv.attacks.base import call_model
 from tfadv.attacks.fab import FAB, FABT
 from tfadv.attacks.square import Square
-from tfadv.files import write_json
+from tfadv.files import read_json_or_empty, write_json
 from tfadv.evaluation.checks import (GradientMaskingWarning, outputs_look_like_probabilities,
                                      zero_gradient_fraction)
 from tfadv.evaluation.robustness import (_check_label_range, _check_xy, _still_correct,
@@ -438,7 +437,7 @@ def autoattack_in_chunks(model, x, y, *, chunk, state_dir=None, key=None, progre
     for lo in starts:
         hi = min(lo + int(chunk), len(y))
         path = state_dir and os.path.join(state_dir, f"digits_{lo:05d}_{hi:05d}.json")
-        saved = _load(path)
+        saved = read_json_or_empty(path)
         if saved.get("key") == key and "result" in saved:
             results.append(result_from_dict(saved["result"]))
             continue
@@ -449,14 +448,3 @@ def autoattack_in_chunks(model, x, y, *, chunk, state_dir=None, key=None, progre
             write_json(path, {"key": key, "result": result.to_dict()})
         results.append(result)
     return merge(results, starts)
-
-
-def _load(path):
-    if not path or not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
