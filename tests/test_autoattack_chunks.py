@@ -94,3 +94,27 @@ def test_cli_chunks_resume(tmp_path):
     assert saved["key"]["eps"] == 0.05 and len(saved["key"]["model_sha256"]) == 64
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert json.loads(again.stdout.strip().splitlines()[-1])["broken_by"] == result["broken_by"]
+
+
+def test_chunks_with_missing_fields_or_other_examples_are_redone(tmp_path, monkeypatch):
+    model = linear_model()
+    x, y = data(model, n=20)
+    first = run_chunks(model, x, y, tmp_path)
+    chunks = tmp_path / "chunks"
+    damaged = json.loads((chunks / "digits_00000_00007.json").read_text())
+    del damaged["result"]["per_attack"]
+    (chunks / "digits_00000_00007.json").write_text(json.dumps(damaged))
+    # A chunk file copied over another range (same key, other digits).
+    (chunks / "digits_00014_00020.json").write_text(
+        (chunks / "digits_00007_00014.json").read_text())
+    calls = []
+    real = aa.autoattack
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(aa, "autoattack", counting)
+    again = run_chunks(model, x, y, tmp_path)
+    assert calls == [7, 6] and again.n == 20
+    np.testing.assert_array_equal(again.broken_by, first.broken_by)

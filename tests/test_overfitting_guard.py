@@ -148,3 +148,21 @@ def test_a_real_catastrophic_overfit_is_caught(mnist_small):
     assert probe.fgsm > probe.pgd + 0.15
     for got, want in zip(base.get_weights(), robust_weights):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_new_run_in_a_finished_runs_folder_starts_the_guard_afresh(tmp_path):
+    """The same command after a finished run (no backup left) trains anew: the old run's
+    guard state (its best weights) must not be restored into it; a resumable run keeps it."""
+    from tfadv.config.mnist import MnistTrainConfig
+    from tfadv.recipes import mnist as recipe
+
+    cfg = MnistTrainConfig(out=str(tmp_path), method="fgsm_rs", guard_size=8)
+    state = tmp_path / "guard"
+    state.mkdir()
+    (state / "guard.json").write_text('{"best_accuracy": 0.9}')
+    (tmp_path / "backup").mkdir()
+    recipe._guard(cfg, X[:16, :1], Y[:16], chief=True)
+    assert (state / "guard.json").exists()  # a resumed run continues its guard
+    (tmp_path / "backup").rmdir()
+    guard = recipe._guard(cfg, X[:16, :1], Y[:16], chief=True)
+    assert not state.exists() and guard.state_dir == str(state)

@@ -437,14 +437,29 @@ def autoattack_in_chunks(model, x, y, *, chunk, state_dir=None, key=None, progre
     for lo in starts:
         hi = min(lo + int(chunk), len(y))
         path = state_dir and os.path.join(state_dir, f"digits_{lo:05d}_{hi:05d}.json")
-        saved = read_json_or_empty(path)
-        if saved.get("key") == key and "result" in saved:
-            results.append(result_from_dict(saved["result"]))
+        reused = _saved_chunk(read_json_or_empty(path), key, lo, hi)
+        if reused is not None:
+            if progress:
+                print(f"examples {lo}-{hi - 1} of {len(y)}: reused {path}", flush=True)
+            results.append(reused)
             continue
         if progress:
             print(f"examples {lo}-{hi - 1} of {len(y)}", flush=True)
         result = autoattack(model, x[lo:hi], y[lo:hi], progress=progress, **kwargs)
         if path:
-            write_json(path, {"key": key, "result": result.to_dict()})
+            write_json(path, {"key": key, "examples": [lo, hi], "result": result.to_dict()})
         results.append(result)
     return merge(results, starts)
+
+
+def _saved_chunk(saved, key, lo, hi):
+    """The saved result of examples lo..hi-1 under `key`, or None (then it is redone):
+    another key, other examples, or a file with fields missing or of the wrong kind.
+    (Files written before the range was recorded are checked by their size only.)"""
+    if saved.get("key") != key or saved.get("examples", [lo, hi]) != [lo, hi]:
+        return None
+    try:
+        result = result_from_dict(saved["result"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return result if result.n == hi - lo == len(result.broken_by) else None

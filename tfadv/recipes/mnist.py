@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 
@@ -104,8 +105,14 @@ def _guard(cfg: MnistTrainConfig, x_tr, y_tr, chief):
 
     It attacks a fixed random sample of `guard_size` training digits with
     PGD-10 at the training eps (Wong et al. check a training minibatch), and
-    keeps its state in `out/guard` so that a resumed run continues it.
+    keeps its state in `out/guard` so that a resumed run continues it. A run
+    with no training backup to resume from (a new run, or the same command
+    after a finished one) starts the guard afresh: another run's best weights
+    must not be restored into it.
     """
+    state = os.path.join(cfg.out, "guard")
+    if chief and not os.path.isdir(os.path.join(cfg.out, "backup")):
+        shutil.rmtree(state, ignore_errors=True)
     if cfg.guard_action is None:
         return None
     rng = np.random.default_rng(cfg.seed)
@@ -113,7 +120,7 @@ def _guard(cfg: MnistTrainConfig, x_tr, y_tr, chief):
     return CatastrophicOverfittingGuard(
         x_tr[rows], y_tr[rows], PGD(eps=cfg.eps, steps=10, random_start=True),
         threshold=cfg.guard_threshold, on_overfit=cfg.guard_action,
-        state_dir=os.path.join(cfg.out, "guard") if chief else tempfile.mkdtemp())
+        state_dir=state if chief else tempfile.mkdtemp())
 
 
 def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
