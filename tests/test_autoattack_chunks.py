@@ -18,6 +18,19 @@ def run_chunks(model, x, y, tmp_path, key="k", **kw):
                                    key=key, eps=0.1, suite=small_suite(), seed=3, **kw)
 
 
+def count_attacked_chunks(monkeypatch):
+    """A list that records the size of every chunk `autoattack` is run on from now on."""
+    calls = []
+    real = aa.autoattack
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(aa, "autoattack", counting)
+    return calls
+
+
 def test_merge_is_the_chunks_put_together(tmp_path):
     model = linear_model()
     x, y = data(model, n=20)
@@ -44,14 +57,7 @@ def test_a_resumed_run_reuses_finished_chunks_and_redoes_the_rest(tmp_path, monk
     model = linear_model()
     x, y = data(model, n=20)
     first = run_chunks(model, x, y, tmp_path)
-    calls = []
-    real = aa.autoattack
-
-    def counting(*args, **kwargs):
-        calls.append(len(args[2]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(aa, "autoattack", counting)
+    calls = count_attacked_chunks(monkeypatch)
     again = run_chunks(model, x, y, tmp_path)
     assert calls == []  # all three reused
     np.testing.assert_array_equal(again.broken_by, first.broken_by)
@@ -107,14 +113,7 @@ def test_chunks_with_missing_fields_or_other_examples_are_redone(tmp_path, monke
     # A chunk file copied over another range (same key, other digits).
     (chunks / "digits_00014_00020.json").write_text(
         (chunks / "digits_00007_00014.json").read_text())
-    calls = []
-    real = aa.autoattack
-
-    def counting(*args, **kwargs):
-        calls.append(len(args[2]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(aa, "autoattack", counting)
+    calls = count_attacked_chunks(monkeypatch)
     again = run_chunks(model, x, y, tmp_path)
     assert calls == [7, 6] and again.n == 20
     np.testing.assert_array_equal(again.broken_by, first.broken_by)
