@@ -69,6 +69,32 @@ def test_free_replays_match_numpy(jit):
     assert len(history["loss"]) == 2
 
 
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_free_logs_every_replay(mode):
+    """The logged loss is the mean of the m replays' losses and compiled metrics count every
+    replay's examples, whether the replays run eagerly, in one traced loop (graph, XLA)."""
+    from tests.test_trainer import softmax
+    w, b, delta, losses = W.copy(), B.copy(), np.zeros_like(X), []
+    for _ in range(3):
+        x_adv = np.clip(X + delta, 0, 1)
+        p = softmax(x_adv @ w + b)
+        losses.append(-np.log(p[np.arange(len(Y)), Y]).mean())
+        gx, gw, gb = ce_grads(x_adv, Y, w, b)
+        w, b = w - LR * gw, b - LR * gb
+        delta = np.clip(x_adv - X + EPS * np.sign(gx), -EPS, EPS)
+    base = linear_model()
+    model = tfadv.AdversarialModel(base, attack=THREAT, method="free", free_replays=3)
+    model.compile(optimizer=keras.optimizers.SGD(LR),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"], run_eagerly=mode == "eager", jit_compile=mode == "xla")
+    history = model.fit(X, Y, batch_size=len(X), epochs=1, shuffle=False, verbose=0)
+    np.testing.assert_allclose(history.history["loss"][0], np.mean(losses), rtol=1e-5)
+    accuracy = next(m for m in model.metrics if m.name == "compile_metrics")
+    counts = [float(v.numpy()) for v in accuracy.variables if "count" in v.path]
+    assert counts == [3.0 * len(X)]
+    np.testing.assert_allclose(base.get_weights()[0], w, atol=1e-5)
+
+
 def test_free_without_carry_starts_each_batch_at_zero():
     """train_on_batch (no fit to size the carried perturbation): each batch starts at zero."""
     base = linear_model()

@@ -37,7 +37,6 @@ import tensorflow as tf
 from tfadv.attacks import objectives as objectives_lib
 from tfadv.attacks.registry import deserialize, serialize
 from tfadv.losses.reduction import sample_weights
-from tfadv.ops import norms
 from tfadv.ops.labels import sparse_labels
 from tfadv.trainers import fast
 from tfadv.trainers.keras_internals import (  # noqa: F401 (re-exported)
@@ -348,7 +347,8 @@ class TrainerBase(_KerasHooks):
     def train_step(self, data):
         batch = self._unpack(data)
         if self.method == "free":
-            return self._free_train_step(batch)
+            # apply_gradients as looked up here (tests may replace it).
+            return fast.free_train_step(self, batch, apply_gradients)
         prepared = self.prepare_batch(batch)
         with tf.GradientTape() as tape:
             loss, outputs = self.compute_adversarial_loss(batch, prepared)
@@ -368,46 +368,6 @@ class TrainerBase(_KerasHooks):
         with tf.control_dependencies(computed):
             apply_gradients(self.optimizer, grads, variables)
             compiled = self.after_train_step(batch, prepared, outputs)
-        return self._logs(True, compiled)
-
-    def _free_train_step(self, batch):
-        """`free_replays` optimizer steps on one batch, each also stepping the perturbation."""
-        prepared = self.prepare_batch(batch)
-        x = tf.cast(batch.x, norms.working_dtype(batch.x.dtype))
-        budget = self._budget()
-        eps = tf.cast(budget, x.dtype)
-        step = tf.cast(self.fast_step * budget * self.step_scale, x.dtype)
-        attack = self.attack
-        direction = -1.0 if attack.targeted else 1.0
-        carried = self._carried
-        delta = tf.zeros_like(x) if carried is None else carried.start(x)
-        delta = norms.clip_to_bounds(x + norms.project(delta, eps, attack.norm),
-                                     attack.bounds) - x
-        variables = self.trainable_variables
-        compiled = None
-        for replay in range(self.free_replays):
-            if compiled is not None:
-                self.compute_metrics(*compiled)
-            x_adv = x + delta
-            with tf.GradientTape() as tape:
-                tape.watch(x_adv)
-                replay_prepared = dict(prepared, x_adv=tf.cast(x_adv, batch.x.dtype))
-                loss, outputs = self.compute_adversarial_loss(batch, replay_prepared)
-                scaled = self.optimizer.scale_loss(loss)
-            track_loss(self.tracked_metrics["loss"], loss, batch.size)
-            *grads, grad_x = tape.gradient(scaled, [*variables, x_adv])
-            delta = fast.free_step(x, x_adv, grad_x, eps=eps, step_size=step,
-                                   norm=attack.norm, bounds=attack.bounds,
-                                   direction=direction)
-            computed = [t for t in tf.nest.flatten((loss, grads, delta, outputs))
-                        if isinstance(t, tf.Tensor)]
-            with tf.control_dependencies(computed):
-                apply_gradients(self.optimizer, grads, variables)
-                compiled = self.after_train_step(batch, replay_prepared, outputs)
-                # The next replay reads the weights this one updated.
-                delta = tf.identity(delta)
-        if carried is not None:
-            carried.store(delta)
         return self._logs(True, compiled)
 
     def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):

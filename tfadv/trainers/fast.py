@@ -24,14 +24,17 @@ XLA, per replica under `tf.distribute`).
 
 from __future__ import annotations
 
+import functools
+
 import tensorflow as tf
 
 from tfadv.attacks.base import input_gradient
 from tfadv.config.core import FAST_METHODS  # ("fgsm_rs", "n_fgsm", "free")
 from tfadv.ops import norms
+from tfadv.trainers.replicas import track_loss
 
 __all__ = ["DEFAULTS", "FAST_METHODS", "FREE_REPLAYS", "ONE_STEP_METHODS", "CarriedPerturbation",
-           "batch_rows", "free_step", "one_step_adversary"]
+           "batch_rows", "free_step", "free_train_step", "one_step_adversary"]
 
 ONE_STEP_METHODS = ("fgsm_rs", "n_fgsm")
 
@@ -172,3 +175,79 @@ def batch_rows(data, batch_size=None):
             return None
         return int(len(tf.nest.flatten(first)[0]))
     return None
+
+
+def free_train_step(model, batch, apply_gradients):
+    """One batch of "free" training: `model.free_replays` optimizer steps on it,
+    each also stepping the perturbation, which starts from (and is stored back
+    into) the model's carried perturbation.
+
+    Without a distribution strategy the first `free_replays - 1` replays run as
+    one `tf.while_loop` (traced once whatever the count; unrolled, a large
+    model's trace took minutes). Under a strategy they are unrolled, since an
+    optimizer's cross-replica step cannot sit inside a loop.
+
+    Args:
+        model: a `tfadv.trainers.TrainerBase` with method "free".
+        batch: its `Batch`.
+        apply_gradients: `(optimizer, grads, variables)` -> None, the step.
+    Returns:
+        The step's logs, as `train_step` returns them.
+    """
+    prepared = model.prepare_batch(batch)
+    x = tf.cast(batch.x, norms.working_dtype(batch.x.dtype))
+    budget = model._budget()
+    eps = tf.cast(budget, x.dtype)
+    step = tf.cast(model.fast_step * budget * model.step_scale, x.dtype)
+    attack = model.attack
+    carried = model._carried
+    delta = tf.zeros_like(x) if carried is None else carried.start(x)
+    delta = norms.clip_to_bounds(x + norms.project(delta, eps, attack.norm), attack.bounds) - x
+    replay = functools.partial(_free_replay, model, batch, prepared, x, eps, step,
+                               apply_gradients)
+
+    def metered(delta):
+        delta, compiled = replay(delta)
+        if compiled is not None:
+            model.compute_metrics(*compiled)
+        return delta
+
+    earlier = model.free_replays - 1
+    if earlier and not tf.distribute.has_strategy():
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        _, delta = tf.while_loop(lambda i, _: i < earlier,
+                                 lambda i, delta: (i + 1, metered(delta)),
+                                 (tf.constant(0), delta), parallel_iterations=1)
+    else:
+        for _ in range(earlier):
+            delta = metered(delta)
+    delta, compiled = replay(delta)
+    if carried is not None:
+        carried.store(delta)
+    return model._logs(True, compiled)
+
+
+def _free_replay(model, batch, prepared, x, eps, step, apply_gradients, delta):
+    """One replay: a training step at `x + delta`; returns the next perturbation
+    (ordered after the weights' update) and the compiled metrics' inputs."""
+    attack = model.attack
+    variables = model.trainable_variables
+    x_adv = x + delta
+    with tf.GradientTape() as tape:
+        tape.watch(x_adv)
+        replay_prepared = dict(prepared, x_adv=tf.cast(x_adv, batch.x.dtype))
+        loss, outputs = model.compute_adversarial_loss(batch, replay_prepared)
+        scaled = model.optimizer.scale_loss(loss)
+    track_loss(model.tracked_metrics["loss"], loss, batch.size)
+    *grads, grad_x = tape.gradient(scaled, [*variables, x_adv])
+    delta = free_step(x, x_adv, grad_x, eps=eps, step_size=step, norm=attack.norm,
+                      bounds=attack.bounds, direction=-1.0 if attack.targeted else 1.0)
+    computed = [t for t in tf.nest.flatten((loss, grads, delta, outputs))
+                if isinstance(t, tf.Tensor)]
+    with tf.control_dependencies(computed):
+        apply_gradients(model.optimizer, grads, variables)
+        compiled = model.after_train_step(batch, replay_prepared, outputs)
+        # The next replay reads the weights this one updated.
+        delta = tf.identity(delta)
+    return delta, compiled
