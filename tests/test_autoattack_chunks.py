@@ -100,6 +100,15 @@ def test_cli_chunks_resume(tmp_path):
     assert saved["key"]["eps"] == 0.05 and len(saved["key"]["model_sha256"]) == 64
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert json.loads(again.stdout.strip().splitlines()[-1])["broken_by"] == result["broken_by"]
+    # A larger --n keeps the finished chunks of the same digits and attacks the rest.
+    stamps = {c: (tmp_path / "aa" / "chunks" / c).stat().st_mtime_ns for c in chunks[:2]}
+    more = subprocess.run([*cmd[:cmd.index("--n") + 1], "12", *cmd[cmd.index("--n") + 2:]],
+                          capture_output=True, text=True, timeout=900)
+    assert more.returncode == 0, more.stderr[-3000:]
+    grown = json.loads(more.stdout.strip().splitlines()[-1])
+    assert grown["n"] == 12 and grown["broken_by"][:8] == result["broken_by"][:8]
+    assert {c: (tmp_path / "aa" / "chunks" / c).stat().st_mtime_ns for c in chunks[:2]} == stamps
+    assert (tmp_path / "aa" / "chunks" / "digits_00008_00012.json").exists()
 
 
 def test_chunks_with_missing_fields_or_other_examples_are_redone(tmp_path, monkeypatch):

@@ -85,17 +85,44 @@ def test_bad_input_is_a_clear_error(args, msg):
     assert "Traceback" not in out.stderr
 
 
-def _kill_after_epochs(proc, hist, epochs):
-    """SIGKILLs `proc` once its history file lists `epochs` epochs; returns the epochs listed."""
+def _kill_after_epochs(proc, hist, epochs, sig=signal.SIGKILL):
+    """Signals `proc` (SIGKILL) once its history file lists `epochs` epochs; returns the
+    epochs listed."""
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if hist.exists() and len(json.load(open(hist))["epoch"]) >= epochs:
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(sig)
     proc.wait()
     return json.load(open(hist))["epoch"]
+
+
+def test_ctrl_c_says_how_to_resume_and_a_resume_must_keep_the_settings(tmp_path):
+    """Ctrl-C: exit 130 with the resume hint, no traceback. Resuming with another learning
+    rate is refused (the message names it); the same command resumes; a finished run is
+    not trained over."""
+    out_dir = tmp_path / "run"
+    args = ["train", "mnist", "--epochs", "3", "--out", str(out_dir), *TINY]
+    proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    hist = out_dir / "history.json"
+    done = _kill_after_epochs(proc, hist, 1, sig=signal.SIGINT)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted. Run the same command again to resume" in stderr
+    assert "Traceback" not in stderr
+    other = run([*args, "--lr", "0.002"], check=False)
+    assert other.returncode == 2
+    assert "other settings (learning_rate: 0.001 -> 0.002)" in other.stderr
+    run(args)
+    assert json.load(open(hist))["epoch"] == [*done, *range(len(done), 3)]
+    model = out_dir / "model.keras"
+    before = model.stat().st_mtime_ns
+    again = run(args, check=False)
+    assert again.returncode == 2 and "holds a finished run" in again.stderr
+    assert "--overwrite" in again.stderr and model.stat().st_mtime_ns == before
 
 
 @pytest.mark.parametrize("torn_write", [False, True])

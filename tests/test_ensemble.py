@@ -93,3 +93,10 @@ def test_cli_ensemble_writes_a_model_that_loads(tmp_path):
                           str(tmp_path / "missing.keras"), "--out", str(tmp_path / "e.keras")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "No model at" in bad.stderr
+    text = tmp_path / "notes.keras"
+    text.write_text("not a model")
+    wrong = subprocess.run([sys.executable, "-m", "tfadv.cli", "ensemble", paths[0], str(text),
+                            "--out", str(tmp_path / "e.keras")],
+                           capture_output=True, text=True, timeout=600)
+    assert wrong.returncode == 2 and "is not a Keras model file" in wrong.stderr
+    assert "File not found" not in wrong.stderr and "Traceback" not in wrong.stderr

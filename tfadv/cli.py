@@ -32,6 +32,7 @@ from tfadv.config.options import add_command, add_group, build
 from tfadv.data import load_mnist, subset
 from tfadv.evaluation import (evaluate_robustness, gradient_masking_checks, robustness_curve,
                               save_curve)
+from tfadv.models.saved import load_saved
 from tfadv.evaluation.autoattack import autoattack, autoattack_in_chunks, markdown_table
 from tfadv.evaluation.autoattack import summary_lines as autoattack_summary
 from tfadv.evaluation.checks import GradientMaskingWarning
@@ -48,6 +49,7 @@ from tfadv.serving.cli_commands import add_commands as add_serving_commands
 # The errors a user can fix (a bad value, a missing or existing file): one
 # line on stderr and exit code 2. Set TFADV_DEBUG=1 for the traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+EPOCH_RESUME = "Run the same command again to resume from the last finished epoch."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = add_group(sub, "train", help="adversarially train a model", dest="task")
-    add_command(train, "mnist", cmd_train_mnist, configs=(MnistTrainConfig,),
-                help="the reference CNN on MNIST (resumable)")
+    tm = add_command(train, "mnist", cmd_train_mnist, configs=(MnistTrainConfig,),
+                     help="the reference CNN on MNIST (resumable)")
+    tm.set_defaults(resume_hint=EPOCH_RESUME)
 
     e = add_command(sub, "eval", cmd_eval, configs=(AttackEvalConfig, MnistDataConfig),
                     help="clean and robust accuracy of a saved classifier")
@@ -69,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     aa.add_argument("model", help="a .keras classifier (inputs in [0, 1], logits out)")
     aa.add_argument("--json", action="store_true",
                     help="print one JSON object (clean_accuracy, robust_accuracy, ...) only")
+    aa.set_defaults(resume_hint="With --chunk N, run the same command again: finished chunks "
+                                "are kept.")
 
     en = add_command(sub, "ensemble", cmd_ensemble,
                      help="combine saved models into one that averages their outputs")
@@ -86,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true",
                    help="start from the small settings (a few minutes on 2 cores); the options "
                         "given still apply")
+    s.set_defaults(resume_hint="Run the same command again: finished models are kept and the "
+                               "running one resumes from its last finished epoch.")
 
     d = add_command(sub, "demo", cmd_demo, help="the whole robust FaceNet story on the demo faces")
     d.add_argument("--out", default=demo.DEFAULT_OUT,
@@ -120,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start from a tiny evaluation (tests, notebooks); --eval-* options "
                          "still apply")
     ft.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    ft.set_defaults(resume_hint=EPOCH_RESUME)
 
     fx = add_command(f, "export-pretrained", cmd_facenet_export_pretrained,
                      help="embedder.keras + threshold.json of a preset")
@@ -130,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="root with train/ and val/ to choose the threshold on (default: the "
                          "demo set)")
 
-    add_command(f, "sweep", cmd_facenet_sweep, configs=(SweepConfig,),
-                help="eps x steps x learning-rate grid (resumable)")
+    sw = add_command(f, "sweep", cmd_facenet_sweep, configs=(SweepConfig,),
+                     help="eps x steps x learning-rate grid (resumable)")
+    sw.set_defaults(resume_hint="Run the same command again: finished grid points are kept and "
+                                "the running one resumes from its last finished epoch.")
 
     g = add_command(
         f, "generate", cmd_facenet_generate, configs=(GenerateConfig,),
@@ -163,11 +173,8 @@ def cmd_train_mnist(args):
 
 def load_classifier(path):
     """A saved .keras classifier (tfadv's custom objects are registered on import)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"No model at {path!r}. Train one with `tfadv train mnist --out DIR` (or "
-            "`tfadv facenet finetune` for an embedder).")
-    return keras.saving.load_model(path, safe_mode=True)
+    return load_saved(path, hint="Train one with `tfadv train mnist --out DIR` (or "
+                                 "`tfadv facenet finetune` for an embedder).")
 
 
 def eval_data(cfg: MnistDataConfig):
@@ -226,9 +233,11 @@ def cmd_autoattack(args):
         settings = dict(norm=cfg.norm, eps=cfg.eps, version=cfg.version, n=cfg.n,
                         seed=cfg.seed, batch_size=cfg.batch_size, progress=not args.json)
         if cfg.chunk:
+            # Not --n: a chunk holds the same digits whatever the count, so a larger
+            # --n reuses the finished chunks.
             key = {"model_sha256": assets.sha256_of(args.model), "tfadv": tfadv.__version__,
                    "data": dataclasses.asdict(build(MnistDataConfig, args)),
-                   **{k: v for k, v in settings.items() if k != "progress"}}
+                   **{k: v for k, v in settings.items() if k not in ("progress", "n")}}
             res = autoattack_in_chunks(
                 model, x, y, chunk=cfg.chunk, key=key,
                 state_dir=cfg.out and os.path.join(cfg.out, "chunks"), **settings)
@@ -366,7 +375,8 @@ def _debug() -> bool:
 
 def main(argv=None) -> int:
     """Runs one command: 0 when it finished, 2 after `tfadv <command>: error: ...` for an
-    error a user can fix (`USER_ERRORS`). Bad options exit with code 2 from argparse."""
+    error a user can fix (`USER_ERRORS`), 130 after Ctrl-C (with how to resume, for the
+    resumable commands). Bad options exit with code 2 from argparse."""
     args = build_parser().parse_args(argv)
     # Retracing notices are expected here: each evaluation compiles its attacks once.
     tf.get_logger().setLevel("ERROR")
@@ -377,6 +387,12 @@ def main(argv=None) -> int:
             raise
         print(f"{args.prog}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        hint = getattr(args, "resume_hint", None)
+        print(f"\n{args.prog}: interrupted." + (f" {hint}" if hint else ""), file=sys.stderr)
+        return 130
     return 0
 
 

@@ -42,7 +42,7 @@ def run(out=DEFAULT_OUT, epochs=5, quick=False) -> dict:
         print(f"\n== training the reference CNN: method={method}, {epochs} epochs ==", flush=True)
         cfg = MnistTrainConfig(out=os.path.join(out, method), method=method, epochs=epochs,
                                eps=0.3, steps=steps, step_size=0.04, eval_steps=steps,
-                               limit=limit)
+                               limit=limit, overwrite=True)
         train_mnist(cfg)
         model = keras.saving.load_model(os.path.join(cfg.out, "model.keras"), safe_mode=True)
         print(f"== evaluating {method}: PGD-40 and APGD-CE at eps=0.3 ==", flush=True)

@@ -127,6 +127,7 @@ class FaceFinetuneConfig:
     freeze_until: str = setting("Mixed_6a", help="first backbone stage to train")
     static_presets: tuple = setting((), help="presets for ensemble adversarial training")
     augment: bool = setting(True, help="random flips and crops while fine-tuning")
+    overwrite: bool = setting(False, help="train again over a finished run in --out")
     seed: int = setting(0, help="random seed")
     evaluation: FaceEvalConfig = setting(default_factory=FaceEvalConfig, prefix="eval",
                                          help="the before/after evaluation")

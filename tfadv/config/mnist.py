@@ -90,6 +90,7 @@ class MnistTrainConfig:
     val_limit: int | None = setting(None, type=argtypes.positive_int,
                                     help="validate each epoch on a fixed random N test digits "
                                          "(the final evaluation uses all)")
+    overwrite: bool = setting(False, help="train again over a finished run in --out")
     verbose: int | str = setting("auto", cli=False, help="Keras fit verbosity")
 
     def __post_init__(self):

@@ -28,6 +28,7 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from tfadv.models.saved import load_saved
 from tfadv import files
 from tfadv.config.core import check_threshold
 from tfadv.export import contract as C
@@ -73,12 +74,9 @@ def read_threshold(path) -> float:
 def _load(model_or_path):
     if not isinstance(model_or_path, (str, os.PathLike)):
         return model_or_path
-    path = os.fspath(model_or_path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No model at {path!r}. Expected a .keras file written by "
-                                "`tfadv facenet finetune` or `model.save(...)`.")
     # tfadv's custom layers are registered: importing this module imported the tfadv package.
-    return keras.saving.load_model(path, safe_mode=True)
+    return load_saved(model_or_path, hint="Expected a .keras file written by "
+                                          "`tfadv facenet finetune` or `model.save(...)`.")
 
 
 def image_shape(model) -> tuple[int, int]:

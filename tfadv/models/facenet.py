@@ -211,8 +211,13 @@ def freeze_backbone(embedder: keras.Model, until: str = "Mixed_7a",
 
 
 def load_embedder(path) -> keras.Model:
-    """Loads an embedder `.keras` file (safe mode)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No model file at {path}.")
-    return keras.saving.load_model(path, safe_mode=True)
+    """Loads an embedder `.keras` file (safe mode).
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: the file is not a Keras model.
+    """
+    from tfadv.models.saved import load_saved
+
+    return load_saved(path, hint="Expected an embedder written by `tfadv facenet finetune` "
+                                 "or `tfadv facenet export-pretrained`.")

@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfadv import assets
+from tfadv import assets, runs
 from tfadv.attacks import embedding as E
 from tfadv.attacks.pgd import PGD
 from tfadv.config.faces import ATTACKS, FaceEvalConfig, FaceFinetuneConfig  # noqa: F401 (re-exported)
@@ -215,16 +215,28 @@ def _relabelled(faceset, ids):
     return x, np.array([remap[int(c)] for c in y], np.int64)
 
 
+# Settings a resumed run may change: how long it runs and how it is judged.
+RESUMABLE_CHANGES = ("epochs", "overwrite", "evaluation")
+
+
 def finetune(cfg: FaceFinetuneConfig, *, progress=True, evaluate=True, splits=None) -> dict:
     """Evaluates the pretrained model, fine-tunes it adversarially, evaluates again.
 
     Writes to `cfg.out`: embedder.keras, threshold.json, metrics.json,
     report.md, history.json, curves_*.png. Killed runs resume from the last
-    finished epoch (`backup/`).
+    finished epoch (`backup/`); their settings are checked (`tfadv.runs`).
+
+    Raises:
+        ValueError: `cfg.out` holds a killed run with other settings.
+        FileExistsError: `cfg.out` holds a finished run and `cfg.overwrite`
+            is not set.
     """
     say = print if progress else (lambda *_: None)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    state = runs.claim(out, dataclasses.asdict(cfg), finished="metrics.json",
+                       mutable=RESUMABLE_CHANGES, overwrite=cfg.overwrite)
+    if state == "resume":
+        say(f"Resuming the killed run in {out} from its last finished epoch")
     t0 = time.perf_counter()
     keras.utils.set_random_seed(cfg.seed)
     splits = splits or load_splits(cfg.faces, holdout=cfg.holdout, seed=cfg.seed,

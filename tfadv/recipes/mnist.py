@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfadv import files, models
+from tfadv import files, models, runs
 from tfadv.attacks import FGSM, PGD
 from tfadv.config.core import FAST_METHODS
 from tfadv.config.mnist import STRATEGIES, MnistTrainConfig  # noqa: F401 (re-exported)
@@ -123,8 +123,17 @@ def _guard(cfg: MnistTrainConfig, x_tr, y_tr, chief):
         state_dir=state if chief else tempfile.mkdtemp())
 
 
+# Settings a resumed run may change: how long it runs, how it is run, how it is judged.
+RESUMABLE_CHANGES = ("epochs", "verbose", "overwrite", "strategy", "data_dir", "jit_compile",
+                     "eval_steps", "eval_step_size")
+
+
 def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
     """Trains, evaluates and saves; resumes a killed run with the same `out`.
+
+    Raises:
+        ValueError: `out` holds a killed run with other settings.
+        FileExistsError: `out` holds a finished run and `cfg.overwrite` is not set.
 
     Writes `out/model.keras` (the base classifier: (28, 28, 1) in [0, 1] ->
     10 logits), `out/history.json` (one row per finished epoch, clean and
@@ -136,6 +145,9 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
     strategy = strategy or make_strategy(cfg.strategy)
     chief = _is_chief(strategy)
     os.makedirs(cfg.out, exist_ok=True)
+    if chief:
+        runs.claim(cfg.out, dataclasses.asdict(cfg), finished="metrics.json",
+                   mutable=RESUMABLE_CHANGES, overwrite=cfg.overwrite)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.mixed_precision:
         keras.mixed_precision.set_dtype_policy(cfg.mixed_precision)

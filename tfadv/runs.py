@@ -1,0 +1,74 @@
+"""A training run's output folder: a killed run resumes only as itself, a finished one is kept.
+
+`tfadv train mnist` and `tfadv facenet finetune` resume a killed run from
+`out/backup` (the last finished epoch). Two mistakes used to pass silently:
+resuming with other settings (the weights of one run continued under the
+settings of another, recorded as the second) and running the command again
+after the run finished (the finished model was trained over). `claim` checks
+both before any training: the run's settings are kept in `out/run.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tfadv.files import read_json_or_empty, write_json
+
+__all__ = ["RUN_FILE", "claim"]
+
+RUN_FILE = "run.json"
+
+
+def _differences(old: dict, new: dict, mutable) -> list[str]:
+    keys = sorted((set(old) | set(new)) - set(mutable))
+    missing = object()
+    return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}".replace(
+        repr(missing), "(unset)") for k in keys if old.get(k, missing) != new.get(k, missing)]
+
+
+def claim(out, config: dict, *, finished: str, mutable=(), overwrite=False,
+          backup="backup") -> str:
+    """Checks that a run may write to `out`, and records its settings there.
+
+    Args:
+        out: the run's output folder (created if missing).
+        config: the run's settings, JSON-serialisable.
+        finished: the file (in `out`) a finished run leaves, e.g. "metrics.json".
+        mutable: settings a resumed run may change (e.g. "epochs": a run may be
+            extended); they are updated in `run.json`.
+        overwrite: train again over a finished run.
+        backup: the folder (in `out`) a killed run resumes from.
+
+    Returns:
+        "resume" (a backup of the same run is there), "overwrite" (a finished
+        run is there and `overwrite` is set) or "new".
+
+    Raises:
+        ValueError: a backup is there and its run had other settings (the
+            message lists them); resume with the same settings, or move the
+            folder away.
+        FileExistsError: a finished run is there and `overwrite` is not set.
+    """
+    out = os.fspath(out)
+    os.makedirs(out, exist_ok=True)
+    record = os.path.join(out, RUN_FILE)
+    config = json.loads(json.dumps(config))
+    state = "new"
+    if os.path.isdir(os.path.join(out, backup)):
+        old = read_json_or_empty(record)
+        diff = _differences(old, config, mutable) if old else []
+        if diff:
+            raise ValueError(
+                f"{out} holds a killed run with other settings ({'; '.join(diff)}). Run the "
+                f"same command to resume it, or give another output folder (or delete "
+                f"{os.path.join(out, backup)} to start afresh).")
+        state = "resume"
+    elif os.path.exists(os.path.join(out, finished)):
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} holds a finished run ({finished}). Give another output folder, or "
+                "--overwrite to train again over it.")
+        state = "overwrite"
+    write_json(record, config)
+    return state
