@@ -123,6 +123,15 @@ def should_check(rows, epoch, epochs, target):
 
 
 # -- training ----------------------------------------------------------------
+def claim_state(state, method, args):
+    """A method's saved epochs are continued only by a run with the same settings."""
+    from tfadv import runs
+
+    runs.claim(state, {"method": method, "seed": args.seed, "eps": EPS, "batch_size": BATCH,
+                       "target": args.target, "epochs": args.epochs},
+               finished=None, mutable=("epochs",), backup="epochs.json")
+
+
 def train_tfadv(method, args, data, state):
     import keras
 
@@ -133,6 +142,7 @@ def train_tfadv(method, args, data, state):
     from tfadv.trainers.callbacks import backup_and_restore
 
     (x_tr, y_tr), (x_te, y_te) = data
+    claim_state(state, method, args)
     cfg = MnistTrainConfig(out=state, method=method, epochs=args.epochs, batch_size=BATCH,
                            eps=EPS, seed=args.seed, verbose=0)
     keras.utils.set_random_seed(args.seed)
@@ -184,6 +194,7 @@ def train_art(args, data, state):
     from pgd_train import art_trainer
 
     (x_tr, y_tr), (x_te, y_te) = data
+    claim_state(state, "art", args)
     keras.utils.set_random_seed(args.seed)
     trainer = art_trainer()
     network = trainer.get_classifier().model

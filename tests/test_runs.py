@@ -52,3 +52,12 @@ def test_finished_run_is_kept_unless_overwrite(tmp_path):
     assert claim(tmp_path, dict(CFG, learning_rate=0.1), finished="metrics.json",
                  overwrite=True) == "overwrite"
     assert json.loads((tmp_path / RUN_FILE).read_text())["learning_rate"] == 0.1
+
+
+def test_state_reused_when_finished_is_none_and_a_file_backup(tmp_path):
+    """Benchmarks reuse finished state (no finished-run check); a file can be the backup."""
+    claim(tmp_path, CFG, finished=None, backup="epochs.json")
+    (tmp_path / "epochs.json").write_text("{}")
+    assert claim(tmp_path, CFG, finished=None, backup="epochs.json") == "resume"
+    with pytest.raises(ValueError, match="seed"):
+        claim(tmp_path, dict(CFG, seed=1), finished=None, backup="epochs.json")

@@ -27,18 +27,19 @@ def _differences(old: dict, new: dict, mutable) -> list[str]:
         repr(missing), "(unset)") for k in keys if old.get(k, missing) != new.get(k, missing)]
 
 
-def claim(out, config: dict, *, finished: str, mutable=(), overwrite=False,
+def claim(out, config: dict, *, finished: str | None, mutable=(), overwrite=False,
           backup="backup") -> str:
     """Checks that a run may write to `out`, and records its settings there.
 
     Args:
         out: the run's output folder (created if missing).
         config: the run's settings, JSON-serialisable.
-        finished: the file (in `out`) a finished run leaves, e.g. "metrics.json".
+        finished: the file (in `out`) a finished run leaves, e.g. "metrics.json";
+            None where a finished run's state is reused, not overwritten.
         mutable: settings a resumed run may change (e.g. "epochs": a run may be
             extended); they are updated in `run.json`.
         overwrite: train again over a finished run.
-        backup: the folder (in `out`) a killed run resumes from.
+        backup: the file or folder (in `out`) a killed run resumes from.
 
     Returns:
         "resume" (a backup of the same run is there), "overwrite" (a finished
@@ -55,7 +56,7 @@ def claim(out, config: dict, *, finished: str, mutable=(), overwrite=False,
     record = os.path.join(out, RUN_FILE)
     config = json.loads(json.dumps(config))
     state = "new"
-    if os.path.isdir(os.path.join(out, backup)):
+    if os.path.exists(os.path.join(out, backup)):
         old = read_json_or_empty(record)
         diff = _differences(old, config, mutable) if old else []
         if diff:
@@ -64,7 +65,7 @@ def claim(out, config: dict, *, finished: str, mutable=(), overwrite=False,
                 f"same command to resume it, or give another output folder (or delete "
                 f"{os.path.join(out, backup)} to start afresh).")
         state = "resume"
-    elif os.path.exists(os.path.join(out, finished)):
+    elif finished is not None and os.path.exists(os.path.join(out, finished)):
         if not overwrite:
             raise FileExistsError(
                 f"{out} holds a finished run ({finished}). Give another output folder, or "
