@@ -95,6 +95,14 @@ def test_cascade_accounts_for_every_example(norm, eps):
     assert res.attacked["square"] == round(res.per_attack["fab-t"] * 60)
     json.dumps(res.to_dict())
     assert "| **AutoAttack (standard)** |" in markdown_table(res)
+    # Counts summed over a targeted attack's runs can exceed the examples: then say so.
+    from tfadv.evaluation.autoattack import result_from_dict
+    within = dict(res.to_dict(), attacked={k: res.n for k in res.attacked})
+    over = dict(within, attacked=dict(within["attacked"], **{"apgd-t": 9 * res.n}))
+    for d, noted in ((within, False), (over, True)):
+        again = result_from_dict(d)
+        assert ("summed over its runs" in markdown_table(again)) is noted
+        assert ("summed over its runs" in "\n".join(summary_lines(again))) is noted
 
 
 def test_same_seed_same_result_and_n_takes_the_first_examples():

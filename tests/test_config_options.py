@@ -8,6 +8,8 @@ import dataclasses
 import pytest
 
 from tfadv import config
+from tfadv.config.centers import CentersStudyConfig
+from tfadv.config.mnist import AttackEvalConfig, AutoAttackConfig, CurveConfig, MnistTrainConfig
 from tfadv.config.options import (add_command, add_group, add_options, build, comma_list, commands,
                                   overrides, replace, setting)
 
@@ -167,3 +169,33 @@ def test_serving_configs_check_their_values():
     with pytest.raises(ValueError, match="BASE_DIR"):
         config.ServeConfig()
     assert config.BatchingOptions(max_batch_size=8).given() == {"max_batch_size": 8}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MnistTrainConfig(out="o", eps=8.0),
+    lambda: AttackEvalConfig(eps=8.0),
+    lambda: AutoAttackConfig(eps=8.0),
+    lambda: CurveConfig(out="o", eps=(0.1, 8.0)),
+    lambda: CentersStudyConfig(out="o", robust_eps=8.0),
+])
+def test_linf_budgets_in_pixels_are_refused_with_the_unit_value(make):
+    with pytest.raises(ValueError, match=r"\[0, 1\] units.*use .*0\.03137"):
+        make()
+
+
+def test_l2_budgets_above_one_are_fine():
+    assert AttackEvalConfig(eps=2.0, norm="2").eps == 2.0
+    assert AutoAttackConfig(eps=1.5, norm="2").eps == 1.5
+
+
+def test_attacks_warn_when_the_linf_ball_covers_the_input_range():
+    import warnings
+
+    from tfadv.attacks import PGD
+
+    with pytest.warns(UserWarning, match="larger than the whole input range"):
+        PGD(eps=8.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PGD(eps=8.0, bounds=(0.0, 255.0))
+        PGD(eps=3.0, norm="2")

@@ -46,6 +46,7 @@ def test_face_demo_quick_runs_end_to_end(tmp_path):
             assert res["worst_case"]["success"] == pytest.approx(worst.mean())
             assert metrics[model]["curves"][mode]["eps"] == metrics["config"]["evaluation"][
                 "curve_eps"]
+    assert metrics["config"]["method"] == "free" and metrics["config"]["holdout"] == 0
     assert (tmp_path / "finetuned" / "embedder.keras").is_file()
     assert (tmp_path / "serving" / "facenet" / "1" / "saved_model.pb").is_file()
     for stage in ("[1/6]", "[5/6]", "before / after", "fine-tuned"):
@@ -78,3 +79,27 @@ def test_served_model_reports_its_signature_names(tmp_path, capsys):
     assert got["signatures"] == names
     assert got["max_abs_diff"] < 1e-4
     assert f"signatures: {names}" in capsys.readouterr().out
+
+
+def test_before_after_table_shows_held_out_rows_only_when_people_are_held_out():
+    from tfadv.demo import _table
+
+    def model(dodging, held_out=None):
+        groups = {"all": {"nn_accuracy": 1.0, "verification_accuracy": 0.99}}
+        attacks = {"dodging": {"all": {"pgd": {"success": dodging},
+                                       "worst_case": {"success": dodging}}}}
+        if held_out is not None:
+            groups["held_out"] = {"verification_accuracy": 0.98}
+            attacks["dodging"]["held_out"] = {"worst_case": {"success": held_out}}
+        return {"threshold": 0.3, "groups": groups, "attacks": attacks,
+                "min_eps_dodging": {"median": 5.5}}
+
+    m = {"config": {"evaluation": {"eps": 4.0}}, "pretrained": model(1.0),
+         "finetuned": model(0.44)}
+    table = _table(m)
+    assert "held-out" not in table
+    assert "dodging success PGD eps 4" in table and "0.440" in table
+    assert "impersonation" not in table  # no value on either side: no row
+    m["finetuned"] = model(0.44, held_out=0.9)
+    lines = {line[:36].strip(): line[36:].split() for line in _table(m).splitlines()[1:]}
+    assert lines["dodging, held-out people"] == ["n/a", "0.900"]

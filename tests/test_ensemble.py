@@ -61,6 +61,22 @@ def test_members_with_one_name_are_copied_not_renamed():
     assert a.name == b.name == "same"
 
 
+def test_identical_members_are_warned_about(tmp_path):
+    import warnings
+
+    a, b = members(2)
+    with pytest.warns(UserWarning, match="members 0 and 2 have identical weights"):
+        ensemble([a, b, a])
+    path = str(tmp_path / "a.keras")
+    a.save(path)
+    twice = [keras.saving.load_model(path), keras.saving.load_model(path)]
+    with pytest.warns(UserWarning, match="the same model or file given twice"):
+        ensemble(twice)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ensemble([a, b])
+
+
 @pytest.mark.parametrize("models, kwargs, match", [
     (lambda: members(1), {}, "at least two"),
     (lambda: members(2), {"combine": "vote"}, "combine"),

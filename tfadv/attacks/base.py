@@ -9,6 +9,7 @@ TensorFlow (a `tf.while_loop` over steps), so it runs eagerly, inside a
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -143,6 +144,13 @@ class Attack:
         self.eps = None if eps is None else float(eps)
         self.norm = norms.canonical_norm(norm)
         self.bounds = _check_bounds(bounds)
+        if (self.eps is not None and self.norm == "inf" and self.bounds is not None
+                and self.eps > self.bounds[1] - self.bounds[0]):
+            warnings.warn(
+                f"eps={self.eps:g} (Linf) is larger than the whole input range {self.bounds}: "
+                "every input in bounds is inside the ball. Is eps in the wrong units (pixels "
+                "for inputs in [0, 1])? Pass eps in the units of `bounds`.", UserWarning,
+                stacklevel=2)
         if not isinstance(targeted, bool):
             raise ValueError(f"Expected targeted to be a bool. Received: targeted={targeted!r}")
         self.targeted = targeted

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from tfadv import argtypes
-from tfadv.config.core import CENTER_TARGETS
+from tfadv.config.core import CENTER_TARGETS, check_unit_budget
 from tfadv.config.mnist import SOURCES
 from tfadv.config.options import setting
 
@@ -92,6 +92,8 @@ class CentersStudyConfig:
         if self.adv_center_on not in CENTER_TARGETS:
             raise ValueError(f"Expected adv_center_on to be one of {CENTER_TARGETS}. "
                              f"Received: {self.adv_center_on!r}")
+        for name in ("inverse_eps", "adv_eps", "robust_eps"):
+            check_unit_budget(getattr(self, name), name=name)
 
     @classmethod
     def quick(cls, out, **overrides):

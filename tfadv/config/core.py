@@ -69,6 +69,24 @@ class CenterLossConfig:
         return cls(**d)
 
 
+def check_unit_budget(eps, norm="inf", *, name="eps") -> None:
+    """Refuses an Linf budget larger than the whole [0, 1] pixel range.
+
+    With inputs in [0, 1], an Linf ball of radius > 1 holds every image: the
+    usual cause is a budget given in pixels (8 for 8/255). L2 budgets may
+    exceed 1 (the L2 diameter of 28 x 28 images is 28).
+
+    Raises:
+        ValueError: `norm` is Linf and `eps` > 1; the message gives the [0, 1] value.
+    """
+    linf = str(norm).strip().lower() in ("inf", "linf", "l_inf", "infinity")
+    if linf and float(eps) > 1:
+        raise ValueError(
+            f"Expected {name} in [0, 1] units (MNIST pixels are in [0, 1]). Received: "
+            f"{eps:g}, larger than the whole pixel range; for {eps:g} pixels of 255 use "
+            f"{name} {float(eps) / 255:.4g}.")
+
+
 def check_threshold(threshold, *, name="threshold") -> float:
     """A cosine-similarity threshold as a float: finite and in [-1, 1].
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from tfadv import argtypes
-from tfadv.config.core import FAST_METHODS, METHODS
+from tfadv.config.core import FAST_METHODS, METHODS, check_unit_budget
 from tfadv.config.options import comma_list, setting
 
 SOURCES = ("embedded", "tfds", "full")
@@ -96,6 +96,7 @@ class MnistTrainConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"Expected method to be one of {METHODS}. Received: {self.method!r}")
+        check_unit_budget(self.eps)
         if self.strategy not in STRATEGIES:
             raise ValueError(
                 f"Expected strategy to be one of {STRATEGIES}. Received: {self.strategy!r}"
@@ -162,6 +163,7 @@ class AttackEvalConfig:
         bad = [a for a in self.attacks if a not in EVAL_ATTACKS]
         if bad or not self.attacks:
             raise ValueError(f"Expected attacks from {EVAL_ATTACKS}. Received: {self.attacks}")
+        check_unit_budget(self.eps, self.norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +182,7 @@ class CurveConfig:
     def __post_init__(self):
         if not self.eps:
             raise ValueError("Expected at least one budget in eps.")
+        check_unit_budget(max(self.eps), self.norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,3 +202,6 @@ class AutoAttackConfig:
     chunk: int | None = setting(None, type=argtypes.positive_int,
                                 help="attack N digits at a time; with --out each finished "
                                      "chunk is kept in OUT/chunks and a killed run resumes")
+
+    def __post_init__(self):
+        check_unit_budget(self.eps, self.norm)

@@ -317,6 +317,11 @@ def autoattack_flags(model, x, y, result: AutoAttackResult, *, bounds=(0.0, 1.0)
     return flags, m
 
 
+ATTACKED_NOTE = ("attacked: the examples each run of an attack started on, summed over its "
+                 "runs; the targeted attacks run once per target class, so their count can "
+                 "exceed the examples")
+
+
 def summary_lines(result: AutoAttackResult) -> list:
     """The printed report: accuracies per attack, times, and the flags, loudly."""
     lines = [f"AutoAttack ({result.version}, L{result.norm}, eps={result.eps:g}) on "
@@ -326,6 +331,8 @@ def summary_lines(result: AutoAttackResult) -> list:
         lines.append(f"  after {name:<14} {acc:.4f}   ({result.attacked[name]} attacked, "
                      f"{result.seconds[name]:.1f} s)")
     lines.append(f"  robust accuracy      {result.robust_accuracy:.4f}   (AutoAttack)")
+    if any(v > result.n for v in result.attacked.values()):
+        lines.append(f"  ({ATTACKED_NOTE})")
     if result.square_queries is not None:
         lines.append(f"  Square median queries on its successes: {result.square_queries:g}")
     if result.flags:
@@ -347,6 +354,8 @@ def markdown_table(result: AutoAttackResult) -> str:
                     f"{result.seconds[name]:.1f} |")
     rows.append(f"| **AutoAttack ({result.version})** | **{result.robust_accuracy:.4f}** | | |")
     text = "\n".join(rows) + "\n"
+    if any(v > result.n for v in result.attacked.values()):
+        text += f"\n{ATTACKED_NOTE[0].upper()}{ATTACKED_NOTE[1:]}.\n"
     if result.flags:
         text += "\n" + "\n".join(f"- **Flag:** {f}" for f in result.flags) + "\n"
     return text

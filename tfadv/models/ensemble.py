@@ -3,7 +3,11 @@ different adversarial training parameters and combine their predictions")."""
 
 from __future__ import annotations
 
+import hashlib
+import warnings
+
 import keras
+import numpy as np
 
 COMBINE = ("mean_logits", "mean_embedding")
 
@@ -35,6 +39,21 @@ def _distinct(models):
         copy.name = f"member_{i}_{m.name}"
         out.append(copy)
     return out
+
+
+def _warn_identical(models):
+    """Warns when two members hold the same weights (the same model or file twice)."""
+    seen = {}
+    for i, m in enumerate(models):
+        digest = hashlib.sha256()
+        for w in m.get_weights():
+            digest.update(str(w.shape).encode())
+            digest.update(np.ascontiguousarray(w).tobytes())
+        first = seen.setdefault(digest.hexdigest(), i)
+        if first != i:
+            warnings.warn(f"Ensemble members {first} and {i} have identical weights: together "
+                          "they add nothing to one of them (the same model or file given "
+                          "twice?).", UserWarning, stacklevel=3)
 
 
 def ensemble(models, combine="mean_logits", name="ensemble"):
@@ -76,6 +95,7 @@ def ensemble(models, combine="mean_logits", name="ensemble"):
     for i, m in enumerate(models):
         if not isinstance(m, keras.Model):
             raise ValueError(f"Expected Keras models. Model {i} is a {type(m).__name__}.")
+    _warn_identical(models)
     inputs = {_shape(m, "input_shape") for m in models}
     outputs = {_shape(m, "output_shape") for m in models}
     if len(inputs) != 1 or len(outputs) != 1:
