@@ -234,3 +234,37 @@ def test_finetune_with_a_fast_method(method, splits, tiny_pretrained, tmp_path, 
 def test_fast_method_needs_a_budget():
     with pytest.raises(ValueError, match="--train-eps > 0"):
         R.FaceFinetuneConfig(out="x", method="n_fgsm", train_eps=0.0)
+
+
+def test_evaluate_saved_uses_the_models_threshold_or_chooses_one(splits, tmp_path):
+    """`tfadv facenet evaluate`: a saved embedder under the recipe's protocol; its
+    threshold.json when there is one, else the threshold `finetune` would choose."""
+    from tfadv.evaluation import verification as V
+
+    model = tiny_embedder()
+    path = tmp_path / "m" / "embedder.keras"
+    path.parent.mkdir()
+    model.save(path)
+    cfg = R.FaceEvalConfig.quick()
+    chosen = R.evaluate_saved(tmp_path / "a", model=str(path), splits=splits, evaluation=cfg,
+                              progress=False)
+    assert chosen["threshold_from"].startswith("gallery pairs")
+    assert chosen["evaluation"]["threshold"] == pytest.approx(R.choose_threshold(model, splits))
+    want = R.evaluate_face_model(model, splits, R.choose_threshold(model, splits), cfg)
+    assert chosen["evaluation"]["attacks"]["dodging"]["all"]["worst_case"] == \
+        want["attacks"]["dodging"]["all"]["worst_case"]
+    V.save_threshold(path.parent, 0.5)
+    given = R.evaluate_saved(tmp_path / "b", model=str(path), splits=splits, evaluation=cfg,
+                             progress=False)
+    assert given["evaluation"]["threshold"] == 0.5
+    assert given["threshold_from"].endswith("threshold.json")
+    saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert saved["evaluation"]["threshold"] == 0.5 and saved["model"] == str(path)
+
+
+def test_cli_facenet_evaluate_options():
+    from tfadv.cli import build_parser
+
+    args = build_parser().parse_args(["facenet", "evaluate", "--model", "m.keras", "--out", "o",
+                                      "--eps", "8", "--attacks", "pgd"])
+    assert (args.model, args.out, args.eps, args.holdout) == ("m.keras", "o", 8.0, 0)

@@ -154,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", help="embedder .keras file, or a folder with embedder.keras "
                                        "(its threshold.json is used)")
 
+    fv = add_command(f, "evaluate", cmd_facenet_evaluate, configs=(FaceEvalConfig,),
+                     help="the fine-tuning report's evaluation of one saved embedder")
+    model = fv.add_mutually_exclusive_group(required=True)
+    model.add_argument("--preset", help="FaceNet preset, e.g. facenet-mscele1m-128")
+    model.add_argument("--model", help="embedder .keras file (a threshold.json next to it is "
+                                       "used; else one is chosen on gallery pairs)")
+    fv.add_argument("--out", required=True, help="output directory (metrics.json)")
+    fv.add_argument("--faces", default=None, help="root with train/ and val/ (default: the "
+                                                  "demo set)")
+    fv.add_argument("--holdout", type=int, default=0, help="identities held out (as the model "
+                                                           "was fine-tuned)")
+
     add_serving_commands(sub)  # export, serve, query
     return p
 
@@ -341,6 +353,21 @@ def cmd_facenet_finetune(args):
     if evaluate:
         with open(os.path.join(cfg.out, "report.md")) as fh:
             print(fh.read())
+
+
+def cmd_facenet_evaluate(args):
+    m = facenet_recipe.evaluate_saved(args.out, preset=args.preset, model=args.model,
+                                      faces=args.faces, holdout=args.holdout,
+                                      evaluation=build(FaceEvalConfig, args))
+    ev = m["evaluation"]
+    print(f"threshold {ev['threshold']:.3f} ({m['threshold_from']})")
+    print(f"verification (10-fold) {ev['groups']['all']['verification_accuracy']:.3f}")
+    for mode in ("dodging", "impersonation"):
+        print(f"{mode} success, worst case of the Linf attacks at eps {ev['eps']:g}: "
+              f"{ev['attacks'][mode]['all']['worst_case']['success']:.3f}")
+    median = ev["min_eps_dodging"]["median"]
+    print(f"median minimal dodging eps {'n/a' if median is None else format(median, 'g')}")
+    print(f"wrote {os.path.join(args.out, 'metrics.json')}")
 
 
 def cmd_facenet_export_pretrained(args):

@@ -285,6 +285,46 @@ def finetune(cfg: FaceFinetuneConfig, *, progress=True, evaluate=True, splits=No
     return metrics
 
 
+# -- any saved embedder (`tfadv facenet evaluate`) ----------------------------
+
+def evaluate_saved(out, *, preset=None, model=None, faces=None, holdout=0, seed=0,
+                   evaluation: FaceEvalConfig | None = None, progress=True,
+                   splits=None) -> dict:
+    """The fine-tuning recipe's evaluation of one saved embedder (or a preset).
+
+    For models trained elsewhere, or built from trained ones (an ensemble,
+    `tfadv.models.ensemble(..., combine="mean_embedding")`): the same
+    protocol as `finetune`'s before/after report. The operating threshold is
+    the model's `threshold.json` when one lies next to it, else it is chosen
+    on gallery pairs of the fine-tuning identities (as `finetune` does).
+
+    Writes `out/metrics.json`: {"model", "threshold_from", "config",
+    "evaluation"} (the evaluation as `evaluate_face_model` returns it).
+
+    Raises:
+        FileNotFoundError: no such model file, or no face folders.
+        ValueError: the file is not a Keras model; a bad threshold file.
+    """
+    say = print if progress else (lambda *_: None)
+    evaluation = evaluation or FaceEvalConfig()
+    net = load_model_or_preset(preset, model)
+    splits = splits or load_splits(faces, holdout=holdout, seed=seed, progress=progress)
+    found = model and (Path(model).parent / "threshold.json").is_file()
+    if found:
+        threshold, origin = V.load_threshold(model), str(Path(model).parent / "threshold.json")
+    else:
+        threshold, origin = choose_threshold(net, splits), "gallery pairs of the fine-tuning " \
+            "identities"
+    say(f"Threshold {threshold:.3f} ({origin}); evaluating ...")
+    metrics = {"model": model or preset, "threshold_from": origin,
+               "config": {"faces": faces, "holdout": holdout, "seed": seed,
+                          "evaluation": dataclasses.asdict(evaluation)},
+               "evaluation": _timed_evaluation(net, splits, threshold, evaluation, say)}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(out) / "metrics.json", json.loads(json.dumps(metrics, default=float)))
+    return metrics
+
+
 # -- embedding files (`tfadv facenet embed`) ----------------------------------
 
 def load_model_or_preset(preset=None, model=None):
