@@ -206,3 +206,31 @@ def test_empty_inputs_and_bad_threshold(model, faces):
         F.attack_suite(model, x, ref, 1.5, "dodging", _cfg())
     with pytest.raises(ValueError, match="mode"):
         F.attack_suite(model, x, ref, THRESHOLD, "sideways", _cfg(attacks=("fgsm",)))
+
+
+def test_square_is_in_the_suite_and_its_worst_case_catches_masked_gradients(model, faces):
+    """A black-box member of the face suite: Square (`EmbeddingSquare`, queries only) with
+    the config's budget and seed, counted in the Linf worst case. On an embedder whose
+    gradients are zero (inputs rounded to a 64-pixel grid) the gradient attacks cannot move
+    and Square still wins photos: the worst case reports them."""
+    import tensorflow as tf
+
+    from tfadv.attacks.square import EmbeddingSquare
+
+    def masked(x, training=False):
+        x = tf.convert_to_tensor(x)
+        # Connected to x with a zero gradient: what a shattered-gradient defence looks like.
+        return model(tf.round(x / 64.0) * 64.0 + 0.0 * x, training=training)
+
+    x, ref = _setup(model, faces)["dodging"]
+    cfg = _cfg(eps=48.0, attacks=("fgsm", "pgd", "square"), random_start=False,
+               square_queries=200)
+    res = F.attack_suite(masked, x, ref, THRESHOLD, "dodging", cfg)
+    assert res.attacks["fgsm"].success == res.attacks["pgd"].success == 0.0
+    square = res.attacks["square"]
+    assert square.success > 0
+    np.testing.assert_array_equal(res.worst_case, square.per_example)
+    assert np.abs(square.x_adv - x).max() <= cfg.eps + 1e-3
+    direct = EmbeddingSquare(eps=48.0, threshold=THRESHOLD, mode="dodging", queries=200,
+                             seed=cfg.seed, batch_size=cfg.batch_size).run(masked, x, ref)
+    np.testing.assert_array_equal(square.per_example, direct.success)

@@ -12,7 +12,8 @@ from tfadv import argtypes
 from tfadv.config.core import FAST_METHODS
 from tfadv.config.options import comma_list, setting
 
-ATTACKS = ("fgsm", "pgd", "apgd", "cw")
+ATTACKS = ("fgsm", "pgd", "apgd", "cw", "square")
+DEFAULT_ATTACKS = ("fgsm", "pgd", "apgd", "cw")  # square (black-box) on request
 MODES = ("dodging", "impersonation")
 GENERATE_ATTACKS = ("fgsm", "pgd", "apgd", "cw", "cleverhans_fgsm", "cleverhans_pgd")
 DEFAULT_GENERATE_ATTACKS = ("fgsm", "pgd", "cw", "cleverhans_fgsm", "cleverhans_pgd")
@@ -32,9 +33,12 @@ class FaceEvalConfig:
                                       help="PGD step in pixels (default eps / 4)")
     pgd_steps: int = setting(20, type=_pos, help="PGD steps")
     apgd_steps: int = setting(20, type=_pos, help="APGD steps")
-    attacks: tuple = setting(ATTACKS, choices=ATTACKS, help="attacks of the suite")
+    attacks: tuple = setting(DEFAULT_ATTACKS, choices=ATTACKS,
+                             help="attacks of the suite; square is the black-box Square Attack "
+                                  "(queries only: catches masked gradients)")
     cw_iterations: int = setting(20, type=_pos, help="C&W Adam steps per search step")
     cw_search_steps: int = setting(2, type=_pos, help="C&W binary-search steps over c")
+    square_queries: int = setting(1000, type=_pos, help="Square Attack queries per photo")
     curve_eps: tuple = setting((1.0, 2.0, 4.0, 8.0), type=comma_list(_nonneg),
                                help="budgets of the success-vs-eps curves (pixels)")
     curve_steps: int = setting(10, type=_pos, help="PGD steps per curve point")

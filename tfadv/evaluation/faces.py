@@ -41,6 +41,7 @@ import numpy as np
 
 from tfadv.attacks.base import call_model
 from tfadv.attacks.embedding import attack_success, embedding_attack, minimal_eps
+from tfadv.attacks.square import EmbeddingSquare
 from tfadv.config.faces import MODES, FaceEvalConfig
 from tfadv.data.pairs import cross_pairs
 from tfadv.evaluation import verification as V
@@ -50,7 +51,7 @@ from tfadv.evaluation.robustness import attack_batches
 # The C&W settings of the face suite (cosine-unit confidence, pixel-sized Adam
 # steps, a large initial constant): the published figures were made with them.
 CW_SETTINGS = dict(cw_confidence=0.02, cw_learning_rate=1.0, cw_initial_const=10.0)
-LINF_ATTACKS = ("fgsm", "pgd", "apgd")   # the worst case is taken over these
+LINF_ATTACKS = ("fgsm", "pgd", "apgd", "square")   # the worst case is taken over these
 RESTARTED = ("pgd", "apgd")              # re-run with new random starts
 FARS = (1e-2, 1e-3)
 
@@ -260,7 +261,12 @@ def _step_size(cfg: FaceEvalConfig, budget):
 
 
 def build_attack(name, mode, threshold, cfg: FaceEvalConfig):
-    """One attack of the suite at `cfg.eps` (C&W: unbounded, `CW_SETTINGS`)."""
+    """One attack of the suite at `cfg.eps` (C&W: unbounded, `CW_SETTINGS`; Square:
+    `EmbeddingSquare`, black-box, `cfg.square_queries` queries per photo)."""
+    if name == "square":
+        return EmbeddingSquare(eps=cfg.eps, threshold=threshold, mode=mode,
+                               queries=cfg.square_queries, seed=cfg.seed,
+                               batch_size=cfg.batch_size)
     steps = {"pgd": cfg.pgd_steps, "apgd": cfg.apgd_steps}.get(name, 20)
     return embedding_attack(
         name, mode, eps=None if name == "cw" else cfg.eps, threshold=threshold, steps=steps,

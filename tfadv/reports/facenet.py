@@ -73,7 +73,8 @@ def attack_list(ev) -> str:
     step = f", step {ev['step_size']:g}" if ev.get("step_size") is not None else ""
     names = {"fgsm": "FGSM", "pgd": f"PGD-{ev['pgd_steps']} with random start{step}{again}",
              "apgd": f"APGD-{ev['apgd_steps']}{again}",
-             "cw": f"C&W L2, unbounded ({ev['cw_search_steps']} x {ev['cw_iterations']})"}
+             "cw": f"C&W L2, unbounded ({ev['cw_search_steps']} x {ev['cw_iterations']})",
+             "square": f"Square (black-box, {ev.get('square_queries', 1000)} queries)"}
     return ", ".join(names.get(a, a) for a in ev["attacks"])
 
 
