@@ -63,10 +63,12 @@ def test_a_resumed_run_reuses_finished_chunks_and_redoes_the_rest(tmp_path, monk
     np.testing.assert_array_equal(again.broken_by, first.broken_by)
     # A torn chunk file and another key are redone.
     (tmp_path / "chunks" / "digits_00007_00014.json").write_text('{"key": "k", "resu')
-    run_chunks(model, x, y, tmp_path)
+    with pytest.warns(UserWarning, match="is unreadable or incomplete; attacking examples 7-13"):
+        run_chunks(model, x, y, tmp_path)
     assert calls == [7]
-    run_chunks(model, x, y, tmp_path, key="other model")
-    assert calls == [7, 7, 7, 6]
+    with pytest.warns(UserWarning, match="was made with another model or other settings") as caught:
+        run_chunks(model, x, y, tmp_path, key="other model")
+    assert calls == [7, 7, 7, 6] and len(caught) == 3  # each replaced chunk is named
 
 
 def test_merge_refuses_other_threat_models():
@@ -123,6 +125,9 @@ def test_chunks_with_missing_fields_or_other_examples_are_redone(tmp_path, monke
     (chunks / "digits_00014_00020.json").write_text(
         (chunks / "digits_00007_00014.json").read_text())
     calls = count_attacked_chunks(monkeypatch)
-    again = run_chunks(model, x, y, tmp_path)
+    with pytest.warns(UserWarning) as caught:
+        again = run_chunks(model, x, y, tmp_path)
+    assert any("is unreadable or incomplete" in str(w.message) for w in caught)
+    assert any("holds other examples ([7, 14])" in str(w.message) for w in caught)
     assert calls == [7, 6] and again.n == 20
     np.testing.assert_array_equal(again.broken_by, first.broken_by)

@@ -61,3 +61,49 @@ def test_state_reused_when_finished_is_none_and_a_file_backup(tmp_path):
     assert claim(tmp_path, CFG, finished=None, backup="epochs.json") == "resume"
     with pytest.raises(ValueError, match="seed"):
         claim(tmp_path, dict(CFG, seed=1), finished=None, backup="epochs.json")
+
+
+def test_resumed_runs_may_not_shrink_below_their_finished_epochs(tmp_path):
+    from tfadv.runs import check_resumed_epochs
+
+    assert check_resumed_epochs(tmp_path, 3) == 0  # no history yet
+    (tmp_path / "history.json").write_text(json.dumps({"epoch": [0, 1, 2]}))
+    assert check_resumed_epochs(tmp_path, 3) == 3
+    with pytest.raises(ValueError, match="finished 3 epochs; --epochs 2 .* --epochs 3 or more"):
+        check_resumed_epochs(tmp_path, 2)
+
+
+def test_mnist_run_killed_in_its_final_evaluation_resumes_there(tmp_path, monkeypatch):
+    """The backup outlives training until metrics.json is written: a run interrupted in its
+    final evaluation resumes there (no epoch trains again), from a relative --out too; a
+    cyclic schedule's run cannot change its epochs when resumed."""
+    import dataclasses
+
+    from tfadv.config.mnist import MnistTrainConfig
+    from tfadv.recipes import mnist as R
+    from tfadv.trainers.callbacks import EpochSeconds
+
+    cfg = MnistTrainConfig(out=str(tmp_path / "run"), epochs=2, limit=200, steps=1,
+                           eval_steps=1, batch_size=50, lr_schedule="cyclic", verbose=0)
+    real = R.evaluate_robustness
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(R, "evaluate_robustness", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        R.train_mnist(cfg)
+    assert (tmp_path / "run" / "backup").is_dir()
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    monkeypatch.setattr(R, "evaluate_robustness", real)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"epochs: 2 -> 3"):
+        R.train_mnist(dataclasses.replace(cfg, out="run", epochs=3))
+    began = []
+    monkeypatch.setattr(EpochSeconds, "on_epoch_begin", lambda self, epoch, logs=None:
+                        began.append(epoch))
+    metrics = R.train_mnist(dataclasses.replace(cfg, out="run"))
+    assert began == []  # nothing trained again
+    assert json.loads((tmp_path / "run" / "history.json").read_text())["epoch"] == [0, 1]
+    assert (tmp_path / "run" / "model.keras").is_file() and "test" in metrics
+    assert not (tmp_path / "run" / "backup").exists()

@@ -196,10 +196,12 @@ def eval_data(cfg: MnistDataConfig):
 
 
 def make_attacks(cfg: AttackEvalConfig) -> list:
-    """The attacks of `tfadv eval`, in the order given."""
+    """The attacks of `tfadv eval`, in the order given (PGD's step: `--step-size`, else
+    2.5 * eps / steps, Madry et al.'s rule, whatever the norm)."""
+    step = cfg.step_size if cfg.step_size is not None else 2.5 * cfg.eps / cfg.steps
     settings = {
         "fgsm": dict(eps=cfg.eps, norm=cfg.norm),
-        "pgd": dict(eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, norm=cfg.norm,
+        "pgd": dict(eps=cfg.eps, step_size=step, steps=cfg.steps, norm=cfg.norm,
                     random_start=True),
         "apgd": dict(eps=cfg.eps, steps=cfg.steps, norm=cfg.norm),
         "cw": dict(eps=cfg.eps if cfg.norm == "2" else None, max_iterations=cfg.steps),

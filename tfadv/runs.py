@@ -15,7 +15,7 @@ import os
 
 from tfadv.files import read_json_or_empty, write_json
 
-__all__ = ["RUN_FILE", "claim"]
+__all__ = ["RUN_FILE", "check_resumed_epochs", "claim"]
 
 RUN_FILE = "run.json"
 
@@ -73,3 +73,26 @@ def claim(out, config: dict, *, finished: str | None, mutable=(), overwrite=Fals
         state = "overwrite"
     write_json(record, config)
     return state
+
+
+def check_resumed_epochs(out, epochs, *, history="history.json") -> int:
+    """Refuses to resume a run for fewer epochs than it has finished.
+
+    Args:
+        out: the run's folder; `history` in it lists the finished epochs
+            (`{"epoch": [...]}`, as `tfadv.trainers.JSONHistory` writes it).
+        epochs: the epochs the resumed run asks for.
+
+    Returns:
+        The number of finished epochs.
+
+    Raises:
+        ValueError: `epochs` is below it (nothing would train, and the
+            results would record settings that never ran).
+    """
+    done = len(read_json_or_empty(os.path.join(os.fspath(out), history)).get("epoch", []))
+    if int(epochs) < done:
+        raise ValueError(f"{out} holds a killed run that has finished {done} epochs; "
+                         f"--epochs {epochs} would record settings that never ran. Give "
+                         f"--epochs {done} or more to resume it.")
+    return done

@@ -153,7 +153,9 @@ class AttackEvalConfig:
                                   "the worst case over them")
     eps: float = setting(0.3, type=argtypes.nonneg_float, help="budget ([0, 1] units)")
     steps: int = setting(40, type=argtypes.positive_int, help="iterations (C&W: Adam steps)")
-    step_size: float = setting(0.01, type=argtypes.nonneg_float, help="PGD step")
+    step_size: float | None = setting(None, type=argtypes.nonneg_float,
+                                      help="PGD step (default 2.5 * eps / steps, in the norm "
+                                           "of --norm)")
     norm: str = setting("inf", type=argtypes.norm, help="perturbation norm: inf or 2")
     restarts: int = setting(1, type=argtypes.positive_int, help="random restarts per attack")
     batch_size: int = setting(250, type=argtypes.positive_int, help="examples per attack call")

@@ -318,8 +318,8 @@ def autoattack_flags(model, x, y, result: AutoAttackResult, *, bounds=(0.0, 1.0)
 
 
 ATTACKED_NOTE = ("attacked: the examples each run of an attack started on, summed over its "
-                 "runs; the targeted attacks run once per target class, so their count can "
-                 "exceed the examples")
+                 "runs; APGD-T runs once per target class, so its count can exceed the "
+                 "examples")
 
 
 def summary_lines(result: AutoAttackResult) -> list:
@@ -446,7 +446,8 @@ def autoattack_in_chunks(model, x, y, *, chunk, state_dir=None, key=None, progre
     for lo in starts:
         hi = min(lo + int(chunk), len(y))
         path = state_dir and os.path.join(state_dir, f"digits_{lo:05d}_{hi:05d}.json")
-        reused = _saved_chunk(read_json_or_empty(path), key, lo, hi)
+        saved = read_json_or_empty(path)
+        reused = _saved_chunk(saved, key, lo, hi)
         if reused is not None:
             if progress:
                 print(f"examples {lo}-{hi - 1} of {len(y)}: reused {path}", flush=True)
@@ -454,6 +455,16 @@ def autoattack_in_chunks(model, x, y, *, chunk, state_dir=None, key=None, progre
             continue
         if progress:
             print(f"examples {lo}-{hi - 1} of {len(y)}", flush=True)
+        if saved or (path and os.path.exists(path)):
+            # Never silently: the file is replaced by this run's result.
+            if saved.get("key", key) != key:
+                why = "was made with another model or other settings"
+            elif saved.get("examples", [lo, hi]) != [lo, hi]:
+                why = f"holds other examples ({saved['examples']})"
+            else:
+                why = "is unreadable or incomplete"
+            warnings.warn(f"{path} {why}; attacking examples {lo}-{hi - 1} again and replacing "
+                          "it.", UserWarning, stacklevel=2)
         result = autoattack(model, x[lo:hi], y[lo:hi], progress=progress, **kwargs)
         if path:
             write_json(path, {"key": key, "examples": [lo, hi], "result": result.to_dict()})

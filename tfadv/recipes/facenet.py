@@ -216,7 +216,7 @@ def _relabelled(faceset, ids):
 
 
 # Settings a resumed run may change: how long it runs and how it is judged.
-RESUMABLE_CHANGES = ("epochs", "overwrite", "evaluation")
+RESUMABLE_CHANGES = ("out", "epochs", "overwrite", "evaluation")
 
 
 def finetune(cfg: FaceFinetuneConfig, *, progress=True, evaluate=True, splits=None) -> dict:
@@ -236,6 +236,7 @@ def finetune(cfg: FaceFinetuneConfig, *, progress=True, evaluate=True, splits=No
     state = runs.claim(out, dataclasses.asdict(cfg), finished="metrics.json",
                        mutable=RESUMABLE_CHANGES, overwrite=cfg.overwrite)
     if state == "resume":
+        runs.check_resumed_epochs(out, cfg.epochs)
         say(f"Resuming the killed run in {out} from its last finished epoch")
     t0 = time.perf_counter()
     keras.utils.set_random_seed(cfg.seed)
@@ -262,7 +263,9 @@ def finetune(cfg: FaceFinetuneConfig, *, progress=True, evaluate=True, splits=No
     trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
     trainer(x[:1])  # built before fit: BackupAndRestore needs the variables
     val_ds = tf.data.Dataset.from_tensor_slices((xv, yv)).batch(cfg.batch_size)
-    callbacks = [backup_and_restore(out / "backup"),
+    # The backup is kept until the results are written (removed below): a run killed
+    # in its final evaluation resumes there instead of fine-tuning again.
+    callbacks = [backup_and_restore(out / "backup", delete_checkpoint=False),
                  JSONHistory(str(out / "history.json"))]
     say(f"Fine-tuning {cfg.epochs} epochs on {len(x)} photos ...")
     t = time.perf_counter()

@@ -124,8 +124,8 @@ def _guard(cfg: MnistTrainConfig, x_tr, y_tr, chief):
 
 
 # Settings a resumed run may change: how long it runs, how it is run, how it is judged.
-RESUMABLE_CHANGES = ("epochs", "verbose", "overwrite", "strategy", "data_dir", "jit_compile",
-                     "eval_steps", "eval_step_size")
+RESUMABLE_CHANGES = ("out", "epochs", "verbose", "overwrite", "strategy", "data_dir",
+                     "jit_compile", "eval_steps", "eval_step_size")
 
 
 def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
@@ -146,8 +146,11 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
     chief = _is_chief(strategy)
     os.makedirs(cfg.out, exist_ok=True)
     if chief:
-        runs.claim(cfg.out, dataclasses.asdict(cfg), finished="metrics.json",
-                   mutable=RESUMABLE_CHANGES, overwrite=cfg.overwrite)
+        # A cyclic schedule's length is the run's: its epochs cannot change mid-run.
+        mutable = [k for k in RESUMABLE_CHANGES if k != "epochs" or cfg.lr_schedule == "flat"]
+        if runs.claim(cfg.out, dataclasses.asdict(cfg), finished="metrics.json",
+                      mutable=mutable, overwrite=cfg.overwrite) == "resume":
+            runs.check_resumed_epochs(cfg.out, cfg.epochs)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.mixed_precision:
         keras.mixed_precision.set_dtype_policy(cfg.mixed_precision)
@@ -173,7 +176,9 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
         if guard is not None:
             # Before the backup, so that a backup holds weights the guard restored.
             callbacks.append(guard)
-        callbacks.append(backup_and_restore(backup_dir))
+        # Kept until metrics.json is written: a run killed in its final evaluation
+        # resumes there instead of training again.
+        callbacks.append(backup_and_restore(backup_dir, delete_checkpoint=False))
         if cfg.eps_warmup_epochs > 0 and cfg.method != "standard":
             callbacks.append(EpsilonWarmup(cfg.eps_warmup_epochs))
         history_cb = JSONHistory(os.path.join(cfg.out, "history.json")) if chief else None
@@ -204,6 +209,7 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
             with files.atomic_path(os.path.join(cfg.out, "model.keras")) as tmp:
                 base.save(tmp)
             files.write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+            shutil.rmtree(backup_dir, ignore_errors=True)
         return metrics
     finally:
         if cfg.mixed_precision:
