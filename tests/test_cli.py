@@ -105,8 +105,11 @@ def test_ctrl_c_says_how_to_resume_and_a_resume_must_keep_the_settings(tmp_path)
     not trained over."""
     out_dir = tmp_path / "run"
     args = ["train", "mnist", "--epochs", "3", "--out", str(out_dir), *TINY]
+    # As from a terminal: SIGINT at its default (a test runner's worker may ignore it, and
+    # a child inherits that).
     proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                            text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     hist = out_dir / "history.json"
     done = _kill_after_epochs(proc, hist, 1, sig=signal.SIGINT)
     stderr = proc.stderr.read()
@@ -296,7 +299,8 @@ def test_every_config_setting_has_an_option_and_every_command_a_handler():
             assert not missing, (prog, cls.__name__, missing)
     assert seen == {"MnistTrainConfig", "AttackEvalConfig", "AutoAttackConfig",
                     "EndpointAttackConfig", "MnistDataConfig", "CurveConfig", "CentersStudyConfig", "FaceFinetuneConfig", "SweepConfig",
-                    "GenerateConfig", "ExportConfig", "ServeConfig", "QueryConfig"}
+                    "GenerateConfig", "ExportConfig", "ServeConfig", "QueryConfig",
+                    "FaceEvalConfig"}
 
 
 def test_eval_step_size_reaches_the_finetune_evaluation():
