@@ -268,3 +268,10 @@ def test_cli_facenet_evaluate_options():
     args = build_parser().parse_args(["facenet", "evaluate", "--model", "m.keras", "--out", "o",
                                       "--eps", "8", "--attacks", "pgd"])
     assert (args.model, args.out, args.eps, args.holdout) == ("m.keras", "o", 8.0, 0)
+
+
+def test_a_missing_face_folder_leaves_no_output_folder(tmp_path):
+    cfg = R.FaceFinetuneConfig(out=str(tmp_path / "run"), faces=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="one folder per person"):
+        R.finetune(cfg, progress=False)
+    assert not (tmp_path / "run").exists()

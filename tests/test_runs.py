@@ -107,3 +107,12 @@ def test_mnist_run_killed_in_its_final_evaluation_resumes_there(tmp_path, monkey
     assert json.loads((tmp_path / "run" / "history.json").read_text())["epoch"] == [0, 1]
     assert (tmp_path / "run" / "model.keras").is_file() and "test" in metrics
     assert not (tmp_path / "run" / "backup").exists()
+
+
+def test_a_bad_data_option_leaves_no_output_folder(tmp_path):
+    from tfadv.config.mnist import MnistTrainConfig
+    from tfadv.recipes import mnist as R
+
+    with pytest.raises(ValueError, match="data_dir"):
+        R.train_mnist(MnistTrainConfig(out=str(tmp_path / "o"), data="tfds", verbose=0))
+    assert not (tmp_path / "o").exists()

@@ -233,15 +233,16 @@ def finetune(cfg: FaceFinetuneConfig, *, progress=True, evaluate=True, splits=No
     """
     say = print if progress else (lambda *_: None)
     out = Path(cfg.out)
+    t0 = time.perf_counter()
+    keras.utils.set_random_seed(cfg.seed)
+    splits = splits or load_splits(cfg.faces, holdout=cfg.holdout, seed=cfg.seed,
+                                   progress=progress)
+    # After the faces loaded: a bad --faces leaves no output folder behind.
     state = runs.claim(out, dataclasses.asdict(cfg), finished="metrics.json",
                        mutable=RESUMABLE_CHANGES, overwrite=cfg.overwrite)
     if state == "resume":
         runs.check_resumed_epochs(out, cfg.epochs)
         say(f"Resuming the killed run in {out} from its last finished epoch")
-    t0 = time.perf_counter()
-    keras.utils.set_random_seed(cfg.seed)
-    splits = splits or load_splits(cfg.faces, holdout=cfg.holdout, seed=cfg.seed,
-                                   progress=progress)
     names = splits.train.class_names
     say(f"Faces: {splits.train.report()} | val: {splits.val.report()}")
     say(f"Fine-tuning identities: {[names[i] for i in splits.train_ids]}; held out: "

@@ -144,19 +144,21 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
     """
     strategy = strategy or make_strategy(cfg.strategy)
     chief = _is_chief(strategy)
-    os.makedirs(cfg.out, exist_ok=True)
-    if chief:
-        # A cyclic schedule's length is the run's: its epochs cannot change mid-run.
-        mutable = [k for k in RESUMABLE_CHANGES if k != "epochs" or cfg.lr_schedule == "flat"]
-        if runs.claim(cfg.out, dataclasses.asdict(cfg), finished="metrics.json",
-                      mutable=mutable, overwrite=cfg.overwrite) == "resume":
-            runs.check_resumed_epochs(cfg.out, cfg.epochs)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.mixed_precision:
         keras.mixed_precision.set_dtype_policy(cfg.mixed_precision)
     try:
         (x_tr, y_tr), (x_te, y_te) = mnist_data.load_train_test(
             cfg.data, cfg.data_dir, train_limit=cfg.limit, test_limit=cfg.limit, seed=cfg.seed)
+        # After the data loaded: a bad data option leaves no output folder behind.
+        os.makedirs(cfg.out, exist_ok=True)
+        if chief:
+            # A cyclic schedule's length is the run's: its epochs cannot change mid-run.
+            mutable = [k for k in RESUMABLE_CHANGES
+                       if k != "epochs" or cfg.lr_schedule == "flat"]
+            if runs.claim(cfg.out, dataclasses.asdict(cfg), finished="metrics.json",
+                          mutable=mutable, overwrite=cfg.overwrite) == "resume":
+                runs.check_resumed_epochs(cfg.out, cfg.epochs)
         # Batches are global: each of the R replicas gets batch_size / R.
         train_ds = mnist_data.to_dataset(x_tr, y_tr, batch_size=cfg.batch_size, shuffle=True,
                                          seed=cfg.seed)
