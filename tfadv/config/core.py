@@ -79,8 +79,9 @@ def check_unit_budget(eps, norm="inf", *, name="eps") -> None:
     Raises:
         ValueError: `norm` is Linf and `eps` > 1; the message gives the [0, 1] value.
     """
-    linf = str(norm).strip().lower() in ("inf", "linf", "l_inf", "infinity")
-    if linf and float(eps) > 1:
+    from tfadv.ops.norms import canonical_norm  # the one reader of norm spellings
+
+    if canonical_norm(norm) == "inf" and float(eps) > 1:
         raise ValueError(
             f"Expected {name} in [0, 1] units (MNIST pixels are in [0, 1]). Received: "
             f"{eps:g}, larger than the whole pixel range; for {eps:g} pixels of 255 use "
