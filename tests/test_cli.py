@@ -118,7 +118,7 @@ def test_ctrl_c_says_how_to_resume_and_a_resume_must_keep_the_settings(tmp_path)
     assert "Traceback" not in stderr
     other = run([*args, "--lr", "0.002"], check=False)
     assert other.returncode == 2
-    assert "other settings (learning_rate: 0.001 -> 0.002)" in other.stderr
+    assert "other settings (--lr: 0.001 -> 0.002)" in other.stderr
     run(args)
     assert json.load(open(hist))["epoch"] == [*done, *range(len(done), 3)]
     model = out_dir / "model.keras"

@@ -183,6 +183,26 @@ def test_linf_budgets_in_pixels_are_refused_with_the_unit_value(make):
         make()
 
 
+@pytest.mark.parametrize("make", [
+    lambda: config.FaceEvalConfig(eps=0.03),
+    lambda: config.FaceEvalConfig(curve_eps=(0.03, 4.0)),
+    lambda: config.FaceFinetuneConfig(out="o", train_eps=0.03),
+    lambda: config.SweepConfig(out="o", eps=(0.03,)),
+    lambda: config.GenerateConfig(out="o", eps=(0.03,)),
+    lambda: config.EndpointAttackConfig(target="h:1", faces="f", eps=0.03),
+])
+def test_face_linf_budgets_in_unit_range_are_refused_with_the_pixel_value(make):
+    """Face budgets are pixels (0-255): 0.03 is under one grey level, i.e. 7.65 meant."""
+    with pytest.raises(ValueError, match=r"in pixels .*under one grey level.* 7\.65"):
+        make()
+
+
+def test_face_budgets_of_zero_whole_pixels_or_l2_are_fine():
+    assert config.FaceEvalConfig(eps=1.0, curve_eps=(0.0, 2.0)).eps == 1.0
+    assert config.GenerateConfig(out="o", eps=(0.5,), norm="2").eps == (0.5,)
+    assert config.EndpointAttackConfig(target="h:1", faces="f", eps=0.5, norm="2").eps == 0.5
+
+
 def test_l2_budgets_above_one_are_fine():
     assert AttackEvalConfig(eps=2.0, norm="2").eps == 2.0
     assert AutoAttackConfig(eps=1.5, norm="2").eps == 1.5

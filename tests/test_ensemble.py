@@ -80,8 +80,10 @@ def test_identical_members_are_warned_about(tmp_path):
 @pytest.mark.parametrize("models, kwargs, match", [
     (lambda: members(1), {}, "at least two"),
     (lambda: members(2), {"combine": "vote"}, "combine"),
-    (lambda: [tiny_cnn(), tiny_cnn(num_classes=3)], {}, "one output shape"),
-    (lambda: [tiny_cnn(), tiny_cnn(input_shape=(10, 10, 1))], {}, "one input shape"),
+    (lambda: [tiny_cnn(), tiny_cnn(num_classes=3)], {},
+     r"one output shape.*model 0 .* -> output \(4,\); model 1 .* -> output \(3,\)"),
+    (lambda: [tiny_cnn(), tiny_cnn(input_shape=(10, 10, 1))], {},
+     r"one input shape.*model 0 .*input \(12, 12, 1\).*model 1 .*input \(10, 10, 1\)"),
     (lambda: [tiny_cnn(), lambda x: x], {}, "Keras models"),
 ])
 def test_bad_members(models, kwargs, match):
@@ -102,6 +104,11 @@ def test_cli_ensemble_writes_a_model_that_loads(tmp_path):
                           str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "mean_logits of 2 models" in run.stdout
+    before = out.read_bytes()
+    again = subprocess.run([sys.executable, "-m", "tfadv.cli", "ensemble", *paths, "--out",
+                            str(out)], capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+    assert out.read_bytes() == before  # the existing ensemble is kept
     loaded = keras.saving.load_model(out, safe_mode=True)
     want = np.mean([keras.saving.load_model(p).predict(X, verbose=0) for p in paths], axis=0)
     np.testing.assert_allclose(loaded.predict(X, verbose=0), want, rtol=1e-5, atol=1e-6)

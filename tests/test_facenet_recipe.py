@@ -59,6 +59,17 @@ def test_missing_split_folder_is_explained(tmp_path):
         R.load_splits(tmp_path, detector="none")
 
 
+def test_choosing_the_threshold_warns_nothing_about_tar_at_far(splits):
+    """A small gallery cannot resolve TAR@FAR=1e-3, but the threshold does not need it:
+    the old code warned 'Returning NaN' while the report printed a TAR@FAR from cross pairs."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        thr = R.choose_threshold(tiny_embedder(), splits)
+    assert -1.0 <= thr <= 1.0
+
+
 def test_evaluation_is_consistent(splits):
     model = tiny_embedder()
     thr = R.choose_threshold(model, splits)

@@ -25,7 +25,7 @@ def test_resume_with_the_same_settings_or_a_longer_run(tmp_path):
 
 @pytest.mark.parametrize("change, named", [
     ({"learning_rate": 0.005}, "learning_rate: 0.001 -> 0.005"),
-    ({"nested": {"eps": 6.0}}, "nested: {'eps': 4.0} -> {'eps': 6.0}"),
+    ({"nested": {"eps": 6.0}}, "nested.eps: 4.0 -> 6.0"),
     ({"extra": 1}, "extra: (unset) -> 1"),
     ({"epochs": 9}, "epochs: 5 -> 9"),  # not declared mutable here
 ])
@@ -37,6 +37,43 @@ def test_resume_with_other_settings_is_refused_and_names_them(tmp_path, change, 
     assert named in str(err.value)
     # Nothing was touched: the recorded settings are the killed run's.
     assert json.loads((tmp_path / RUN_FILE).read_text()) == CFG
+
+
+def test_refusal_names_the_options_the_user_typed(tmp_path):
+    """The message names command-line options (--lr, --eval-eps), not config fields."""
+    from tfadv.config.faces import FaceFinetuneConfig
+    from tfadv.config.options import option_names
+
+    names = option_names(FaceFinetuneConfig)
+    assert names["learning_rate"] == "--lr" and names["evaluation.eps"] == "--eval-eps"
+    assert names["train_eps"] == "--train-eps" and "out" in names
+    claim(tmp_path, CFG, finished="metrics.json")
+    (tmp_path / "backup").mkdir()
+    with pytest.raises(ValueError) as err:
+        claim(tmp_path, dict(CFG, learning_rate=0.002, nested={"eps": 6.0}),
+              finished="metrics.json", options={"learning_rate": "--lr",
+                                                 "nested.eps": "--nested-eps"})
+    assert "--lr: 0.001 -> 0.002; --nested-eps: 4.0 -> 6.0" in str(err.value)
+
+
+def test_mutable_nested_settings_may_change(tmp_path):
+    claim(tmp_path, CFG, finished="metrics.json")
+    (tmp_path / "backup").mkdir()
+    assert claim(tmp_path, dict(CFG, nested={"eps": 6.0}), finished="metrics.json",
+                 mutable=("nested",)) == "resume"
+
+
+def test_refused_epochs_leave_the_record_untouched(tmp_path):
+    """A resume asking for fewer epochs than finished is refused before run.json changes."""
+    claim(tmp_path, CFG, finished="metrics.json")
+    (tmp_path / "backup").mkdir()
+    (tmp_path / "history.json").write_text(json.dumps({"epoch": [0, 1, 2, 3]}))
+    with pytest.raises(ValueError, match="finished 4 epochs; --epochs 2"):
+        claim(tmp_path, dict(CFG, epochs=2), finished="metrics.json", mutable=("epochs",),
+              epochs=2)
+    assert json.loads((tmp_path / RUN_FILE).read_text()) == CFG
+    assert claim(tmp_path, dict(CFG, epochs=6), finished="metrics.json", mutable=("epochs",),
+                 epochs=6) == "resume"
 
 
 def test_backup_from_before_settings_were_recorded_resumes(tmp_path):

@@ -25,6 +25,17 @@ def test_missing_file_and_hint(tmp_path):
         load_embedder(tmp_path / "missing.keras")
 
 
+def test_a_folder_is_named_with_the_models_in_it(tmp_path):
+    """A run folder given for its model: the error points at the .keras file inside."""
+    keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save(tmp_path / "model.keras")
+    with pytest.raises(FileNotFoundError, match=r"is a folder, not a \.keras.*model\.keras"):
+        load_saved(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="is a folder.*holds no .keras file"):
+        load_saved(empty)
+
+
 def test_a_file_that_is_not_a_model_says_so(tmp_path):
     text = tmp_path / "notes.keras"
     text.write_text("hello")

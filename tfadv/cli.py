@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--combine", choices=ENSEMBLE_COMBINE, default="mean_logits",
                     help="mean_logits (classifiers) or mean_embedding (face embedders)")
     en.add_argument("--out", required=True, help="the ensemble's .keras file")
+    en.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     c = add_command(sub, "curve", cmd_curve, configs=(CurveConfig, MnistDataConfig),
                     help="robustness curve: accuracy vs eps (JSON + PNG)")
@@ -274,6 +275,9 @@ def cmd_autoattack(args):
 def cmd_ensemble(args):
     if not args.out.endswith(".keras"):
         raise ValueError(f"--out must be a .keras file. Received: {args.out!r}")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists. Give another --out, or --overwrite to "
+                              "replace it.")
     members = [load_classifier(path) for path in args.models]
     model = ensemble(members, combine=args.combine)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

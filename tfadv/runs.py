@@ -20,15 +20,32 @@ __all__ = ["RUN_FILE", "check_resumed_epochs", "claim"]
 RUN_FILE = "run.json"
 
 
-def _differences(old: dict, new: dict, mutable) -> list[str]:
-    keys = sorted((set(old) | set(new)) - set(mutable))
+def _flat(config: dict, key: str = "") -> dict:
+    out = {}
+    for k, v in config.items():
+        dotted = f"{key}.{k}" if key else k
+        if isinstance(v, dict):
+            out.update(_flat(v, dotted))
+        else:
+            out[dotted] = v
+    return out
+
+
+def _differences(old: dict, new: dict, mutable, options) -> list[str]:
+    old, new = _flat(old), _flat(new)
+    keys = sorted(k for k in set(old) | set(new)
+                  if k not in mutable and k.split(".")[0] not in mutable)
     missing = object()
-    return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}".replace(
-        repr(missing), "(unset)") for k in keys if old.get(k, missing) != new.get(k, missing)]
+
+    def show(value):
+        return "(unset)" if value is missing else repr(value)
+
+    return [f"{options.get(k, k)}: {show(old.get(k, missing))} -> {show(new.get(k, missing))}"
+            for k in keys if old.get(k, missing) != new.get(k, missing)]
 
 
 def claim(out, config: dict, *, finished: str | None, mutable=(), overwrite=False,
-          backup="backup") -> str:
+          backup="backup", options=None, epochs=None) -> str:
     """Checks that a run may write to `out`, and records its settings there.
 
     Args:
@@ -40,6 +57,11 @@ def claim(out, config: dict, *, finished: str | None, mutable=(), overwrite=Fals
             extended); they are updated in `run.json`.
         overwrite: train again over a finished run.
         backup: the file or folder (in `out`) a killed run resumes from.
+        options: {setting: command-line option} (`tfadv.config.options.option_names`),
+            so that a refusal names the options the user typed; nested settings
+            by dotted key.
+        epochs: the epochs the run asks for; a resumed run may not ask for
+            fewer than it finished (`check_resumed_epochs`).
 
     Returns:
         "resume" (a backup of the same run is there), "overwrite" (a finished
@@ -48,7 +70,8 @@ def claim(out, config: dict, *, finished: str | None, mutable=(), overwrite=Fals
     Raises:
         ValueError: a backup is there and its run had other settings (the
             message lists them); resume with the same settings, or move the
-            folder away.
+            folder away. Or it finished more than `epochs` epochs. Nothing is
+            written when refused.
         FileExistsError: a finished run is there and `overwrite` is not set.
     """
     out = os.fspath(out)
@@ -58,12 +81,14 @@ def claim(out, config: dict, *, finished: str | None, mutable=(), overwrite=Fals
     state = "new"
     if os.path.exists(os.path.join(out, backup)):
         old = read_json_or_empty(record)
-        diff = _differences(old, config, mutable) if old else []
+        diff = _differences(old, config, mutable, options or {}) if old else []
         if diff:
             raise ValueError(
                 f"{out} holds a killed run with other settings ({'; '.join(diff)}). Run the "
                 f"same command to resume it, or give another output folder (or delete "
                 f"{os.path.join(out, backup)} to start afresh).")
+        if epochs is not None:
+            check_resumed_epochs(out, epochs)
         state = "resume"
     elif finished is not None and os.path.exists(os.path.join(out, finished)):
         if not overwrite:

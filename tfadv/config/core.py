@@ -88,6 +88,27 @@ def check_unit_budget(eps, norm="inf", *, name="eps") -> None:
             f"{name} {float(eps) / 255:.4g}.")
 
 
+def check_pixel_budget(eps, norm="inf", *, name="eps") -> None:
+    """Refuses an Linf budget under one grey level on 0-255 face photos.
+
+    Face budgets are in pixels (0-255). An Linf change below 1 cannot be
+    stored in an 8-bit photo, so such a budget is almost always one given in
+    [0, 1] units (0.03 for 8/255); the attacks would report no success and
+    the model would look robust. 0 (no perturbation) is allowed. L2 budgets
+    are not checked.
+
+    Raises:
+        ValueError: `norm` is Linf and 0 < `eps` < 1; the message gives the
+            pixel value of the same budget.
+    """
+    from tfadv.ops.norms import canonical_norm
+
+    if canonical_norm(norm) == "inf" and 0 < float(eps) < 1:
+        raise ValueError(
+            f"Expected {name} in pixels (face photos are 0-255). Received: {eps:g}, under one "
+            f"grey level; for {eps:g} of the [0, 1] range use {name} {float(eps) * 255:.4g}.")
+
+
 def check_threshold(threshold, *, name="threshold") -> float:
     """A cosine-similarity threshold as a float: finite and in [-1, 1].
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tfadv import argtypes
-from tfadv.config.core import FAST_METHODS
+from tfadv.config.core import FAST_METHODS, check_pixel_budget
 from tfadv.config.options import comma_list, setting
 
 ATTACKS = ("fgsm", "pgd", "apgd", "cw", "square")
@@ -60,6 +60,10 @@ class FaceEvalConfig:
         bad = [a for a in self.attacks if a not in ATTACKS]
         if bad:
             raise ValueError(f"Expected attacks from {ATTACKS}. Received: {self.attacks}")
+        check_pixel_budget(self.eps, name="eps")
+        check_pixel_budget(self.min_eps_max, name="min_eps_max")
+        for e in self.curve_eps:
+            check_pixel_budget(e, name="curve_eps")
 
     @classmethod
     def demo(cls) -> "FaceEvalConfig":
@@ -146,6 +150,7 @@ class FaceFinetuneConfig:
                              f"Received: {self.method!r}")
         if self.method in FAST_METHODS and not self.train_eps > 0:
             raise ValueError(f"--method {self.method} needs --train-eps > 0 (its budget).")
+        check_pixel_budget(self.train_eps, name="train_eps")
         if isinstance(self.evaluation, dict):
             self.evaluation = FaceEvalConfig(**self.evaluation)
 
@@ -161,6 +166,10 @@ class SweepConfig:
     steps: tuple = setting((1, 3), type=comma_list(_pos), help="training PGD steps")
     lr: tuple = setting((1e-4,), type=comma_list(_nonneg), help="learning rates")
     epochs: int = setting(3, type=_pos, help="epochs per grid point")
+
+    def __post_init__(self):
+        for e in self.eps:
+            check_pixel_budget(e, name="eps")
 
 
 @dataclass(frozen=True)
@@ -201,6 +210,10 @@ class GenerateConfig:
     seed: int = setting(0, help="random seed")
     overwrite: bool = setting(False, help="replace an existing output directory")
     progress: bool = setting(True, help="show a progress bar")
+
+    def __post_init__(self):
+        for e in self.eps:
+            check_pixel_budget(e, self.norm, name="eps")
 
 
 __all__ = ["FaceEvalConfig", "FaceFinetuneConfig", "GenerateConfig", "SweepConfig"]

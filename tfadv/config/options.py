@@ -266,6 +266,30 @@ def overrides(cls, args, *, prefix: str = "") -> dict:
     return out
 
 
+def option_names(cls, *, prefix: str = "", key: str = "") -> dict:
+    """The option a user types for each field of `cls`, nested fields by dotted key.
+
+    Returns:
+        {"learning_rate": "--lr", "evaluation.eps": "--eval-eps", ...}: a
+        field's compatibility flag where it has one (the shorter spelling
+        the documentation uses), else its generated option; fields without
+        an option are left out.
+    """
+    hints = _hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not f.init or not meta.get("cli", True):
+            continue
+        dotted = f"{key}.{f.name}" if key else f.name
+        if _is_config(hints.get(f.name)):
+            out.update(option_names(hints[f.name], prefix=_sub_prefix(prefix, f), key=dotted))
+        elif not meta.get("positional"):
+            flags = meta.get("flags") or ()
+            out[dotted] = flags[0] if flags else _option(prefix, f.name)
+    return out
+
+
 def build(cls, args, *, base=None, **fixed):
     """A config of type `cls` from parsed options: `base` (or the defaults) updated
     with the given options and `fixed` values; nested configs updated field by field.

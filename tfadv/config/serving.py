@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tfadv import argtypes
+from tfadv.config.core import check_pixel_budget
 from tfadv.config.options import comma_list, setting
 from tfadv.export import contract as C
 
@@ -159,6 +160,7 @@ class EndpointAttackConfig:
         if (self.targets is not None) != (self.mode == "impersonation"):
             raise ValueError("--mode impersonation needs --targets (the faces to impersonate); "
                              "dodging takes none.")
+        check_pixel_budget(self.eps, self.norm, name="eps")
         if (self.report is None) != (self.report_column is None):
             raise ValueError("--report DIR and --report-column {pretrained,finetuned} go "
                              "together: the column says which of the report's models is served.")

@@ -96,13 +96,13 @@ def ensemble(models, combine="mean_logits", name="ensemble"):
         if not isinstance(m, keras.Model):
             raise ValueError(f"Expected Keras models. Model {i} is a {type(m).__name__}.")
     _warn_identical(models)
-    inputs = {_shape(m, "input_shape") for m in models}
-    outputs = {_shape(m, "output_shape") for m in models}
-    if len(inputs) != 1 or len(outputs) != 1:
+    shapes = [(_shape(m, "input_shape"), _shape(m, "output_shape")) for m in models]
+    if len(set(shapes)) != 1:
+        members = "; ".join(f"model {i} ({m.name!r}): input {shape_in} -> output {shape_out}"
+                            for i, (m, (shape_in, shape_out)) in enumerate(zip(models, shapes)))
         raise ValueError(f"Expected members with one input shape and one output shape. "
-                         f"Received inputs {sorted(map(str, inputs))}, outputs "
-                         f"{sorted(map(str, outputs))}.")
-    x = keras.Input(shape=inputs.pop(), name="image")
+                         f"Received: {members}.")
+    x = keras.Input(shape=shapes[0][0], name="image")
     members = [m(x) for m in _distinct(models)]
     mean = keras.layers.Average(name="mean", dtype="float32")(members)
     if combine == "mean_embedding":

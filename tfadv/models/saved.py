@@ -21,12 +21,18 @@ def load_saved(path, *, hint="") -> keras.Model:
         The Keras model.
 
     Raises:
-        FileNotFoundError: there is no file at `path`.
+        FileNotFoundError: there is no file at `path`, or it is a folder (the
+            message names the .keras files in it).
         ValueError: the file is not a Keras model (not a `.keras` archive, or
             one Keras cannot rebuild); the message names the file and the cause.
     """
     path = os.fspath(path)
     tail = f" {hint}" if hint else ""
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".keras"))
+        inside = (f" It holds {', '.join(repr(os.path.join(path, f)) for f in found[:4])}."
+                  if found else " It holds no .keras file.")
+        raise FileNotFoundError(f"{path!r} is a folder, not a .keras model file.{inside}{tail}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No model at {path!r}.{tail}")
     if not zipfile.is_zipfile(path):

@@ -33,6 +33,7 @@ from tfadv import assets, runs
 from tfadv.attacks import embedding as E
 from tfadv.attacks.pgd import PGD
 from tfadv.config.faces import ATTACKS, FaceEvalConfig, FaceFinetuneConfig  # noqa: F401 (re-exported)
+from tfadv.config.options import option_names
 from tfadv.data import faces as faces_lib
 from tfadv.files import write_json, write_text
 from tfadv.evaluation import faces as face_eval
@@ -85,7 +86,9 @@ def _subset(faceset, ids):
 def choose_threshold(model, splits: FaceSplits, batch_size=32) -> float:
     """Best-accuracy cosine threshold on pairs of gallery photos of the fine-tuning identities."""
     x, y = _subset(splits.train, splits.train_ids)
-    return float(V.verification_report(face_eval.embed(model, x, batch_size), y)["threshold"])
+    # Only the threshold: no TAR@FAR (its too-few-pairs warning would not be about this).
+    report = V.verification_report(face_eval.embed(model, x, batch_size), y, fars=())
+    return float(report["threshold"])
 
 
 def attack_suite(model, x, ref, threshold, mode, cfg: FaceEvalConfig, *, progress=None) -> dict:
@@ -239,9 +242,9 @@ def finetune(cfg: FaceFinetuneConfig, *, progress=True, evaluate=True, splits=No
                                    progress=progress)
     # After the faces loaded: a bad --faces leaves no output folder behind.
     state = runs.claim(out, dataclasses.asdict(cfg), finished="metrics.json",
-                       mutable=RESUMABLE_CHANGES, overwrite=cfg.overwrite)
+                       mutable=RESUMABLE_CHANGES, overwrite=cfg.overwrite,
+                       options=option_names(FaceFinetuneConfig), epochs=cfg.epochs)
     if state == "resume":
-        runs.check_resumed_epochs(out, cfg.epochs)
         say(f"Resuming the killed run in {out} from its last finished epoch")
     names = splits.train.class_names
     say(f"Faces: {splits.train.report()} | val: {splits.val.report()}")

@@ -16,6 +16,7 @@ from tfadv import files, models, runs
 from tfadv.attacks import FGSM, PGD
 from tfadv.config.core import FAST_METHODS
 from tfadv.config.mnist import STRATEGIES, MnistTrainConfig  # noqa: F401 (re-exported)
+from tfadv.config.options import option_names
 from tfadv.data import mnist as mnist_data
 from tfadv.evaluation import evaluate_robustness
 from tfadv.trainers import AdversarialModel, CyclicLR, EpsilonWarmup, JSONHistory
@@ -156,9 +157,9 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
             # A cyclic schedule's length is the run's: its epochs cannot change mid-run.
             mutable = [k for k in RESUMABLE_CHANGES
                        if k != "epochs" or cfg.lr_schedule == "flat"]
-            if runs.claim(cfg.out, dataclasses.asdict(cfg), finished="metrics.json",
-                          mutable=mutable, overwrite=cfg.overwrite) == "resume":
-                runs.check_resumed_epochs(cfg.out, cfg.epochs)
+            runs.claim(cfg.out, dataclasses.asdict(cfg), finished="metrics.json",
+                       mutable=mutable, overwrite=cfg.overwrite,
+                       options=option_names(MnistTrainConfig), epochs=cfg.epochs)
         # Batches are global: each of the R replicas gets batch_size / R.
         train_ds = mnist_data.to_dataset(x_tr, y_tr, batch_size=cfg.batch_size, shuffle=True,
                                          seed=cfg.seed)
