@@ -356,7 +356,8 @@ def test_serving_and_grpc_notebook(tmp_path, monkeypatch):
                  "README.md", "2/saved_model.pb"):
         assert (base / name).is_file(), name
     assert "1/saved_model.pb" in ex["files"]
-    assert ex["signatures"] == ["embed_uint8", "serving_default", "verify"]
+    assert ex["signatures"] == ["embed_images", "embed_uint8", "serving_default", "verify",
+                             "verify_images"]
     assert ex["saved_model_cli_ok"] and ex["savedmodel_max_diff"] < 1e-5
     cli_text = "\n".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "signature_def['verify']" in cli_text

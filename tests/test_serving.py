@@ -54,12 +54,15 @@ def stubs(served):
     channel.close()
 
 
-def predict_request(inputs, signature=C.SERVING_SIGNATURE, name=NAME, version=None):
+def predict_request(inputs, signature=C.SERVING_SIGNATURE, name=NAME, version=None,
+                    label=None):
     request = predict_pb2.PredictRequest()
     request.model_spec.name = name
     request.model_spec.signature_name = signature
     if version is not None:
         request.model_spec.version.value = version
+    if label is not None:
+        request.model_spec.version_label = label
     for key, value in inputs.items():
         request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
     return request
@@ -197,8 +200,10 @@ _BAD_GRPC = [
      "model 'nobody' is not served"),
     ("unknown version", predict_request({C.IMAGES: _x}, version=99), "NOT_FOUND",
      r"Specific\(faces, 99\)"),
-    ("unknown signature", predict_request({C.IMAGES: _x}, signature="classify"), "NOT_FOUND",
-     "signature key 'classify' not found"),
+    ("unknown signature", predict_request({C.IMAGES: _x}, signature="classify"),
+     "FAILED_PRECONDITION", 'Serving signature key "classify" not found'),
+    ("unknown label", predict_request({C.IMAGES: _x}, label="canary"), "INVALID_ARGUMENT",
+     "Unrecognized servable version label: canary"),
     ("wrong input name", predict_request({"image": _x}), "INVALID_ARGUMENT",
      r"expects inputs \{images: float32 \[-1, 24, 20, 3\]\}; missing \['images'\] and "
      r"unexpected \['image'\]"),
@@ -257,9 +262,10 @@ _BAD_REST = [
     ("unknown version", f"/v1/models/{NAME}/versions/9:predict", {"instances": _x.tolist()},
      404, r"Specific\(faces, 9\)"),
     ("unknown signature", f"/v1/models/{NAME}:predict",
-     {"signature_name": "nope", "instances": _x.tolist()}, 404, "'nope' not found"),
-    ("malformed path", "/v2/whatever", None, 404, "Malformed request"),
-    ("not JSON", f"/v1/models/{NAME}:predict", b"{oops", 400, "not valid JSON"),
+     {"signature_name": "nope", "instances": _x.tolist()}, 400,
+     'Serving signature name: "nope" not found in signature def'),
+    ("outside the API", "/v2/whatever", None, 404, "Not Found"),
+    ("not JSON", f"/v1/models/{NAME}:predict", b"{oops", 400, "JSON Parse error"),
     ("no instances or inputs", f"/v1/models/{NAME}:predict", {"x": 1}, 400,
      "Missing 'inputs' or 'instances'"),
     ("wrong input name", f"/v1/models/{NAME}:predict", {"inputs": {"image": _x.tolist()}},
@@ -268,14 +274,11 @@ _BAD_REST = [
      400, r"expects shape \[-1, 24, 20, 3\]"),
     ("ragged", f"/v1/models/{NAME}:predict", {"instances": [[1, 2], [3]]}, 400, "ragged"),
     ("strings", f"/v1/models/{NAME}:predict", {"instances": ["a"]}, 400, "must be numbers"),
-    ("empty batch", f"/v1/models/{NAME}:predict", {"instances": []}, 400, "Empty batch"),
+    ("empty batch", f"/v1/models/{NAME}:predict", {"instances": []}, 400,
+     "No values in 'instances' array"),
+    ("empty columnar batch", f"/v1/models/{NAME}:predict", {"inputs": []}, 400, "Empty batch"),
     ("batch over the limit", f"/v1/models/{NAME}:predict",
      {"instances": pixels(MAX_BATCH + 1).tolist()}, 400, "maximum batch size"),
-    ("output_filter not a list", f"/v1/models/{NAME}:predict",
-     {"instances": _x.tolist(), "output_filter": "embeddings"}, 400, "must be a list"),
-    ("unknown output", f"/v1/models/{NAME}:predict",
-     {"instances": _x.tolist(), "output_filter": ["logits"]}, 400,
-     r"its outputs: \['embeddings'\]"),
     ("uint8 out of range", f"/v1/models/{NAME}:predict",
      {"signature_name": C.EMBED_UINT8_SIGNATURE, "instances": (_x * 0 + 300).tolist()}, 400,
      r"outside \[0, 255\]"),
@@ -538,7 +541,8 @@ model_config_list {{
         assert status == 200
         status, body = rest(server, "/v1/models/a/labels/canary:predict",
                             {"instances": x.tolist()})
-        assert status == 404 and "canary" in body["error"]
+        assert status == 400 and body["error"].startswith(
+            "Unrecognized servable version label: canary")
     with pytest.raises(ValueError, match="ModelServerConfig text format"):
         parse_model_config("model_config_list { config { nme: 'x' } }")
     with pytest.raises(FileNotFoundError, match="tfadv export"):
@@ -622,7 +626,7 @@ def test_serve_cli_exits_0_on_sigterm_after_in_flight_requests(served, tmp_path)
 
 
 def test_stop_finishes_in_flight_requests_and_refuses_new_ones(tmp_path, monkeypatch):
-    from tfadv.serving import models
+    from tfadv.serving.signature import Signature
 
     model = tiny_embedder(seed=4)
     base = str(tmp_path / "base")
@@ -630,14 +634,14 @@ def test_stop_finishes_in_flight_requests_and_refuses_new_ones(tmp_path, monkeyp
     x = pixels(2)
     server = ModelServer(base, name=NAME, port=0, rest_port=0).start()
     running = threading.Semaphore(0)
-    real = models.Signature._call
+    real = Signature._call
 
     def slow(self, inputs):
         running.release()
         time.sleep(1.5)
         return real(self, inputs)
 
-    monkeypatch.setattr(models.Signature, "_call", slow)
+    monkeypatch.setattr(Signature, "_call", slow)
     results = []
 
     def call():

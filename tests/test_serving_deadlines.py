@@ -149,12 +149,12 @@ def test_batcher_drops_expired_tasks_when_forming_a_batch():
 def slow_server(request, tmp_path, monkeypatch):
     """A server whose model blocks until released and counts the examples it ran: with
     batching (one batch thread), or without batching and with one gRPC worker thread."""
-    from tfadv.serving import models
+    from tfadv.serving.signature import Signature
 
     model = tiny_embedder(seed=5)
     base = str(tmp_path / "base")
     export_model(model, base, name=NAME, threshold=0.5)
-    real = models.Signature._call
+    real = Signature._call
     state = {"release": threading.Event(), "started": threading.Event(), "seen": [],
              "lock": threading.Lock()}
 
@@ -170,7 +170,7 @@ def slow_server(request, tmp_path, monkeypatch):
                                                    num_batch_threads=1))
     else:  # requests wait for the one worker thread instead of in the batching queue
         options = dict(workers=1)
-    monkeypatch.setattr(models.Signature, "_call", slow)  # before the batchers bind it
+    monkeypatch.setattr(Signature, "_call", slow)  # before the batchers bind it
     server = ModelServer(base, name=NAME, port=0, rest_port=0, max_batch_size=32,
                          warmup=False, **options).start()
     yield model, server, state

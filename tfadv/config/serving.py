@@ -104,6 +104,11 @@ class QueryConfig:
     images: tuple = setting(positional=True, help="image files (JPEG, PNG, ...)")
     crop: bool = setting(True, help="detect and crop the face (--no-crop: the images are "
                                     "already face crops; the centre square is resized)")
+    encoding: str = setting("png", choices=("png", "jpeg", "raw"),
+                            help="how each crop is sent: png (lossless, ~38 KB a face) or jpeg "
+                                 "(~10 KB) to the embed_images signature, or raw uint8 pixels "
+                                 "(~77 KB) to embed_uint8 (models exported without "
+                                 "embed_images)")
     name: str = setting(C.DEFAULT_MODEL_NAME, help="model name")
     version: int | None = setting(None, type=_pos, help="pin a version")
     timeout: float = setting(10.0, type=argtypes.positive_float,

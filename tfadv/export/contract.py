@@ -10,6 +10,15 @@ A SavedModel written by `tfadv.export.export_model` exposes these signatures
     verify           images_a, images_b  float32 [N, H, W, 3]
                      -> similarity  float32 [N] (cosine of the two embeddings)
                         same_person bool    [N] (similarity >= the stored threshold)
+    embed_images     images_bytes  string [N] encoded face crops (JPEG, PNG, GIF, BMP)
+                     -> embeddings  float32 [N, D]
+    verify_images    images_a_bytes, images_b_bytes  string [N]
+                     -> similarity, same_person (as verify)
+
+The `*_images` signatures decode and resize inside the graph
+(`tfadv.export.images`), so a client sends a few KB of JPEG per face; over
+REST the bytes travel as `{"b64": "..."}` (TF Serving's rule: input names
+ending in `_bytes` hold binary data).
 
 A SavedModel signature has one dtype per input, so raw uint8 pixels get their
 own signature instead of a cast on the caller's side; clients in any language
@@ -24,11 +33,16 @@ exporter import the names below.
 SERVING_SIGNATURE = "serving_default"
 EMBED_UINT8_SIGNATURE = "embed_uint8"
 VERIFY_SIGNATURE = "verify"
+EMBED_IMAGES_SIGNATURE = "embed_images"
+VERIFY_IMAGES_SIGNATURE = "verify_images"
 
 # Input keys.
 IMAGES = "images"
 IMAGES_A = "images_a"
 IMAGES_B = "images_b"
+IMAGES_BYTES = "images_bytes"
+IMAGES_A_BYTES = "images_a_bytes"
+IMAGES_B_BYTES = "images_b_bytes"
 
 # Output keys.
 EMBEDDINGS = "embeddings"

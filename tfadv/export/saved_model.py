@@ -33,6 +33,7 @@ from tfadv import files
 from tfadv.config.core import check_threshold
 from tfadv.export import contract as C
 from tfadv.export.batching import BatchingParameters
+from tfadv.export.images import decode_crops
 
 
 def list_versions(base_dir: str) -> list[int]:
@@ -127,8 +128,18 @@ def _build_archive(model, threshold):
         sim = tf.reduce_sum(emb[:n] * emb[n:], axis=-1)
         return {C.SIMILARITY: sim, C.SAME_PERSON: sim >= threshold}
 
+    def embed_images(images_bytes):
+        return serving_default(decode_crops(images_bytes, h, name=C.IMAGES_BYTES))
+
+    def verify_images(images_a_bytes, images_b_bytes):
+        return verify(decode_crops(images_a_bytes, h, name=C.IMAGES_A_BYTES),
+                      decode_crops(images_b_bytes, h, name=C.IMAGES_B_BYTES))
+
     def spec(dtype, name):
         return tf.TensorSpec([None, h, w, 3], dtype, name=name)
+
+    def encoded(name):
+        return tf.TensorSpec([None], tf.string, name=name)
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -139,6 +150,12 @@ def _build_archive(model, threshold):
     archive.add_endpoint(C.VERIFY_SIGNATURE, verify,
                          input_signature=[spec(tf.float32, C.IMAGES_A),
                                           spec(tf.float32, C.IMAGES_B)])
+    if h == w:  # the crop pipeline makes square images
+        archive.add_endpoint(C.EMBED_IMAGES_SIGNATURE, embed_images,
+                             input_signature=[encoded(C.IMAGES_BYTES)])
+        archive.add_endpoint(C.VERIFY_IMAGES_SIGNATURE, verify_images,
+                             input_signature=[encoded(C.IMAGES_A_BYTES),
+                                              encoded(C.IMAGES_B_BYTES)])
     return archive
 
 
@@ -165,6 +182,13 @@ def warmup_requests(name: str, image_size: tuple[int, int], batch_sizes=(1,), se
             C.VERIFY_SIGNATURE: {C.IMAGES_A: pixels[0].astype(np.float32),
                                  C.IMAGES_B: pixels[1].astype(np.float32)},
         }
+        if h == w:
+            files = [_encode(p, i) for p in pixels[:2] for i in range(n)]
+            per_signature[C.EMBED_IMAGES_SIGNATURE] = {C.IMAGES_BYTES: np.array(files[:n],
+                                                                                 object)}
+            per_signature[C.VERIFY_IMAGES_SIGNATURE] = {
+                C.IMAGES_A_BYTES: np.array(files[:n], object),
+                C.IMAGES_B_BYTES: np.array(files[n:], object)}
         for signature, inputs in per_signature.items():
             request = predict_pb2.PredictRequest()
             request.model_spec.name = name
@@ -174,6 +198,12 @@ def warmup_requests(name: str, image_size: tuple[int, int], batch_sizes=(1,), se
             logs.append(prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(request=request)))
     return logs
+
+
+def _encode(pixels, i):
+    """One warm-up photo: even indices PNG, odd JPEG (both decoders run at load time)."""
+    image = tf.constant(pixels[i].astype(np.uint8))
+    return (tf.io.encode_png(image) if i % 2 == 0 else tf.io.encode_jpeg(image)).numpy()
 
 
 def read_warmup_requests(path: str):
@@ -214,6 +244,8 @@ stock `tensorflow/serving` image loads unchanged.
 | `{C.SERVING_SIGNATURE}` | `{C.IMAGES}` float32 [N, {h}, {w}, 3], raw RGB in [0, 255] | `{C.EMBEDDINGS}` float32 [N, {dim}], L2-normalised |
 | `{C.EMBED_UINT8_SIGNATURE}` | `{C.IMAGES}` uint8 [N, {h}, {w}, 3] | `{C.EMBEDDINGS}` float32 [N, {dim}] |
 | `{C.VERIFY_SIGNATURE}` | `{C.IMAGES_A}`, `{C.IMAGES_B}` float32 [N, {h}, {w}, 3] | `{C.SIMILARITY}` float32 [N], `{C.SAME_PERSON}` bool [N] (cosine >= {threshold:.6g}) |
+| `{C.EMBED_IMAGES_SIGNATURE}` | `{C.IMAGES_BYTES}` string [N]: JPEG, PNG, GIF or BMP face crops (resized in the graph) | `{C.EMBEDDINGS}` float32 [N, {dim}] |
+| `{C.VERIFY_IMAGES_SIGNATURE}` | `{C.IMAGES_A_BYTES}`, `{C.IMAGES_B_BYTES}` string [N] | `{C.SIMILARITY}`, `{C.SAME_PERSON}` (as `{C.VERIFY_SIGNATURE}`) |
 
 Check them with `saved_model_cli show --dir {src}/{versions[-1]} --all`.
 

@@ -270,7 +270,16 @@ class Batcher:
                                             + ([np.repeat(batch[-1].inputs[k][-1:], pad, axis=0)]
                                                if pad else []), axis=0)
                           for k in batch[0].inputs}
-                result = self._fn(merged)
+                try:
+                    result = self._fn(merged)
+                except ServingError as err:
+                    if err.code != "INVALID_ARGUMENT" or len(batch) == 1:
+                        raise
+                    # One request's bad data (a photo that does not decode) fails the merged
+                    # batch: run each request alone, so only its sender gets the error, with
+                    # indices into its own batch.
+                    self._run_alone(batch)
+                    return
                 ends = np.cumsum([t.size for t in batch])
                 starts = ends - np.asarray([t.size for t in batch])
                 outputs = [{k: v[s:e] for k, v in result.items()} for s, e in zip(starts, ends)]
@@ -282,6 +291,13 @@ class Batcher:
         finally:
             for task in batch:
                 task.done.set()
+
+    def _run_alone(self, batch):
+        for task in batch:
+            try:
+                task.outputs = self._fn(task.inputs)
+            except BaseException as err:
+                task.error = err
 
     def close(self, wait: bool = True):
         """Stops taking new tasks; queued ones still run. Joins the threads if `wait`."""

@@ -90,7 +90,8 @@ def cmd_query(args):
     cfg = build(QueryConfig, args)
     with _client(cfg) as client:
         try:
-            results = client.embed_files(list(cfg.images), crop=cfg.crop)
+            results = client.embed_files(list(cfg.images), crop=cfg.crop,
+                                         encoding=None if cfg.encoding == "raw" else cfg.encoding)
         except grpc.RpcError as err:
             raise ValueError(f"{cfg.target}: {err.code().name}: {err.details()}") from None
     for r in results:

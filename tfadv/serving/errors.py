@@ -6,16 +6,22 @@ import grpc
 
 # TF Serving's REST gateway maps canonical codes to HTTP statuses this way.
 _HTTP = {
+    "CANCELLED": 499,
+    "UNKNOWN": 500,
     "INVALID_ARGUMENT": 400,
     "FAILED_PRECONDITION": 400,
     "OUT_OF_RANGE": 400,
     "NOT_FOUND": 404,
     "ALREADY_EXISTS": 409,
+    "PERMISSION_DENIED": 403,
+    "ABORTED": 409,
     "RESOURCE_EXHAUSTED": 429,
     "UNIMPLEMENTED": 501,
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
     "INTERNAL": 500,
+    "DATA_LOSS": 500,
+    "UNAUTHENTICATED": 401,
 }
 
 

@@ -17,7 +17,6 @@ import os
 import threading
 import time
 
-import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
@@ -25,164 +24,16 @@ from tensorflow_serving.apis import prediction_log_pb2
 from tfadv.export import contract as C
 from tfadv.export.batching import BatchingParameters
 from tfadv.export.saved_model import list_versions
-from tfadv.serving.batcher import Batcher, check_alive
 from tfadv.serving.config import ModelConfig
-from tfadv.serving.errors import invalid, not_found
-from tfadv.serving.tensors import numpy_dtype, to_numpy
+from tfadv.serving.errors import ServingError, invalid, not_found
+from tfadv.serving.signature import Signature, warm_input
+from tfadv.serving.tensors import to_numpy
 
 log = logging.getLogger("tfadv.serving")
 
 _INIT_OP = "__saved_model_init_op"
 _MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
 _MAX_LOAD_ATTEMPTS = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """One signature input or output: name, dtype and shape (None = any size)."""
-
-    key: str
-    dtype: np.dtype
-    shape: tuple | None  # None: unknown rank
-
-    def describe(self) -> str:
-        shape = "?" if self.shape is None else "[" + ", ".join(
-            "-1" if d is None else str(d) for d in self.shape) + "]"
-        return f"{self.key}: {dtype_name_np(self.dtype)} {shape}"
-
-
-def dtype_name_np(dtype) -> str:
-    return "string" if dtype == np.object_ else np.dtype(dtype).name
-
-
-def _spec(key, tensor_info):
-    shape = None
-    if not tensor_info.tensor_shape.unknown_rank:
-        shape = tuple(None if d.size < 0 else int(d.size) for d in tensor_info.tensor_shape.dim)
-    return TensorSpec(key, numpy_dtype(tensor_info.dtype), shape)
-
-
-class Signature:
-    """A callable signature of a loaded SavedModel, with request validation.
-
-    Args:
-        name: the signature key.
-        signature_def: its `SignatureDef` proto.
-        fn: the concrete function (`loaded.signatures[name]`).
-        max_batch_size: the largest batch one request may carry.
-        batching: `BatchingParameters` to merge concurrent requests, or None.
-    """
-
-    def __init__(self, name, signature_def, fn, *, max_batch_size, batching=None, label=""):
-        self.name = name
-        self.signature_def = signature_def
-        self.inputs = {k: _spec(k, v) for k, v in sorted(signature_def.inputs.items())}
-        self.outputs = {k: _spec(k, v) for k, v in sorted(signature_def.outputs.items())}
-        self._fn = fn
-        self.max_batch_size = max_batch_size
-        # Merging requests along axis 0 is only safe if every tensor is batched.
-        self.batchable = all(s.shape is not None and len(s.shape) >= 1 and s.shape[0] is None
-                             for s in [*self.inputs.values(), *self.outputs.values()])
-        self._batcher = None
-        if batching is not None and self.batchable:
-            self._batcher = Batcher(self._call, batching, name=f"batch-{label}{name}")
-
-    def describe_inputs(self) -> str:
-        return "{" + ", ".join(s.describe() for s in self.inputs.values()) + "}"
-
-    def check_names(self, names):
-        """Raises INVALID_ARGUMENT unless `names` are exactly the signature's inputs."""
-        expected = set(self.inputs)
-        given = set(names)
-        if given != expected:
-            missing, extra = sorted(expected - given), sorted(given - expected)
-            parts = []
-            if missing:
-                parts.append(f"missing {missing}")
-            if extra:
-                parts.append(f"unexpected {extra}")
-            raise invalid(f"Signature '{self.name}' expects inputs {self.describe_inputs()}; "
-                          f"{' and '.join(parts)}.")
-
-    def validate(self, inputs: dict, hint_dtypes: dict | None = None) -> int:
-        """Checks a request's tensors against the signature; returns the batch size.
-
-        Raises:
-            ServingError: INVALID_ARGUMENT naming the expected spec.
-        """
-        self.check_names(inputs)
-        batch = None
-        for key, spec in self.inputs.items():
-            value = inputs[key]
-            if value.dtype != spec.dtype:
-                hint = ""
-                other = (hint_dtypes or {}).get((key, value.dtype))
-                if other:
-                    hint = f" For {dtype_name_np(value.dtype)} use the signature '{other}'."
-                raise invalid(f"Input '{key}' of signature '{self.name}' expects dtype "
-                              f"{dtype_name_np(spec.dtype)} but {dtype_name_np(value.dtype)} was "
-                              f"sent (expected {spec.describe()}).{hint}")
-            if spec.shape is not None:
-                ok = len(value.shape) == len(spec.shape) and all(
-                    e is None or e == g for e, g in zip(spec.shape, value.shape))
-                if not ok:
-                    raise invalid(f"Input '{key}' of signature '{self.name}' expects shape "
-                                  f"{spec.describe().split(' ', 2)[2]} but shape "
-                                  f"{list(value.shape)} was sent (expected {spec.describe()}).")
-            if self.batchable:
-                n = value.shape[0]
-                if batch is not None and n != batch:
-                    raise invalid(f"All inputs of signature '{self.name}' must have the same "
-                                  f"batch size; received {batch} and {n} ('{key}').")
-                batch = n
-        if self.batchable:
-            if batch == 0:
-                raise invalid(f"Empty batch: signature '{self.name}' needs at least one example "
-                              f"(expected {self.describe_inputs()}).")
-            if batch > self.max_batch_size:
-                raise invalid(f"Batch size {batch} is larger than the maximum batch size "
-                              f"{self.max_batch_size}; split the request into batches of at "
-                              f"most {self.max_batch_size}.")
-        return batch or 0
-
-    def _call(self, inputs: dict) -> dict:
-
-        try:
-            result = self._fn(**{k: tf.constant(v) for k, v in inputs.items()})
-        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as err:
-            message = getattr(err, "message", None) or str(err)
-            raise invalid(f"Signature '{self.name}' could not run on this request: "
-                          f"{message.splitlines()[0] if message else err!r}") from None
-        return {k: v.numpy() for k, v in result.items()}
-
-    @property
-    def batching(self) -> bool:
-        """Whether requests to this signature are merged into batches."""
-        return self._batcher is not None
-
-    def run(self, inputs: dict, batch: int, *, deadline: float | None = None,
-            alive=None) -> dict:
-        """Runs the signature (through the batcher when batching is on).
-
-        Args:
-            inputs: validated arrays.
-            batch: their batch size.
-            deadline: `time.monotonic()` seconds after which nobody waits for
-                the answer; None for none.
-            alive: callable returning False once the client has gone.
-
-        Raises:
-            ServingError: DEADLINE_EXCEEDED, without running the model, when
-                the deadline passed or the client left before it ran.
-        """
-        if self._batcher is not None:
-            return self._batcher.submit(inputs, batch, deadline=deadline, alive=alive)
-        check_alive(deadline, alive)
-        return self._call(inputs)
-
-    def close(self):
-        if self._batcher is not None:
-            self._batcher.close()
 
 
 class Servable:
@@ -259,13 +110,25 @@ class Servable:
             if not sig.batching or any(None in s.shape[1:] for s in sig.inputs.values()):
                 continue
             for n in sizes:
-                sig._call({k: np.zeros((n, *s.shape[1:]), s.dtype) for k, s in sig.inputs.items()})
+                sig._call({k: warm_input(s, n) for k, s in sig.inputs.items()})
 
-    def signature(self, key: str) -> Signature:
-        sig = self.signatures.get(key or C.SERVING_SIGNATURE)
+    def signature(self, key: str, *, rest: bool = False) -> Signature:
+        """The signature a request names ("" or None: serving_default).
+
+        Raises:
+            ServingError: an unknown key, in TF Serving's words: over gRPC
+                FAILED_PRECONDITION 'Serving signature key "k" not found.', over
+                REST INVALID_ARGUMENT 'Serving signature name: "k" not found in
+                signature def'; the available keys follow.
+        """
+        key = key or C.SERVING_SIGNATURE
+        sig = self.signatures.get(key)
         if sig is None:
-            raise not_found(f"Serving signature key '{key}' not found in model '{self.name}' "
-                            f"version {self.version}; available: {sorted(self.signatures)}.")
+            hint = f" (model '{self.name}' version {self.version} has {sorted(self.signatures)})"
+            if rest:
+                raise invalid(f'Serving signature name: "{key}" not found in signature def{hint}')
+            raise ServingError("FAILED_PRECONDITION", f'Serving signature key "{key}" not '
+                                                      f"found.{hint}")
         return sig
 
     def predict(self, signature_name: str, inputs: dict, output_filter=(), *,
@@ -316,22 +179,23 @@ class _Model:
         self.states: dict[int, VersionState] = {}
 
     def lookup(self, version=None, label=None) -> Servable:
+        """TF Serving's messages first (clients match on them), then what to do."""
         available = self.available  # one read: the set this request uses
         name = self.config.name
         if label:
             if label not in self.config.labels:
-                raise not_found(f"Unknown version label '{label}' for model '{name}'; labels: "
-                                f"{sorted(self.config.labels)}.")
+                raise invalid(f"Unrecognized servable version label: {label} (model '{name}' "
+                              f"has the labels {sorted(self.config.labels)}).")
             version = self.config.labels[label]
         if version is None:
             if not available:
-                raise not_found(f"Servable not found for request: Latest({name}): no version of "
-                                f"model '{name}' is loaded (is {self.config.base_path} empty?).")
+                raise not_found(f"Servable not found for request: Latest({name}) (no version "
+                                f"is loaded; is {self.config.base_path} empty?)")
             return available[max(available)]
         servable = available.get(int(version))
         if servable is None:
-            raise not_found(f"Servable not found for request: Specific({name}, {version}); "
-                            f"available versions: {sorted(available)}.")
+            raise not_found(f"Servable not found for request: Specific({name}, {version}) "
+                            f"(available versions: {sorted(available)})")
         return servable
 
 
@@ -360,22 +224,24 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return sorted(self._models)
 
-    def model(self, name: str) -> _Model:
+    def model(self, name: str, version=None) -> _Model:
+        request = f"Latest({name})" if version is None else f"Specific({name}, {version})"
         if not name:
             raise invalid("Missing model name: set model_spec.name.")
         model = self._models.get(name)
         if model is None:
-            raise not_found(f"Servable not found for request: model '{name}' is not served; "
-                            f"served models: {self.names}.")
+            raise not_found(f"Servable not found for request: {request} (model '{name}' is not "
+                            f"served; served models: {self.names})")
         return model
 
     def lookup(self, name, version=None, label=None) -> Servable:
         """The servable a request addresses.
 
         Raises:
-            ServingError: NOT_FOUND for an unknown model, version or label.
+            ServingError: NOT_FOUND for an unknown model or version,
+                INVALID_ARGUMENT for an unknown label (TF Serving's codes).
         """
-        return self.model(name).lookup(version, label)
+        return self.model(name, version).lookup(version, label)
 
     def poll(self):
         """Loads new versions and unloads old ones for every model, once."""
@@ -427,25 +293,24 @@ class ModelRegistry:
             threading.Thread(target=servable.close, daemon=True).start()
 
     def status(self, name, version=None, label=None) -> list[tuple[int, VersionState]]:
-        """(version, state) pairs for GetModelStatus.
+        """(version, state) pairs for GetModelStatus, newest first.
+
+        As TF Serving's, the status ignores a version label (every version is
+        listed) and names what it could not find in TF Serving's words.
 
         Raises:
-            ServingError: NOT_FOUND for an unknown model, version or label.
+            ServingError: NOT_FOUND for an unknown model or version.
         """
-        model = self.model(name)
-        if label:
-            if label not in model.config.labels:
-                raise not_found(f"Unknown version label '{label}' for model '{name}'.")
-            version = model.config.labels[label]
-        states = dict(model.states)
+        model = self._models.get(name) if name else None
+        if not name:
+            raise invalid("Missing model name in request.")
+        states = dict(model.states) if model is not None else {}
         if version is not None:
             if int(version) not in states:
-                raise not_found(f"Could not find version {version} of model '{name}'; known "
-                                f"versions: {sorted(states)}.")
+                raise not_found(f"Could not find version {version} of model {name}")
             return [(int(version), states[int(version)])]
         if not states:
-            raise not_found(f"Could not find any versions of model '{name}' in "
-                            f"{model.config.base_path}.")
+            raise not_found(f"Could not find any versions of model {name}")
         return sorted(states.items(), reverse=True)
 
     def start_polling(self, interval: float):

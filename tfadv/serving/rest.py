@@ -12,6 +12,8 @@ answered with the matching HTTP status and a body `{"error": "..."}`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import http.server
 import json
 import logging
@@ -28,12 +30,57 @@ from tfadv.serving.http_body import (DRAIN_MAX_BYTES, DRAIN_TIMEOUT_S, MB, PIECE
 
 log = logging.getLogger("tfadv.serving")
 
-_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)"
-                    r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
-                    r"(?P<tail>/metadata|:[a-zA-Z]+)?/?$")
+# TF Serving's two routes (http_rest_api_util.cc), matched whole and ignoring case, on the
+# raw path with its query: POST for the verbs, GET for status and metadata. The verb and the
+# "metadata" suffix are then compared exactly, as TF Serving does.
+_VERSION = r"(?:/versions/(?P<version>[0-9]+)|/labels/(?P<label>[^/:]+))?"
+_POST_ROUTE = re.compile(r"(?i)/v1/models/(?P<name>[^/:]+)" + _VERSION
+                         + r":(?P<verb>classify|regress|predict)")
+_GET_ROUTE = re.compile(r"(?i)/v1/models(?:/(?P<name>[^/:]+))?" + _VERSION
+                        + r"(?:/(?P<sub>metadata))?")
+_API = re.compile(r"(?i)/v1/.*", re.S)
+_INT64_MAX = (1 << 63) - 1
+_REQUEST_KEYS = ("signature_name", "instances", "inputs")  # TF Serving reads only these
+
+
+def _is_b64(value) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and "b64" in value
+
+
+def _string_values(values, key):
+    """JSON values of a string input as bytes: a string is its UTF-8 bytes, an object
+    {"b64": "..."} its base64-decoded bytes (TF Serving's convention), at any nesting."""
+    if isinstance(values, list):
+        return [_string_values(v, key) for v in values]
+    if _is_b64(values):
+        text = values["b64"]
+        if not isinstance(text, str):
+            raise invalid(f"Input '{key}': the 'b64' value must be a string of base64.")
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise invalid(f"Input '{key}': the 'b64' value is not valid base64 ({err}).") from None
+    if isinstance(values, str):
+        return values.encode()
+    raise invalid(f"Input '{key}' expects strings: JSON strings, or {{\"b64\": \"...\"}} "
+                  "objects for binary data such as encoded images.")
+
+
+def _string_array(values, spec, key):
+    try:
+        array = np.array(_string_values(values, key), dtype=object)
+        ragged = any(isinstance(v, list) for v in array.reshape(-1))
+    except ValueError:
+        ragged = True
+    if ragged:
+        raise invalid(f"Input '{key}' is ragged; every example must have shape "
+                      f"{spec.describe()}.")
+    return array
 
 
 def _json_array(values, spec, key):
+    if spec.dtype == np.object_:
+        return _string_array(values, spec, key)
     try:
         array = np.asarray(values)
     except ValueError:
@@ -53,28 +100,49 @@ def _json_array(values, spec, key):
     return array.astype(spec.dtype, copy=False)
 
 
+def _shown(document) -> str:
+    """A request document in an error message, cut as TF Serving cuts it (about 256 bytes)."""
+    text = json.dumps(document)
+    return text if len(text) <= 256 else text[:256] + "..."
+
+
 def _rest_predict(registry, name, version, label, body, alive=None):
+    """A predict body in TF Serving's order of checks: JSON first, then the servable, the
+    signature, the request's shape; keys other than signature_name, instances and inputs
+    are ignored, as TF Serving ignores them."""
+    if not body.strip():
+        raise invalid("JSON Parse error: The document is empty")
     try:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
-        raise invalid(f"The request body is not valid JSON: {err}.") from None
+        raise invalid(f"JSON Parse error: {err}") from None
     except RecursionError:
-        raise invalid("The request body nests JSON arrays or objects too deeply.") from None
+        raise invalid("JSON Parse error: the request nests JSON arrays or objects too "
+                      "deeply.") from None
     if not isinstance(request, dict):
-        raise invalid("The request body must be a JSON object with 'instances' or 'inputs'.")
+        raise invalid(f"JSON Value: {_shown(request)} Is not object")
+    signature_name = request.get("signature_name", "")
+    if not isinstance(signature_name, str):
+        raise invalid(f"JSON Value: {_shown(request)} not formatted correctly. "
+                      "'signature_name' key must be a string value.")
     servable = registry.lookup(name, version, label)
-    signature_name = request.get("signature_name") or C.SERVING_SIGNATURE
-    sig = servable.signature(signature_name)
+    signature_name = signature_name or C.SERVING_SIGNATURE
+    sig = servable.signature(signature_name, rest=True)
     row = "instances" in request
-    if row == ("inputs" in request):
-        raise invalid("Missing 'inputs' or 'instances' key" if not row else
-                      "Send either 'instances' (row format) or 'inputs' (columnar), not both.")
+    if row and "inputs" in request:
+        raise invalid(f"JSON Value: {_shown(request)} Not formatted correctly expecting only "
+                      "one of 'inputs' or 'instances' keys to exist ")
+    if row and not isinstance(request["instances"], list):
+        raise invalid(f"JSON Value: {_shown(request)} Expecting 'instances' to be an list/array")
+    if row and not request["instances"]:
+        raise invalid(f"JSON Value: {_shown(request)} No values in 'instances' array")
+    if not row and "inputs" not in request:
+        raise invalid("Missing 'inputs' or 'instances' key")
     keys = list(sig.inputs)
     if row:
         rows = request["instances"]
-        if not isinstance(rows, list):
-            raise invalid("'instances' must be a list with one entry per example.")
-        if rows and all(isinstance(r, dict) for r in rows):
+        named = [isinstance(r, dict) and not _is_b64(r) for r in rows]
+        if rows and all(named):
             columns = {}
             for r in rows:
                 for k, v in r.items():
@@ -82,14 +150,14 @@ def _rest_predict(registry, name, version, label, body, alive=None):
             if any(len(c) != len(rows) for c in columns.values()):
                 raise invalid("Every instance must name the same inputs "
                               f"(expected {sig.describe_inputs()}).")
-        elif len(keys) == 1 and not any(isinstance(r, dict) for r in rows):
+        elif len(keys) == 1 and not any(named):
             columns = {keys[0]: rows}
         else:
             raise invalid(f"Each instance must be an object with the inputs "
                           f"{sig.describe_inputs()}.")
     else:
         given = request["inputs"]
-        if isinstance(given, dict):  # values are arrays, so an object always names inputs
+        if isinstance(given, dict) and not _is_b64(given):  # an object names the inputs
             columns = given
         elif len(keys) == 1:
             columns = {keys[0]: given}
@@ -97,19 +165,31 @@ def _rest_predict(registry, name, version, label, body, alive=None):
             raise invalid(f"'inputs' must be an object with the inputs {sig.describe_inputs()}.")
     sig.check_names(columns)
     arrays = {k: _json_array(v, sig.inputs[k], k) for k, v in columns.items()}
-    output_filter = request.get("output_filter", [])
-    if not isinstance(output_filter, list) or not all(isinstance(k, str) for k in output_filter):
-        raise invalid("'output_filter' must be a list of output names.")
-    outputs = servable.predict(signature_name, arrays, tuple(output_filter), alive=alive)
+    outputs = servable.predict(signature_name, arrays, alive=alive)
+    lists = {k: _to_json_values(k, v) for k, v in outputs.items()}
     if row:
-        if len(outputs) == 1:
-            return {"predictions": next(iter(outputs.values())).tolist()}
-        n = len(next(iter(outputs.values())))
-        lists = {k: v.tolist() for k, v in outputs.items()}
+        if len(lists) == 1:
+            return {"predictions": next(iter(lists.values()))}
+        n = len(next(iter(lists.values())))
         return {"predictions": [{k: lists[k][i] for k in lists} for i in range(n)]}
-    if len(outputs) == 1:
-        return {"outputs": next(iter(outputs.values())).tolist()}
-    return {"outputs": {k: v.tolist() for k, v in outputs.items()}}
+    if len(lists) == 1:
+        return {"outputs": next(iter(lists.values()))}
+    return {"outputs": lists}
+
+
+def _to_json_values(key, array):
+    """An output array as JSON values; strings as TF Serving writes them: {"b64": ...} for
+    outputs whose name ends in '_bytes', else as UTF-8 text."""
+    array = np.asarray(array)
+    if array.dtype != np.object_:
+        return array.tolist()
+    if key.endswith("_bytes"):
+        def convert(v):
+            return {"b64": base64.b64encode(v).decode("ascii")}
+    else:
+        def convert(v):
+            return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+    return np.frompyfunc(convert, 1, 1)(array).tolist()
 
 
 def _to_json(message):
@@ -284,36 +364,44 @@ def rest_handler(server):
             self._answer(status, payload)
 
         def _route(self, method):
-            path = self.path.split("?", 1)[0]
-            m = _ROUTE.match(path)
+            path = self.path  # raw, query included: TF Serving routes on it whole
             body = self._read_body()  # whatever the method: the next request starts after it
             if body:
                 body = decompress(body, header_list(self.headers, "Content-Encoding"),
                                    max_body, limit_mb)
+            if not _API.fullmatch(path):
+                raise not_found(f"Not Found: {method} {path} (the API lives under /v1/models)")
+            malformed = invalid(f"Malformed request: {method} {path}")
+            m = {"POST": _POST_ROUTE, "GET": _GET_ROUTE}.get(method)
+            m = m.fullmatch(path) if m is not None else None
             if m is None:
-                raise not_found(f"Malformed request: {method} {path}")
-            name, label, tail = m["name"], m["label"], m["tail"]
+                raise malformed
+            name, label = m["name"], m["label"]
             version = None
             if m["version"] is not None:
-                if not m["version"].isdigit():
-                    raise not_found(f"Malformed request: {method} {path} (versions are integers)")
                 version = int(m["version"])
-            if method == "GET" and tail is None:
-                return _to_json(status_response(registry, name, version, label))
-            if method == "GET" and tail == "/metadata":
+                if version > _INT64_MAX:
+                    raise invalid(f"Failed to convert version: {m['version']} to numeric.")
+            if method == "POST":
+                if m["verb"] == "predict":
+                    # REST has no deadline; a client that has hung up is not waited for.
+                    connection = self.connection
+                    return _rest_predict(registry, name, version, label, body,
+                                         alive=lambda: not peer_closed(connection))
+                if m["verb"] in ("classify", "regress"):
+                    raise ServingError("UNIMPLEMENTED", f"{m['verb']} is not served; the "
+                                                        "exported signatures are predict ones.")
+                raise malformed  # the verb is compared exactly: ":PREDICT" is malformed
+            if not name:
+                raise invalid("Missing model name in request.")
+            if m["sub"] == "metadata":
                 servable = registry.lookup(name, version, label)
                 defs = {k: _to_json(v) for k, v in servable.signature_defs.items()}
                 return {"model_spec": {"name": servable.name, "signature_name": "",
                                        "version": str(servable.version)},
                         "metadata": {"signature_def": {"signature_def": defs}}}
-            if method == "POST" and tail == ":predict":
-                # REST has no deadline; a client that has hung up is not waited for.
-                connection = self.connection
-                return _rest_predict(registry, name, version, label, body,
-                                     alive=lambda: not peer_closed(connection))
-            if method == "POST" and tail in (":classify", ":regress"):
-                raise ServingError("UNIMPLEMENTED", f"{tail[1:]} is not served; use :predict.")
-            raise not_found(f"Malformed request: {method} {path}")
+            # Any other GET that matched is the model status (labels ignored, as TF Serving).
+            return _to_json(status_response(registry, name, version, None))
 
         def do_GET(self):  # noqa: N802
             self._handle("GET")

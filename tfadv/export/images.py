@@ -1,0 +1,90 @@
+"""Encoded photos to model pixels inside the exported graph (TF ops only).
+
+The `embed_images` and `verify_images` signatures take JPEG, PNG, BMP or GIF
+bytes (DT_STRING [N]) and run this pipeline in the SavedModel itself, so the
+stock TF Serving binary serves them unchanged. For a photo that is already a
+face crop it gives the pixels `tfadv.data.faces` gives with `detector="none"`
+(`center_crop_resize`): the central square (offset `round((H - side) / 2)`,
+ties to even, as Python's `round`), resized to `size x size` by area averaging
+when shrinking and bilinearly when enlarging (OpenCV's INTER_AREA /
+INTER_LINEAR, which `center_crop_resize` uses), rounded to whole grey levels.
+A crop of exactly `size x size` passes through untouched.
+
+Unlike `tfadv.data.images.read_image` (PIL), the graph does not apply EXIF
+orientation and drops an alpha channel instead of compositing onto white:
+clients send crops they made themselves (`tfadv.serving.Client.embed_files`
+crops, then encodes a plain RGB JPEG or PNG).
+
+A batch holding bytes that do not decode fails with INVALID_ARGUMENT whose
+message names the input and the indices of the bad images.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+__all__ = ["FORMATS", "decode_crops"]
+
+FORMATS = "JPEG, PNG, GIF or BMP"
+_ALL = 1 << 30  # one batch holds every image of a request
+
+
+def _square_resize(image, size: int):
+    """uint8 [H, W, 3] -> float32 [size, size, 3] in whole grey levels (0-255)."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    side = tf.minimum(h, w)
+    # round((h - side) / 2) with ties to even: Python's round, as center_crop_resize.
+    top = tf.cast(tf.math.round(tf.cast(h - side, tf.float32) / 2.0), tf.int32)
+    left = tf.cast(tf.math.round(tf.cast(w - side, tf.float32) / 2.0), tf.int32)
+    square = tf.cast(image[top:top + side, left:left + side], tf.float32)
+
+    def resized(method):
+        return lambda: tf.image.resize(square, [size, size], method=method)
+
+    out = tf.case([(side > size, resized("area")), (side < size, resized("bilinear"))],
+                  default=lambda: square)
+    return tf.clip_by_value(tf.math.round(out), 0.0, 255.0)
+
+
+def decode_crops(data, size: int, *, name: str = "images_bytes"):
+    """Decodes a batch of encoded face crops to the model's pixels.
+
+    Args:
+        data: tf.string [N], each a JPEG, PNG, BMP or GIF file (a GIF gives
+            its first frame; greyscale is repeated to 3 channels; 16-bit PNG
+            is scaled to 8 bits).
+        size: the model's input side, in pixels (160 for FaceNet).
+        name: the input's name, used in the error message.
+
+    Returns:
+        float32 [N, size, size, 3], raw RGB in whole grey levels, [0, 255].
+
+    Raises:
+        tf.errors.InvalidArgumentError: (when the graph runs) some elements
+            do not decode; the message names `name` and their indices.
+    """
+    n = tf.shape(data)[0]
+    indexed = tf.data.Dataset.from_tensor_slices((tf.range(n), data))
+
+    def decode(i, encoded):
+        # JPEG with the accurate integer DCT: PIL's (libjpeg's) default, so the pixels are
+        # read_image's; TF's default fast DCT differs by up to 4 grey levels.
+        image = tf.cond(
+            tf.io.is_jpeg(encoded),
+            lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+            lambda: tf.io.decode_image(encoded, channels=3, dtype=tf.uint8,
+                                       expand_animations=False))
+        return i, _square_resize(image, size)
+
+    decoded = indexed.map(decode).ignore_errors().batch(_ALL)
+    empty = (tf.zeros([0], tf.int32), tf.zeros([0, size, size, 3], tf.float32))
+    index, pixels = decoded.reduce(empty, lambda _, batch: batch)  # at most one batch
+    present = tf.scatter_nd(index[:, None], tf.ones_like(index), [n])
+    bad = tf.where(tf.equal(present, 0))[:, 0]
+    listed = tf.strings.reduce_join(tf.strings.as_string(bad), separator=", ")
+    message = tf.strings.join([f"{name}: the images at indices [", listed,
+                               f"] of the batch do not decode as {FORMATS} files"])
+    check = tf.debugging.Assert(tf.equal(tf.size(bad), 0), [message])
+    with tf.control_dependencies([check]):
+        return tf.identity(pixels)
