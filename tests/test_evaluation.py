@@ -75,6 +75,19 @@ def test_bad_evaluation_input():
         robustness_curve(identity_model, np.zeros((2, 2), np.float32), np.zeros(2), [-0.1])
 
 
+def test_no_examples_is_a_clear_error_everywhere():
+    """An empty selection (every digit already broken, --n 0 after filtering) used to reach
+    AutoAttack's gradient checks and fail there with a reshape error."""
+    from tfadv.evaluation.autoattack import autoattack
+
+    x, y = np.zeros((0, 2), np.float32), np.zeros(0, np.int64)
+    for call in (lambda: evaluate_robustness(identity_model, x, y, [attacks.FGSM(eps=0.1)]),
+                 lambda: robustness_curve(identity_model, x, y, [0.1]),
+                 lambda: autoattack(identity_model, x, y, eps=0.1)):
+        with pytest.raises(ValueError, match="Expected at least one example"):
+            call()
+
+
 def test_agrees_with_art_pgd(trained_mnist_model, mnist_small):
     """Our robust accuracy under PGD and ART's on the same model, budget and data."""
     from art.attacks.evasion import ProjectedGradientDescent

@@ -145,13 +145,17 @@ def _check_xy(x, y, attacks=()):
     """x as float32 [N, ...], y as int64 [N] (label contract), checked against the attacks.
 
     Raises:
-        ValueError: mismatched lengths, non-float x, labels outside the label
-            contract, or x outside an attack's bounds.
+        ValueError: no examples, mismatched lengths, non-float x, labels outside
+            the label contract, or x outside an attack's bounds.
     """
     x = np.asarray(x)
     if x.ndim < 2 or len(x) != len(np.asarray(y)):
         raise ValueError(f"Expected x [N, ...] and y [N]. Received shapes {x.shape} and "
                          f"{np.asarray(y).shape}.")
+    if not len(x):
+        raise ValueError(f"Expected at least one example. Received x of shape {x.shape}: an "
+                         "accuracy over no examples is undefined (check --n / --limit and "
+                         "any filtering before the call).")
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"Expected float inputs. Received dtype {x.dtype}.")
     y = sparse_labels_np(y)
