@@ -96,7 +96,10 @@ def test_layout_and_side_files(exported):
     _, _, base, version_dir = exported
     assert version_dir == os.path.join(base, "1")
     assert sorted(os.listdir(base)) == ["1", "README.md", C.BATCHING_PARAMETERS_FILE,
-                                        C.MODELS_CONFIG_FILE]
+                                        C.MODELS_CONFIG_FILE, C.MONITORING_CONFIG_FILE]
+    from tfadv.serving.metrics import DEFAULT_PATH, read_monitoring_config
+
+    assert read_monitoring_config(os.path.join(base, C.MONITORING_CONFIG_FILE)) == DEFAULT_PATH
     assert os.path.isfile(os.path.join(version_dir, C.SAVED_MODEL_FILE))
     extra = os.path.join(version_dir, C.ASSETS_EXTRA)
     assert read_threshold(os.path.join(extra, C.THRESHOLD_FILE)) == pytest.approx(THRESHOLD)
@@ -111,6 +114,7 @@ def test_layout_and_side_files(exported):
     assert f"source={os.path.abspath(base)},target=/models/faces" in readme
     assert "--batching_parameters_file=/models/faces/batching_parameters.txt" in readme
     assert "--enable_model_warmup" in readme
+    assert "--monitoring_config_file=/models/faces/monitoring.config" in readme
 
 
 def test_warmup_file_parses_as_prediction_logs(exported):

@@ -78,6 +78,9 @@ class ServeConfig:
     ssl_key: str | None = setting(None, help="PEM private key")
     ssl_client_ca: str | None = setting(None, help="PEM CA: require client certificates")
     warmup: bool = setting(True, help="replay the warm-up requests before serving")
+    monitoring_config_file: str | None = setting(
+        None, help="TF Serving MonitoringConfig text file: prometheus_config { enable: true } "
+                   "serves Prometheus metrics on the REST port")
     enable_batching: bool = setting(False, help="merge concurrent requests into batches")
     batching_parameters_file: str | None = setting(
         None, help="TF Serving BatchingParameters text file (implies --enable-batching)")

@@ -62,6 +62,8 @@ ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"  # in <version>/assets.extra/
 MODELS_CONFIG_FILE = "models.config"  # in BASE_DIR
 BATCHING_PARAMETERS_FILE = "batching_parameters.txt"  # in BASE_DIR
+MONITORING_CONFIG_FILE = "monitoring.config"  # in BASE_DIR: Prometheus metrics on
+MONITORING_CONFIG = 'prometheus_config {\n  enable: true\n  path: "/monitoring/prometheus/metrics"\n}\n'
 SAVED_MODEL_FILE = "saved_model.pb"
 
 # Inside the tensorflow/serving container the base directory is mounted here.

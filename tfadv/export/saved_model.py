@@ -5,6 +5,7 @@
       2/...
       models.config             ModelServerConfig text proto (base_path /models/NAME)
       batching_parameters.txt   BatchingParameters text proto
+      monitoring.config         MonitoringConfig text proto (Prometheus metrics on)
       README.md                 the exact `docker run tensorflow/serving ...` commands
 
 The config files live inside BASE_DIR, so one bind mount of BASE_DIR at
@@ -256,7 +257,7 @@ docker run --rm -p 8500:8500 -p 8501:8501 \\
   --mount type=bind,source={src},target={target} \\
   -e MODEL_NAME={name} -t tensorflow/serving \\
   --enable_batching --batching_parameters_file={target}/{C.BATCHING_PARAMETERS_FILE} \\
-  --enable_model_warmup
+  --enable_model_warmup --monitoring_config_file={target}/{C.MONITORING_CONFIG_FILE}
 ```
 
 With the model config file instead of `MODEL_NAME` (it takes precedence):
@@ -267,19 +268,21 @@ docker run --rm -p 8500:8500 -p 8501:8501 \\
   -t tensorflow/serving \\
   --model_config_file={target}/{C.MODELS_CONFIG_FILE} \\
   --enable_batching --batching_parameters_file={target}/{C.BATCHING_PARAMETERS_FILE} \\
-  --enable_model_warmup
+  --enable_model_warmup --monitoring_config_file={target}/{C.MONITORING_CONFIG_FILE}
 ```
 
-`{C.MODELS_CONFIG_FILE}` and `{C.BATCHING_PARAMETERS_FILE}` sit in this directory, so one
-mount carries them with the versions; TF Serving only loads all-digit
+`{C.MODELS_CONFIG_FILE}`, `{C.BATCHING_PARAMETERS_FILE}` and `{C.MONITORING_CONFIG_FILE}` sit in
+this directory, so one mount carries them with the versions; TF Serving only loads all-digit
 directory names and ignores everything else here.
 
 ## Without Docker
 
 ```sh
-tfadv serve {src} --name {name} --port 8500 --rest-port 8501 --enable-batching
+tfadv serve {src} --name {name} --port 8500 --rest-port 8501 --enable-batching \\
+  --monitoring-config-file {src}/{C.MONITORING_CONFIG_FILE}
 tfadv query 127.0.0.1:8500 --name {name} face1.jpg face2.png --json
 curl http://127.0.0.1:8501/v1/models/{name}/metadata
+curl http://127.0.0.1:8501/monitoring/prometheus/metrics
 ```
 """
 
@@ -378,6 +381,7 @@ def export_model(model_or_path, base_dir, *, name: str = C.DEFAULT_MODEL_NAME,
     files.write_text(os.path.join(base_dir, C.MODELS_CONFIG_FILE),
                   models_config_text(name, f"{C.CONTAINER_MODELS_ROOT}/{name}"))
     files.write_text(os.path.join(base_dir, C.BATCHING_PARAMETERS_FILE), batching.to_text())
+    files.write_text(os.path.join(base_dir, C.MONITORING_CONFIG_FILE), C.MONITORING_CONFIG)
     files.write_text(os.path.join(base_dir, "README.md"),
                   _readme(name, base_dir, versions, size, dim, threshold))
     return version_dir

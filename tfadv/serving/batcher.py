@@ -25,6 +25,7 @@ import numpy as np
 
 from tfadv.export.batching import BatchingParameters
 from tfadv.serving.errors import ServingError
+from tfadv.serving.metrics import METRICS
 
 
 # How often a waiting caller asks `alive()` whether its client is still there.
@@ -262,6 +263,7 @@ class Batcher:
         try:
             total = sum(t.size for t in batch)
             pad = self._params.padded_size(total) - total
+            METRICS.batch([t.size for t in batch], total + pad)
             if len(batch) == 1 and not pad:
                 outputs = [self._fn(batch[0].inputs)]
             else:

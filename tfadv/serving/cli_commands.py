@@ -75,7 +75,7 @@ def cmd_serve(args):
                   max_batch_size=cfg.max_request_batch, poll_interval=cfg.poll_interval,
                   workers=cfg.workers, max_message_mb=cfg.max_message_mb, grace=cfg.grace,
                   tls_cert=cfg.ssl_cert, tls_key=cfg.ssl_key, tls_client_ca=cfg.ssl_client_ca,
-                  warmup=cfg.warmup)
+                  warmup=cfg.warmup, monitoring_config_file=cfg.monitoring_config_file)
 
 
 def _client(cfg) -> serving.Client:

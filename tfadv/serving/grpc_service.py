@@ -19,6 +19,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
 from tfadv.export import contract as C
 from tfadv.serving.batcher import check_alive
 from tfadv.serving.errors import ServingError, invalid
+from tfadv.serving.metrics import METRICS
 from tfadv.serving.tensors import to_numpy, to_tensor_proto
 
 log = logging.getLogger("tfadv.serving")
@@ -86,19 +87,34 @@ def predict(registry, request, deadline=None, alive=None):
     return response
 
 
-def _guard(server, context, fn, *args):
-    """Runs a handler; ServingErrors become their status code, anything else INTERNAL."""
-    if not server._enter():
-        context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+def _guard(server, context, fn, *args, counted=None):
+    """Runs a handler; ServingErrors become their status code, anything else INTERNAL.
+
+    `counted`: (model name, API, signature name) of a request TF Serving counts in
+    its request metrics (Predict), recorded with the final status.
+    """
+    start, status = time.perf_counter(), "UNAVAILABLE"
     try:
-        return fn(*args)
-    except ServingError as err:
-        context.abort(err.grpc_code, err.message)
-    except Exception as err:  # the server must survive any request
-        log.exception("request failed")
-        context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+        if not server._enter():
+            context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        try:
+            result = fn(*args)
+            status = "OK"
+            return result
+        except ServingError as err:
+            status = err.code
+            context.abort(err.grpc_code, err.message)
+        except Exception as err:  # the server must survive any request
+            status = "INTERNAL"
+            log.exception("request failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+        finally:
+            server._leave()
     finally:
-        server._leave()
+        if counted is not None:
+            model, api, signature = counted
+            METRICS.request(model, status, api=api, entrypoint="GRPC", signature_name=signature,
+                            seconds=time.perf_counter() - start)
 
 
 def _liveness(context):
@@ -115,8 +131,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self._server = server
 
     def Predict(self, request, context):  # noqa: N802 (gRPC method names)
+        spec = request.model_spec
         return _guard(self._server, context, predict, self._server.registry, request,
-                      *_liveness(context))
+                      *_liveness(context), counted=(spec.name, "Predict", spec.signature_name
+                                                    or C.SERVING_SIGNATURE))
 
     def GetModelMetadata(self, request, context):  # noqa: N802
         return _guard(self._server, context, metadata_response, self._server.registry, request)

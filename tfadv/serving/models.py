@@ -26,6 +26,7 @@ from tfadv.export.batching import BatchingParameters
 from tfadv.export.saved_model import list_versions
 from tfadv.serving.config import ModelConfig
 from tfadv.serving.errors import ServingError, invalid, not_found
+from tfadv.serving.metrics import METRICS
 from tfadv.serving.signature import Signature, warm_input
 from tfadv.serving.tensors import to_numpy
 
@@ -72,7 +73,7 @@ class Servable:
             if key in self._loaded.signatures:
                 self.signatures[key] = Signature(
                     key, sig_def, self._loaded.signatures[key], max_batch_size=max_batch_size,
-                    batching=batching, label=f"{name}-v{version}-")
+                    batching=batching, label=f"{name}-v{version}-", model_name=name)
         if not self.signatures:
             raise ValueError(f"The SavedModel in {path!r} has no callable signatures.")
         # (input key, dtype) -> a signature taking that dtype, for error hints.
@@ -262,12 +263,15 @@ class ModelRegistry:
                 continue
             state = model.states.setdefault(v, VersionState("LOADING"))
             state.state = "LOADING"
+            METRICS.state(cfg.name, v, "LOADING")
             t0 = time.perf_counter()
             try:
                 new[v] = Servable(cfg.name, v, os.path.join(cfg.base_path, str(v)),
                                   max_batch_size=self.max_batch_size, batching=self.batching,
                                   warmup=self.warmup)
             except Exception as err:  # a broken version must not stop the server
+                METRICS.load(os.path.join(cfg.base_path, str(v)), ok=False)
+                METRICS.state(cfg.name, v, "END")
                 state.attempts += 1
                 state.state = "END"
                 state.error_code = "UNKNOWN"
@@ -276,6 +280,8 @@ class ModelRegistry:
                           cfg.name, v, state.attempts, _MAX_LOAD_ATTEMPTS, err)
                 continue
             model.states[v] = VersionState("AVAILABLE")
+            METRICS.load(os.path.join(cfg.base_path, str(v)), ok=True)
+            METRICS.state(cfg.name, v, "AVAILABLE")
             log.info("model %s: version %d available (loaded in %.1f s)", cfg.name, v,
                      time.perf_counter() - t0)
         # Keep the old versions until something newer is actually loaded.
@@ -288,6 +294,7 @@ class ModelRegistry:
             self.generation += 1
         for servable in retired:
             model.states[servable.version] = VersionState("END")
+            METRICS.state(cfg.name, servable.version, "END")
             log.info("model %s: version %d unloaded", cfg.name, servable.version)
             # Requests already holding it finish; its batch threads drain and exit.
             threading.Thread(target=servable.close, daemon=True).start()

@@ -18,6 +18,7 @@ import http.server
 import json
 import logging
 import re
+import time
 
 import numpy as np
 from google.protobuf import json_format
@@ -25,6 +26,8 @@ from google.protobuf import json_format
 from tfadv.export import contract as C
 from tfadv.serving.errors import ServingError, invalid, not_found
 from tfadv.serving.grpc_service import SHUTTING_DOWN, status_response
+from tfadv.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from tfadv.serving.metrics import METRICS
 from tfadv.serving.http_body import (DRAIN_MAX_BYTES, DRAIN_TIMEOUT_S, MB, PIECE, HTTPRefusal,
                                      chunks, decompress, header_list, peer_closed, too_big)
 
@@ -40,7 +43,7 @@ _GET_ROUTE = re.compile(r"(?i)/v1/models(?:/(?P<name>[^/:]+))?" + _VERSION
                         + r"(?:/(?P<sub>metadata))?")
 _API = re.compile(r"(?i)/v1/.*", re.S)
 _INT64_MAX = (1 << 63) - 1
-_REQUEST_KEYS = ("signature_name", "instances", "inputs")  # TF Serving reads only these
+_REFUSAL_CODES = {413: "RESOURCE_EXHAUSTED", 501: "UNIMPLEMENTED"}
 
 
 def _is_b64(value) -> bool:
@@ -106,7 +109,7 @@ def _shown(document) -> str:
     return text if len(text) <= 256 else text[:256] + "..."
 
 
-def _rest_predict(registry, name, version, label, body, alive=None):
+def _rest_predict(registry, name, version, label, body, alive=None, counted=None):
     """A predict body in TF Serving's order of checks: JSON first, then the servable, the
     signature, the request's shape; keys other than signature_name, instances and inputs
     are ignored, as TF Serving ignores them."""
@@ -127,6 +130,8 @@ def _rest_predict(registry, name, version, label, body, alive=None):
                       "'signature_name' key must be a string value.")
     servable = registry.lookup(name, version, label)
     signature_name = signature_name or C.SERVING_SIGNATURE
+    if counted is not None:
+        counted["signature"] = signature_name
     sig = servable.signature(signature_name, rest=True)
     row = "instances" in request
     if row and "inputs" in request:
@@ -200,6 +205,7 @@ def _to_json(message):
 def rest_handler(server):
     """The request handler class answering REST requests for `server` (a `ModelServer`)."""
     registry = server.registry
+    metrics_path = getattr(server, "metrics_path", None)
     max_body = server.max_message_mb * MB
     limit_mb = server.max_message_mb
 
@@ -321,21 +327,21 @@ def rest_handler(server):
 
         # ------------------------------------------------ answers
 
-        def _send(self, status, payload):
-            body = json.dumps(payload).encode()
+        def _send(self, status, payload, content_type="application/json"):
+            body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
 
-        def _answer(self, status, payload):
+        def _answer(self, status, payload, content_type="application/json"):
             if not self._finish_body():
                 self.close_connection = True
             try:
-                self._send(status, payload)
+                self._send(status, payload, content_type)
             except OSError:
                 self.close_connection = True  # the client went away
 
@@ -346,21 +352,32 @@ def rest_handler(server):
                 self._lost = True
                 self._answer(err.status, {"error": err.message})
                 return
+            if metrics_path is not None and method == "GET" and self.path == metrics_path:
+                self._answer(200, METRICS.exposition(), METRICS_CONTENT_TYPE)
+                return
             if not server._enter():
                 self.close_connection = True
                 self._answer(503, {"error": SHUTTING_DOWN})
                 return
+            start, self._counted = time.perf_counter(), {"model": "", "api": method.lower(),
+                                                         "signature": ""}
             try:
-                status, payload = 200, self._route(method)
+                status, payload, code = 200, self._route(method), "OK"
             except HTTPRefusal as err:
                 status, payload = err.status, {"error": err.message}
+                code = _REFUSAL_CODES.get(err.status, "INVALID_ARGUMENT")
             except ServingError as err:
-                status, payload = err.http_status, {"error": err.message}
+                status, payload, code = err.http_status, {"error": err.message}, err.code
             except Exception as err:  # the server must survive any request
                 log.exception("REST request failed")
                 status, payload = 500, {"error": f"{type(err).__name__}: {err}"}
+                code = "INTERNAL"
             finally:
                 server._leave()
+            counted = self._counted  # before the answer: a client that reads it may scrape
+            METRICS.request(counted["model"], code, api=counted["api"], entrypoint="REST",
+                            signature_name=counted["signature"],
+                            seconds=time.perf_counter() - start)
             self._answer(status, payload)
 
         def _route(self, method):
@@ -377,6 +394,8 @@ def rest_handler(server):
             if m is None:
                 raise malformed
             name, label = m["name"], m["label"]
+            self._counted.update(model=name or "", api=m.groupdict().get("verb") or (
+                "metadata" if m.groupdict().get("sub") == "metadata" else "status"))
             version = None
             if m["version"] is not None:
                 version = int(m["version"])
@@ -387,7 +406,8 @@ def rest_handler(server):
                     # REST has no deadline; a client that has hung up is not waited for.
                     connection = self.connection
                     return _rest_predict(registry, name, version, label, body,
-                                         alive=lambda: not peer_closed(connection))
+                                         alive=lambda: not peer_closed(connection),
+                                         counted=self._counted)
                 if m["verb"] in ("classify", "regress"):
                     raise ServingError("UNIMPLEMENTED", f"{m['verb']} is not served; the "
                                                         "exported signatures are predict ones.")

@@ -59,6 +59,7 @@ from tfadv.export.batching import BatchingParameters
 from tfadv.serving import config as cfg
 from tfadv.serving.grpc_service import add_services
 from tfadv.serving.http_body import MB
+from tfadv.serving.metrics import read_monitoring_config
 from tfadv.serving.models import ModelRegistry
 from tfadv.serving.rest import rest_handler
 
@@ -88,6 +89,10 @@ class ModelServer:
         tls_client_ca: PEM file; with it, clients must present a certificate
             signed by this CA.
         warmup: replay each version's warm-up requests before serving it.
+        monitoring_config_file: TF Serving's MonitoringConfig text file; with
+            `prometheus_config { enable: true }` the REST port serves the
+            metrics of `tfadv.serving.metrics` at its path (default
+            /monitoring/prometheus/metrics).
 
     Raises:
         FileNotFoundError: for a missing base directory, config or TLS file.
@@ -99,7 +104,7 @@ class ModelServer:
                  model_config_file=None, batching: BatchingParameters | None = None,
                  max_batch_size: int | None = None, poll_interval: float = 1.0,
                  workers: int = 64, max_message_mb: int = 256, tls_cert=None, tls_key=None,
-                 tls_client_ca=None, warmup: bool = True):
+                 tls_client_ca=None, warmup: bool = True, monitoring_config_file=None):
         if (base_dir is None) == (model_config_file is None):
             raise ValueError("Pass exactly one of base_dir and model_config_file. Received: "
                              f"base_dir={base_dir!r}, model_config_file={model_config_file!r}")
@@ -129,6 +134,11 @@ class ModelServer:
             self._tls = tuple(_read(p) for p in (tls_key, tls_cert))
             self._tls_paths = (tls_cert, tls_key, tls_client_ca)
             self._client_ca = _read(tls_client_ca) if tls_client_ca else None
+        self.metrics_path = (read_monitoring_config(monitoring_config_file)
+                             if monitoring_config_file else None)
+        if self.metrics_path is not None and rest_port is None:
+            raise ValueError("Prometheus metrics are served on the REST port: give a REST port "
+                             "(or leave the monitoring config out).")
         self.host = host
         self.configs = configs
         self.registry = ModelRegistry(configs, max_batch_size=max_batch_size,
@@ -331,6 +341,8 @@ def serve(base_dir=None, *, name=C.DEFAULT_MODEL_NAME, port=C.DEFAULT_GRPC_PORT,
             print(f"serving model '{c.name}' versions {versions} from {c.base_path}",
                   file=out, flush=True)
         rest = f", REST on {server.rest_url}" if server.rest_url else ""
+        if server.metrics_path:
+            rest += f", metrics at {server.rest_url}{server.metrics_path}"
         print(f"gRPC on {server.grpc_target}{rest}", file=out, flush=True)
         while not stop.wait(0.5):
             pass

@@ -4,12 +4,14 @@ and the call (through the batcher when batching is on)."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import tensorflow as tf
 
 from tfadv.serving.batcher import Batcher, check_alive
 from tfadv.serving.errors import invalid
+from tfadv.serving.metrics import METRICS
 from tfadv.serving.tensors import numpy_dtype
 
 
@@ -62,8 +64,10 @@ class Signature:
         batching: `BatchingParameters` to merge concurrent requests, or None.
     """
 
-    def __init__(self, name, signature_def, fn, *, max_batch_size, batching=None, label=""):
+    def __init__(self, name, signature_def, fn, *, max_batch_size, batching=None, label="",
+                 model_name=""):
         self.name = name
+        self.model_name = model_name
         self.signature_def = signature_def
         self.inputs = {k: _spec(k, v) for k, v in sorted(signature_def.inputs.items())}
         self.outputs = {k: _spec(k, v) for k, v in sorted(signature_def.outputs.items())}
@@ -135,12 +139,15 @@ class Signature:
         return batch or 0
 
     def _call(self, inputs: dict) -> dict:
+        start = time.perf_counter()
         try:
             result = self._fn(**{k: tf.constant(v) for k, v in inputs.items()})
         except (tf.errors.InvalidArgumentError, ValueError, TypeError) as err:
             raise invalid(f"Signature '{self.name}' could not run on this request: "
                           f"{op_error_text(err)}") from None
-        return {k: v.numpy() for k, v in result.items()}
+        out = {k: v.numpy() for k, v in result.items()}
+        METRICS.runtime(self.model_name, time.perf_counter() - start)
+        return out
 
     @property
     def batching(self) -> bool:
