@@ -26,7 +26,6 @@ import tensorflow as tf
 __all__ = ["FORMATS", "decode_crops"]
 
 FORMATS = "JPEG, PNG, GIF or BMP"
-_ALL = 1 << 30  # one batch holds every image of a request
 
 
 def _square_resize(image, size: int):
@@ -65,7 +64,10 @@ def decode_crops(data, size: int, *, name: str = "images_bytes"):
             do not decode; the message names `name` and their indices.
     """
     n = tf.shape(data)[0]
-    indexed = tf.data.Dataset.from_tensor_slices((tf.range(n), data))
+    # One more element, always decodable (a black 1 x 1 PNG), so the batch below is never
+    # empty (get_single_element needs exactly one; Dataset.reduce is 4x slower); dropped after.
+    padded = tf.concat([data, tf.io.encode_png(tf.zeros([1, 1, 3], tf.uint8))[None]], 0)
+    indexed = tf.data.Dataset.from_tensor_slices((tf.range(n + 1), padded))
 
     def decode(i, encoded):
         # JPEG with the accurate integer DCT: PIL's (libjpeg's) default, so the pixels are
@@ -77,9 +79,11 @@ def decode_crops(data, size: int, *, name: str = "images_bytes"):
                                        expand_animations=False))
         return i, _square_resize(image, size)
 
-    decoded = indexed.map(decode).ignore_errors().batch(_ALL)
-    empty = (tf.zeros([0], tf.int32), tf.zeros([0, size, size, 3], tf.float32))
-    index, pixels = decoded.reduce(empty, lambda _, batch: batch)  # at most one batch
+    # Elements that fail to decode are skipped (and named below), not fatal to the batch.
+    decoded = indexed.map(decode).ignore_errors().batch(tf.cast(n + 1, tf.int64))
+    index, pixels = decoded.get_single_element()
+    real = index < n
+    index, pixels = tf.boolean_mask(index, real), tf.boolean_mask(pixels, real)
     present = tf.scatter_nd(index[:, None], tf.ones_like(index), [n])
     bad = tf.where(tf.equal(present, 0))[:, 0]
     listed = tf.strings.reduce_join(tf.strings.as_string(bad), separator=", ")
