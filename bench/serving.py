@@ -11,7 +11,9 @@ Measures, in one run, configurations interleaved across repeats (medians):
    Target >= 0.9 (`--target-inprocess`).
 2. Batching: batch-1 requests from 32 clients with server-side batching, per
    image, over the in-process batch-32 throughput (the limit batching can
-   reach). Target >= 0.8; with p50/p99 latency, and over no batching.
+   reach). Target >= 0.8; with p50/p99 latency, and over no batching. Merged
+   batches run at their own size (`--no-pad-batches`); a second server pads
+   them to 1, 2, 4, ..., 32 (the default), to show what padding costs.
 3. REST with `{"b64": ...}` crops over gRPC with the same crops, batch 8.
 4. Where a request's CPU goes: server and client CPU ms per request next to
    the in-process call's (the difference is the protocol's cost).
@@ -68,13 +70,14 @@ def small_embedder(size=160, dim=128, width=32):
     return keras.Model(inputs, keras.layers.UnitNormalization()(h))
 
 
-def start_server(base, name, batching, max_batch, threads=1):
+def start_server(base, name, batching, max_batch, threads=1, pad=False):
     """A `tfadv serve` process: (process, gRPC target, REST port)."""
     cmd = [sys.executable, "-m", "tfadv.cli", "serve", base, "--name", name, "--port", "0",
            "--rest-port", "0", "--max-request-batch", str(max_batch), "--poll-interval", "0"]
     if batching:
         cmd += ["--enable-batching", "--max-batch-size", str(max_batch),
-                "--batch-timeout-micros", str(batching), "--num-batch-threads", str(threads)]
+                "--batch-timeout-micros", str(batching), "--num-batch-threads", str(threads),
+                "--pad-batches" if pad else "--no-pad-batches"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=env)
@@ -219,7 +222,7 @@ def main(argv=None):
     p.add_argument("--encoding", choices=["png", "jpeg"], default="png")
     p.add_argument("--seconds", type=float, default=6.0, help="per measurement")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--batch-timeout-micros", type=int, default=5000)
+    p.add_argument("--batch-timeout-micros", type=int, default=20000)
     p.add_argument("--num-batch-threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="2 s per measurement, one repeat")
     p.add_argument("--json", default=None)
@@ -261,6 +264,7 @@ def main(argv=None):
             ("grpc crops b32", "no batching", "files", BIG, 1, "grpc"),
             ("grpc crops b32 x2", "no batching", "files", BIG, 2, "grpc"),
             ("grpc uint8 b1 x32 batching", "batching", "pixels", 1, MANY, "grpc"),
+            ("grpc uint8 b1 x32 batching padded", "batching padded", "pixels", 1, MANY, "grpc"),
             ("grpc uint8 b1 x32 no batching", "no batching", "pixels", 1, MANY, "grpc"),
             ("grpc crops b8", "no batching", "files", REST_BATCH, 1, "grpc"),
             ("rest b64 crops b8", "no batching", "files", REST_BATCH, 1, "rest")]
@@ -271,6 +275,8 @@ def main(argv=None):
     try:
         servers["batching"] = start_server(base, name, args.batch_timeout_micros, BIG,
                                            args.num_batch_threads)
+        servers["batching padded"] = start_server(base, name, args.batch_timeout_micros, BIG,
+                                                  args.num_batch_threads, pad=True)
         servers["no batching"] = start_server(base, name, 0, BIG)
         for r in range(args.repeats):
             for kind in ("pixels", "files"):
@@ -288,7 +294,7 @@ def main(argv=None):
                         return rest_caller(port, name, batch)
                 out = drive(make, n, clients, args.seconds, proc.pid)
                 results.setdefault(key, []).append(out)
-                print(f"  [{r + 1}/{args.repeats}] {key:<30} {out['emb_per_s']:8.1f} emb/s "
+                print(f"  [{r + 1}/{args.repeats}] {key:<34} {out['emb_per_s']:8.1f} emb/s "
                       f"(errors {out['errors']})", flush=True)
     finally:
         for proc, _, _ in servers.values():
@@ -299,7 +305,7 @@ def main(argv=None):
     def med(key, field):
         return statistics.median(o[field] for o in results[key])
 
-    print(f"\n{'configuration':<30} {'emb/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} "
+    print(f"\n{'configuration':<34} {'emb/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} "
           f"{'CPU ms/request: server':>23} {'client':>7}")
     table = []
     for key, *_ in plan:
@@ -307,12 +313,12 @@ def main(argv=None):
             "emb_per_s", "p50_ms", "p99_ms", "server_cpu_ms", "client_cpu_ms")},
             "errors": sum(o["errors"] for o in results[key])}
         table.append(row)
-        print(f"{key:<30} {row['emb_per_s']:8.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f} "
+        print(f"{key:<34} {row['emb_per_s']:8.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f} "
               f"{row['errors']:>6} {row['server_cpu_ms']:23.2f} {row['client_cpu_ms']:7.2f}")
     ip = {k: (statistics.median(v[0] for v in runs), statistics.median(v[1] for v in runs))
           for k, runs in inproc.items()}
     for (kind, n), (rate, cpu) in sorted(ip.items()):
-        print(f"{'in-process ' + kind + ' b' + str(n):<30} {rate:8.1f} {'':>8} {'':>8} "
+        print(f"{'in-process ' + kind + ' b' + str(n):<34} {rate:8.1f} {'':>8} {'':>8} "
               f"{'':>6} {cpu:23.2f}")
 
     def best(*keys):
@@ -325,6 +331,8 @@ def main(argv=None):
             best("grpc crops b32", "grpc crops b32 x2") / ip[("files", BIG)][0],
         "batching_b1_x32_over_inprocess_b32":
             med("grpc uint8 b1 x32 batching", "emb_per_s") / ip[("pixels", BIG)][0],
+        "padded_batching_b1_x32_over_inprocess_b32":
+            med("grpc uint8 b1 x32 batching padded", "emb_per_s") / ip[("pixels", BIG)][0],
         "batching_b1_x32_over_no_batching":
             med("grpc uint8 b1 x32 batching", "emb_per_s")
             / med("grpc uint8 b1 x32 no batching", "emb_per_s"),

@@ -28,6 +28,11 @@ class BatchingOptions:
     max_enqueued_batches: int | None = setting(
         None, type=_pos, help="queue bound in batches; beyond it requests are refused "
                               "(default 100)")
+    pad_batches: bool | None = setting(
+        None, help="pad merged batches to 1, 2, 4, ..., max_batch_size (the default; a "
+                   "file's allowed_batch_sizes); --no-pad-batches runs each at its own size "
+                   "(on CPU padding only costs compute: FaceNet, 32 clients x 1 image: mean "
+                   "batch 16 padded to 24)")
 
     def given(self) -> dict:
         """The fields that were set."""

@@ -34,18 +34,24 @@ def add_commands(subparsers):
                      "model over gRPC: success rate and queries")
 
 
+_FIELDS = ("max_batch_size", "batch_timeout_micros", "num_batch_threads", "max_enqueued_batches")
+
+
 def batching_parameters(options: BatchingOptions, base: BatchingParameters | None = None):
     """`BatchingParameters` from the batching options, over `base` (a file's) if given.
 
     Without a base, batches are padded to 1, 2, 4, ..., max_batch_size; with
-    one, its padded sizes are kept unless the largest batch changes.
+    one, its padded sizes are kept unless the largest batch changes;
+    `pad_batches=False` turns padding off.
     """
     given = options.given()
+    pad = given.pop("pad_batches", True)
+    if not pad:
+        merged = {**({f: getattr(base, f) for f in _FIELDS} if base else {}), **given}
+        return BatchingParameters(**merged, allowed_batch_sizes=())
     if base is None:
         return BatchingParameters.with_padding(**given)
-    fields = ("max_batch_size", "batch_timeout_micros", "num_batch_threads",
-              "max_enqueued_batches")
-    merged = {**{f: getattr(base, f) for f in fields}, **given}
+    merged = {**{f: getattr(base, f) for f in _FIELDS}, **given}
     if base.allowed_batch_sizes and merged["max_batch_size"] != base.max_batch_size:
         return BatchingParameters.with_padding(**merged)
     return BatchingParameters(**merged, allowed_batch_sizes=base.allowed_batch_sizes)
