@@ -70,10 +70,11 @@ def small_embedder(size=160, dim=128, width=32):
     return keras.Model(inputs, keras.layers.UnitNormalization()(h))
 
 
-def start_server(base, name, batching, max_batch, threads=1, pad=False):
+def start_server(base, name, batching, max_batch, threads=1, pad=False, poll=0.0):
     """A `tfadv serve` process: (process, gRPC target, REST port)."""
     cmd = [sys.executable, "-m", "tfadv.cli", "serve", base, "--name", name, "--port", "0",
-           "--rest-port", "0", "--max-request-batch", str(max_batch), "--poll-interval", "0"]
+           "--rest-port", "0", "--max-request-batch", str(max_batch), "--poll-interval",
+           str(poll)]
     if batching:
         cmd += ["--enable-batching", "--max-batch-size", str(max_batch),
                 "--batch-timeout-micros", str(batching), "--num-batch-threads", str(threads),

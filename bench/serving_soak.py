@@ -117,7 +117,8 @@ def soak(target, rest_port, name, pixels, files, *, requests=20000, clients=16, 
             state["rss_first"] = rss_mb(server_pid)
         if done == requests // 2 and publish is not None:
             state["published_at"] = done
-            threading.Thread(target=publish, daemon=True).start()
+            state["publisher"] = threading.Thread(target=publish, daemon=True)
+            state["publisher"].start()
         if progress and done % 1000 == 0:
             print(f"  {done} / {requests} requests", flush=True)
 
@@ -150,6 +151,8 @@ def soak(target, rest_port, name, pixels, files, *, requests=20000, clients=16, 
         t.start()
     for t in threads:
         t.join()
+    if state.get("publisher") is not None:
+        state["publisher"].join()
     return {"requests": requests, **counts, "good_failed": good_failed, "bad_wrong": bad_wrong,
             "rss_mb_first": state["rss_first"],
             "rss_mb_end": rss_mb(server_pid) if server_pid else None,
@@ -180,7 +183,7 @@ def main(argv=None):
     export_model(model, base, name=name, threshold=0.5)
     crops, source = face_crops(4, 160)
     files = [encode_image(c, "jpeg") for c in crops[:2]]
-    proc, target, port = start_server(base, name, 5000, 32)
+    proc, target, port = start_server(base, name, 5000, 32, poll=1.0)
     try:
         result = soak(target, port, name, crops[:2], files, requests=args.requests,
                       clients=args.clients, server_pid=proc.pid,
@@ -193,7 +196,8 @@ def main(argv=None):
     growth = result["rss_mb_end"] / result["rss_mb_first"] - 1
     print(f"{result['requests']} requests ({result['good']} good, {result['bad']} bad) from "
           f"{args.clients} clients in {result['seconds']:.0f} s; version 2 published after "
-          f"{result['published_at']}; versions now {versions}")
+          f"{result['published_at']} requests; versions at the end {versions} (version 2 "
+          "must be serving before the last request: the switch happened under load)")
     print(f"good requests failed: {len(result['good_failed'])} {result['good_failed'][:5]}")
     print(f"bad requests with another status: {len(result['bad_wrong'])} "
           f"{result['bad_wrong'][:5]}")
