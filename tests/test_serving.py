@@ -774,9 +774,16 @@ def test_tensor_proto_value_fields_and_errors():
         proto.tensor_shape.dim.add().size = d
     proto.float_val.append(7.0)  # one value fills the shape
     np.testing.assert_array_equal(to_numpy(proto), np.full((2, 2), 7.0, np.float32))
-    proto.float_val.extend([1.0, 2.0])
+    proto.float_val.extend([1.0, 2.0])  # fewer values than the shape: the last repeats (TF's
+    np.testing.assert_array_equal(to_numpy(proto), [[7.0, 1.0], [2.0, 2.0]])  # FromProto rule)
+    proto.float_val.extend([3.0, 4.0])
     with pytest.raises(ServingError, match="do not fill shape"):
         to_numpy(proto)
+    short = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT,
+                                   tensor_content=np.zeros(2, np.float32).tobytes())
+    short.tensor_shape.dim.add().size = 3
+    with pytest.raises(ServingError, match=r"input 'x': its values do not fill shape \[3\]"):
+        to_numpy(short, "input 'x'")
     proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_RESOURCE)
     with pytest.raises(ServingError, match="does not accept"):
         to_numpy(proto, "input 'x'")
