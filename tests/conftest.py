@@ -98,3 +98,26 @@ def tiny_embedder(size=16, dim=6, *, activation="relu", strides=1, seed=3, input
     h = keras.layers.GlobalAveragePooling2D()(h)
     h = keras.layers.Dense(dim)(h)
     return keras.Model(inputs, keras.layers.UnitNormalization()(h), name=name)
+
+
+def rest_json(server, path, payload=None, method=None):
+    """(HTTP status, JSON body or None) of one REST request to a running `ModelServer`.
+
+    `payload`: a JSON-able value, raw bytes, or None (a GET, unless `method` says
+    otherwise; a POST without a payload sends an empty body).
+    """
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = payload if isinstance(payload, bytes) or payload is None else (
+        json.dumps(payload).encode())
+    if method == "POST" and data is None:
+        data = b""
+    request = urllib.request.Request(server.rest_url + path, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        return err.code, json.loads(raw) if raw else None

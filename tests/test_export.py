@@ -40,6 +40,14 @@ def save_embedder(directory, threshold=THRESHOLD, **kwargs):
     return model, path
 
 
+def export_embedder(root, name, **kwargs):
+    """A tiny embedder saved in ROOT/model and exported to ROOT/base: (model, path, base)."""
+    model, path = save_embedder(os.path.join(root, "model"), **kwargs)
+    base = os.path.join(root, "base")
+    export_model(path, base, name=name)
+    return model, path, base
+
+
 def pixels(n, size=SIZE, seed=0):
     return np.random.default_rng(seed).uniform(0, 255, (n, *size, 3)).astype("float32")
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 
 import grpc
@@ -20,7 +19,8 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from test_export import SIZE, THRESHOLD, pixels, save_embedder, tiny_embedder
+from conftest import rest_json
+from test_export import SIZE, THRESHOLD, export_embedder, pixels, tiny_embedder
 from tfadv.export import BatchingParameters, contract as C, export_model
 from tfadv.serving import Client, ModelServer
 from tfadv.serving.batcher import Batcher
@@ -35,14 +35,11 @@ NAME = "faces"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
-    model, path = save_embedder(str(root / "model"))
-    base = str(root / "base")
-    export_model(path, base, name=NAME)
+    model, _, base = export_embedder(root, NAME)
     batching = BatchingParameters.with_padding(MAX_BATCH, batch_timeout_micros=2000)
-    server = ModelServer(base, name=NAME, port=0, rest_port=0, batching=batching,
-                         poll_interval=0.2).start()
-    yield model, server, base
-    server.stop()
+    with ModelServer(base, name=NAME, port=0, rest_port=0, batching=batching,
+                     poll_interval=0.2) as server:
+        yield model, server, base
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +67,7 @@ def predict_request(inputs, signature=C.SERVING_SIGNATURE, name=NAME, version=No
 
 def rest(server, path, payload=None):
     """(HTTP status, decoded JSON body)."""
-    data = None if payload is None else (
-        payload if isinstance(payload, bytes) else json.dumps(payload).encode())
-    request = urllib.request.Request(server.rest_url + path, data=data)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    return rest_json(server, path, payload)
 
 
 # ------------------------------------------------------------------ end to end

@@ -10,8 +10,8 @@ import zlib
 import numpy as np
 import pytest
 
-from test_export import SIZE, pixels, save_embedder
-from tfadv.export import contract as C, export_model
+from test_export import SIZE, export_embedder, pixels
+from tfadv.export import contract as C
 from tfadv.serving import ModelServer
 from tfadv.serving.http_body import HTTPRefusal, decompress
 
@@ -22,13 +22,10 @@ LIMIT_MB = 1
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("http")
-    model, path = save_embedder(str(root / "model"))
-    base = str(root / "base")
-    export_model(path, base, name=NAME)
-    server = ModelServer(base, name=NAME, port=0, rest_port=0, max_message_mb=LIMIT_MB,
-                         poll_interval=0, warmup=False).start()
-    yield model, server
-    server.stop()
+    model, _, base = export_embedder(root, NAME)
+    with ModelServer(base, name=NAME, port=0, rest_port=0, max_message_mb=LIMIT_MB,
+                     poll_interval=0, warmup=False) as server:
+        yield model, server
 
 
 X = pixels(2)

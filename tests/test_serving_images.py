@@ -3,11 +3,8 @@ REST ({"b64": ...}), with the bad file named by its index."""
 
 import base64
 import io
-import json
 import os
 import threading
-import urllib.error
-import urllib.request
 
 import grpc
 import numpy as np
@@ -15,10 +12,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from test_export import save_embedder
+from conftest import rest_json
+from test_export import export_embedder
 from tfadv.data.face_crops import center_crop_resize, load_face
 from tfadv.data.images import encode_image, read_image
-from tfadv.export import BatchingParameters, contract as C, export_model
+from tfadv.export import BatchingParameters, contract as C
 from tfadv.export.images import decode_crops
 from tfadv.serving import Client, ModelServer
 from tfadv.serving.errors import ServingError
@@ -61,7 +59,7 @@ def test_bad_files_are_named_by_index():
     graph = tf.function(lambda data: decode_crops(data, SIDE))  # as a signature runs it
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"images_bytes: the images at indices \[1, 3, 4\] of the batch "
-                             r"do not decode as JPEG, PNG, GIF or BMP files"):
+                             r"do not decode as JPEG, PNG, GIF, BMP or WebP files"):
         graph(tf.constant([good, b"hello", good, truncated, b""]))
     assert decode_crops(tf.constant([], tf.string), SIDE).shape == (0, SIDE, SIDE, 3)
 
@@ -69,14 +67,11 @@ def test_bad_files_are_named_by_index():
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
-    model, path = save_embedder(str(root / "model"), size=(SIDE, SIDE))
-    base = str(root / "base")
-    export_model(path, base, name=NAME)
+    model, _, base = export_embedder(root, NAME, size=(SIDE, SIDE))
     batching = BatchingParameters.with_padding(8, batch_timeout_micros=20_000)
-    server = ModelServer(base, name=NAME, port=0, rest_port=0, batching=batching,
-                         poll_interval=0).start()
-    yield model, server, base
-    server.stop()
+    with ModelServer(base, name=NAME, port=0, rest_port=0, batching=batching,
+                     poll_interval=0) as server:
+        yield model, server, base
 
 
 @pytest.fixture(scope="module")
@@ -169,13 +164,7 @@ def test_batcher_reruns_a_failed_merged_batch_request_by_request():
 
 
 def rest(server, payload):
-    request = urllib.request.Request(f"{server.rest_url}/v1/models/{NAME}:predict",
-                                     data=json.dumps(payload).encode())
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    return rest_json(server, f"/v1/models/{NAME}:predict", payload)
 
 
 def b64(path):
@@ -200,6 +189,20 @@ def test_rest_b64_in_row_and_columnar_formats(served, files):
     assert status == 200
     assert answer["predictions"][0][C.SIMILARITY] == pytest.approx(float(want[0] @ want[1]),
                                                                    abs=1e-5)
+
+
+def test_rest_b64_padding_is_optional_and_webp_decodes(served, files, tmp_path):
+    """TF Serving's base64 decoder takes missing padding and skips whitespace."""
+    _, server, _ = served
+    text = base64.b64encode(files[0].read_bytes()).decode()
+    for value in (text.rstrip("="), text[:40] + "\n" + text[40:]):
+        status, answer = rest(server, {"signature_name": C.EMBED_IMAGES_SIGNATURE,
+                                       "instances": [{"b64": value}]})
+        assert status == 200, answer
+    webp = write(tmp_path, photo(SIDE, SIDE), "WEBP", "w")
+    status, answer = rest(server, {"signature_name": C.EMBED_IMAGES_SIGNATURE,
+                                   "instances": [b64(webp)]})
+    assert status == 200, answer
 
 
 @pytest.mark.parametrize("value, match", [

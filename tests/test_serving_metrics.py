@@ -1,7 +1,6 @@
 """Prometheus metrics on the REST port (TF Serving's --monitoring_config_file), scraped and
 parsed with prometheus_client's own parser after a mix of good and bad requests."""
 
-import json
 import urllib.error
 import urllib.request
 
@@ -9,8 +8,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_export import pixels, save_embedder
-from tfadv.export import BatchingParameters, contract as C, export_model
+from conftest import rest_json
+from test_export import export_embedder, pixels
+from tfadv.export import BatchingParameters, contract as C
 from tfadv.serving import Client, ModelServer
 from tfadv.serving.metrics import DEFAULT_PATH, read_monitoring_config
 
@@ -21,9 +21,7 @@ PATH = "/monitoring/prometheus/metrics"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("metrics")
-    _, path = save_embedder(str(root / "model"))
-    base = str(root / "base")
-    export_model(path, base, name=NAME)
+    _, _, base = export_embedder(root, NAME)
     config = root / "monitoring.config"
     config.write_text(f'prometheus_config {{ enable: true, path: "{PATH}" }}\n')
     batching = BatchingParameters.with_padding(8, batch_timeout_micros=1000)
@@ -33,10 +31,12 @@ def server(tmp_path_factory):
 
 
 def scrape(server):
-    with urllib.request.urlopen(server.rest_url + PATH, timeout=30) as response:
+    with urllib.request.urlopen(server.rest_url + PATH + "?scrape=1", timeout=30) as response:
         assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/plain")
+        assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
         text = response.read().decode()
+    assert "_created" not in text  # TF Serving exports none
+    assert 'le="32.4"' in text and "32.400000000000006" not in text  # TF Serving's bounds
     samples = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -49,12 +49,7 @@ def value(samples, name, **labels):
 
 
 def post(server, path, payload):
-    request = urllib.request.Request(server.rest_url + path, data=json.dumps(payload).encode())
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status
-    except urllib.error.HTTPError as err:
-        return err.code
+    return rest_json(server, path, payload)[0]
 
 
 def test_counts_latencies_batches_and_load_state_after_good_and_bad_requests(server):
@@ -79,9 +74,11 @@ def test_counts_latencies_batches_and_load_state_after_good_and_bad_requests(ser
     sig = C.SERVING_SIGNATURE
     assert delta(count, model_name=NAME, status="OK", signature_name=sig) == 5
     assert delta(count, model_name=NAME, status="INVALID_ARGUMENT", signature_name=sig) == 2
+    # Names the server does not serve are counted as "(unknown)": no series per made-up name.
     assert delta(count, model_name=NAME, status="FAILED_PRECONDITION",
-                 signature_name="nope") == 1
-    assert delta(count, model_name="nobody", status="NOT_FOUND", signature_name="") == 1
+                 signature_name="(unknown)") == 1
+    assert delta(count, model_name="(unknown)", status="NOT_FOUND", signature_name="") == 1
+    assert not [k for k in after if "nobody" in str(k) or "nope" in str(k)]
     latency = ":tensorflow:serving:request_latency"
     assert delta(latency + "_count", model_name=NAME, API="Predict", entrypoint="GRPC") == 4
     assert delta(latency + "_count", model_name=NAME, API="predict", entrypoint="REST") == 1

@@ -3,13 +3,10 @@ message (http_rest_api_handler.cc, http_rest_api_util.cc and json_tensor.cc at
 tensorflow/serving 9d981c5, and their tests). Where tfadv adds a hint, it follows TF
 Serving's text, so a client matching the start of the message works on both."""
 
-import json
-import urllib.error
-import urllib.request
-
 import numpy as np
 import pytest
 
+from conftest import rest_json
 from test_export import pixels, save_embedder
 from tfadv.export import contract as C, export_model
 from tfadv.serving import ModelServer
@@ -33,16 +30,7 @@ def server(tmp_path_factory):
 
 
 def call(server, method, path, body=None):
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    if method == "POST" and data is None:
-        data = b""
-    request = urllib.request.Request(server.rest_url + path, data=data, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        raw = err.read()
-        return err.code, json.loads(raw) if raw else None
+    return rest_json(server, path, body, method)
 
 
 P = f"/v1/models/{NAME}"
@@ -157,3 +145,24 @@ def test_success_bodies_have_tf_servings_shape(server):
     assert body["predictions"][0][C.SIMILARITY] == pytest.approx(1.0, abs=1e-5)
     status, body = call(server, "POST", f"{P}:predict", {"inputs": X})
     assert status == 200 and np.asarray(body["outputs"]).shape == (1, 8)
+
+
+def test_head_and_cors_preflight_as_tf_serving(server):
+    """HEAD: 400 Malformed request, without a body; OPTIONS: a CORS preflight, 200 with an
+    Origin header, else 400; both empty (TF Serving without --enable_cors_support)."""
+    import urllib.error
+    import urllib.request
+
+    def status(method, headers=None):
+        request = urllib.request.Request(server.rest_url + P, method=method,
+                                         headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    assert status("HEAD") == (400, b"")
+    assert status("OPTIONS") == (400, b"")
+    assert status("OPTIONS", {"Origin": "https://example.org"}) == (200, b"")
+    assert call(server, "POST", f"{P}:predict", GOOD)[0] == 200

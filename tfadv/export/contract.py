@@ -10,7 +10,7 @@ A SavedModel written by `tfadv.export.export_model` exposes these signatures
     verify           images_a, images_b  float32 [N, H, W, 3]
                      -> similarity  float32 [N] (cosine of the two embeddings)
                         same_person bool    [N] (similarity >= the stored threshold)
-    embed_images     images_bytes  string [N] encoded face crops (JPEG, PNG, GIF, BMP)
+    embed_images     images_bytes  string [N] encoded face crops (JPEG, PNG, GIF, BMP, WebP)
                      -> embeddings  float32 [N, D]
     verify_images    images_a_bytes, images_b_bytes  string [N]
                      -> similarity, same_person (as verify)

@@ -1,6 +1,6 @@
 """Encoded photos to model pixels inside the exported graph (TF ops only).
 
-The `embed_images` and `verify_images` signatures take JPEG, PNG, BMP or GIF
+The `embed_images` and `verify_images` signatures take JPEG, PNG, BMP, GIF or WebP
 bytes (DT_STRING [N]) and run this pipeline in the SavedModel itself, so the
 stock TF Serving binary serves them unchanged. For a photo that is already a
 face crop it gives the pixels `tfadv.data.faces` gives with `detector="none"`
@@ -25,7 +25,7 @@ import tensorflow as tf
 
 __all__ = ["FORMATS", "decode_crops"]
 
-FORMATS = "JPEG, PNG, GIF or BMP"
+FORMATS = "JPEG, PNG, GIF, BMP or WebP"
 
 
 def _square_resize(image, size: int):
@@ -50,7 +50,7 @@ def decode_crops(data, size: int, *, name: str = "images_bytes"):
     """Decodes a batch of encoded face crops to the model's pixels.
 
     Args:
-        data: tf.string [N], each a JPEG, PNG, BMP or GIF file (a GIF gives
+        data: tf.string [N], each a JPEG, PNG, BMP, GIF or WebP file (a GIF gives
             its first frame; greyscale is repeated to 3 channels; 16-bit PNG
             is scaled to 8 bits).
         size: the model's input side, in pixels (160 for FaceNet).

@@ -245,7 +245,7 @@ stock `tensorflow/serving` image loads unchanged.
 | `{C.SERVING_SIGNATURE}` | `{C.IMAGES}` float32 [N, {h}, {w}, 3], raw RGB in [0, 255] | `{C.EMBEDDINGS}` float32 [N, {dim}], L2-normalised |
 | `{C.EMBED_UINT8_SIGNATURE}` | `{C.IMAGES}` uint8 [N, {h}, {w}, 3] | `{C.EMBEDDINGS}` float32 [N, {dim}] |
 | `{C.VERIFY_SIGNATURE}` | `{C.IMAGES_A}`, `{C.IMAGES_B}` float32 [N, {h}, {w}, 3] | `{C.SIMILARITY}` float32 [N], `{C.SAME_PERSON}` bool [N] (cosine >= {threshold:.6g}) |
-| `{C.EMBED_IMAGES_SIGNATURE}` | `{C.IMAGES_BYTES}` string [N]: JPEG, PNG, GIF or BMP face crops (resized in the graph) | `{C.EMBEDDINGS}` float32 [N, {dim}] |
+| `{C.EMBED_IMAGES_SIGNATURE}` | `{C.IMAGES_BYTES}` string [N]: JPEG, PNG, GIF, BMP or WebP face crops (resized in the graph) | `{C.EMBEDDINGS}` float32 [N, {dim}] |
 | `{C.VERIFY_IMAGES_SIGNATURE}` | `{C.IMAGES_A_BYTES}`, `{C.IMAGES_B_BYTES}` string [N] | `{C.SIMILARITY}`, `{C.SAME_PERSON}` (as `{C.VERIFY_SIGNATURE}`) |
 
 Check them with `saved_model_cli show --dir {src}/{versions[-1]} --all`.

@@ -112,8 +112,8 @@ def cmd_query(args):
     sys.stdout.flush()
     failed = sum("error" in r for r in results)
     if failed:
-        raise ValueError(f"{failed} of {len(results)} images could not be read or have "
-                         "no face (see the errors above).")
+        why = "could not be read or have no face" if cfg.crop else "could not be read"
+        raise ValueError(f"{failed} of {len(results)} images {why} (see the errors above).")
 
 
 def cmd_attack_endpoint(args):

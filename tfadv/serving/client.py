@@ -223,7 +223,7 @@ class Client:
         """Embeddings of encoded face crops, decoded and resized by the served model.
 
         Args:
-            files: a list of JPEG, PNG, GIF or BMP file contents (bytes), each
+            files: a list of JPEG, PNG, GIF, BMP or WebP file contents (bytes), each
                 a face crop (centre square used, resized in the graph; see
                 `tfadv.export.images`).
 

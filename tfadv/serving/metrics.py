@@ -11,8 +11,9 @@ batching/batching_util.h, tensorflow/cc/saved_model/loader.cc):
 
     :tensorflow:serving:request_count{model_name, status, signature_name}
         requests by final status (OK, INVALID_ARGUMENT, ...): Predict over gRPC
-        and every REST request, as TF Serving counts them; tfadv adds the
-        signature_name label.
+        and every REST request (status and metadata too), as TF Serving counts
+        them; tfadv adds the signature_name label, and counts names the server
+        does not serve as "(unknown)" (TF Serving makes a series per name sent).
     :tensorflow:serving:request_latency{model_name, API, entrypoint}
         histogram, microseconds, successful requests (entrypoint GRPC or REST).
     :tensorflow:serving:runtime_latency{model_name, API, runtime}
@@ -39,16 +40,19 @@ import collections
 import threading
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Histogram, disable_created_metrics,
+                               generate_latest)
 from prometheus_client.metrics_core import Metric
 
 __all__ = ["CONTENT_TYPE", "DEFAULT_PATH", "METRICS", "ServingMetrics", "read_monitoring_config"]
 
 DEFAULT_PATH = "/monitoring/prometheus/metrics"  # TF Serving's PrometheusExporter::kPrometheusPath
-CONTENT_TYPE = CONTENT_TYPE_LATEST
-LATENCY_BUCKETS_US = tuple(10 * 1.8 ** k for k in range(33))
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format written
+# TF Serving's bounds, printed as TF Serving prints them (32.4, not 32.400000000000006).
+LATENCY_BUCKETS_US = tuple(float(f"{10 * 1.8 ** k:.6g}") for k in range(33))
 BATCH_BUCKETS = tuple(float(2 ** k) for k in range(14))
 _PREFIX = ":tensorflow:serving:"
+UNKNOWN = "(unknown)"  # the label of a model or signature name the server does not serve
 
 
 def _monitoring_config_class():
@@ -105,11 +109,14 @@ class ServingMetrics:
     """The server's metrics; `exposition()` is the text Prometheus scrapes."""
 
     def __init__(self):
+        # TF Serving exports no "_created" series; prometheus_client's switch is process-wide.
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         self._lock = threading.Lock()
         self._requests = collections.Counter()  # (model_name, status, signature_name)
         self._loads = collections.Counter()  # (model_path, status)
         self._states = {}  # (model_name, version) -> state
+        self._known = {}  # served model name -> its signature names (of loaded versions)
 
         def histogram(name, doc, labels=(), buckets=LATENCY_BUCKETS_US):
             return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
@@ -133,9 +140,20 @@ class ServingMetrics:
         self.registry.register(self)
 
     # -- recording -------------------------------------------------------------------
+    def served(self, model_name, signatures=()):
+        """Names requests may be counted under; any other becomes "(unknown)", so a client
+        sending made-up model or signature names cannot grow the series without bound."""
+        with self._lock:
+            self._known.setdefault(model_name, set()).update(signatures)
+
     def request(self, model_name, status, *, api, entrypoint, seconds, signature_name=""):
         """One finished request: its final status code name ("OK", ...) and wall time."""
         with self._lock:
+            known = self._known.get(model_name)
+            if model_name and known is None:
+                model_name = UNKNOWN
+            if signature_name and (known is None or signature_name not in known):
+                signature_name = UNKNOWN
             self._requests[(model_name or "", status, signature_name or "")] += 1
         if status == "OK":  # TF Serving records the latency of successful requests only
             self.request_latency.labels(model_name or "", api, entrypoint).observe(

@@ -213,6 +213,8 @@ class ModelRegistry:
     def __init__(self, configs, *, max_batch_size: int = 256,
                  batching: BatchingParameters | None = None, warmup: bool = True):
         self._models = {c.name: _Model(c) for c in configs}
+        for name in self._models:
+            METRICS.served(name)
         self.max_batch_size = max_batch_size
         self.batching = batching
         self.warmup = warmup
@@ -281,6 +283,7 @@ class ModelRegistry:
                 continue
             model.states[v] = VersionState("AVAILABLE")
             METRICS.load(os.path.join(cfg.base_path, str(v)), ok=True)
+            METRICS.served(cfg.name, new[v].signatures)
             METRICS.state(cfg.name, v, "AVAILABLE")
             log.info("model %s: version %d available (loaded in %.1f s)", cfg.name, v,
                      time.perf_counter() - t0)

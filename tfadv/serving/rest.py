@@ -59,8 +59,10 @@ def _string_values(values, key):
         text = values["b64"]
         if not isinstance(text, str):
             raise invalid(f"Input '{key}': the 'b64' value must be a string of base64.")
+        text = "".join(text.split())  # TF Serving's decoder skips whitespace ...
         try:
-            return base64.b64decode(text, validate=True)
+            return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)  # ... and
+            # takes missing padding
         except (binascii.Error, ValueError) as err:
             raise invalid(f"Input '{key}': the 'b64' value is not valid base64 ({err}).") from None
     if isinstance(values, str):
@@ -355,7 +357,8 @@ def rest_handler(server):
                 self._lost = True
                 self._answer(err.status, {"error": err.message})
                 return
-            if metrics_path is not None and method == "GET" and self.path == metrics_path:
+            if (metrics_path is not None and method == "GET"
+                    and self.path.split("?", 1)[0] == metrics_path):
                 self._answer(200, METRICS.exposition(), METRICS_CONTENT_TYPE)
                 return
             if not server._enter():
@@ -441,6 +444,25 @@ def rest_handler(server):
 
         def do_PATCH(self):  # noqa: N802
             self._handle("PATCH")
+
+        def do_HEAD(self):  # noqa: N802
+            # TF Serving: no route takes HEAD (400 Malformed request); a HEAD answer has no body.
+            self._frame()
+            self._finish_body()
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_OPTIONS(self):  # noqa: N802
+            # A CORS preflight, as TF Serving answers it without --enable_cors_support: 200
+            # when an Origin is given, else 400; both with an empty body.
+            self._frame()
+            self._finish_body()
+            origin = re.search(r"https?://", self.headers.get("Origin", ""))
+            self.send_response(200 if origin else 400)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
     return Handler
 
