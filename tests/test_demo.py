@@ -33,7 +33,8 @@ def test_face_demo_quick_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["served_max_abs_diff"] < 1e-4
-    assert summary["served_signatures"] == ["embed_uint8", "serving_default", "verify"]
+    assert summary["served_signatures"] == ["embed_images", "embed_uint8", "serving_default",
+                                             "verify", "verify_images"]
     metrics = json.load(open(summary["metrics"]))
     attacks = metrics["config"]["evaluation"]["attacks"]
     for model in ("pretrained", "finetuned"):
