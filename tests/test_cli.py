@@ -336,6 +336,17 @@ def test_documented_command_lines_parse():
         "eval m.keras --attack pgd --attack apgd --eps 0.3 --steps 40 --step-size 0.01 "
         "--restarts 2 --json --check".split()))
     assert ev.attacks == ("pgd", "apgd") and ev.restarts == 2
+    from tfadv.config import QueryConfig, ServeConfig
+
+    serve = build(ServeConfig, parse(
+        "serve exported/facenet --name facenet --port 8500 --rest-port 8501 --enable-batching "
+        "--no-pad-batches --batch-timeout-micros 20000 --monitoring-config-file m.config"
+        .split()))
+    assert (serve.batching.pad_batches, serve.batching.batch_timeout_micros,
+            serve.monitoring_config_file) == (False, 20000, "m.config")
+    query = build(QueryConfig, parse(
+        "query 127.0.0.1:8500 --name facenet face.jpg --json --encoding jpeg".split()))
+    assert (query.encoding, query.images) == ("jpeg", ("face.jpg",))
     curve = build(CurveConfig, parse("curve m.keras --eps 0,0.05,0.1 --out p".split()))
     assert curve.eps == (0.0, 0.05, 0.1)
     sweep = build(SweepConfig, parse(
