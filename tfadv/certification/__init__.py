@@ -1,0 +1,5 @@
+"""Certified robustness: randomized smoothing (Cohen et al. 2019) for classifiers."""
+
+from tfadv.certification.smoothing import ABSTAIN, RandomizedSmoothing, lower_confidence_bound
+
+__all__ = ["ABSTAIN", "RandomizedSmoothing", "lower_confidence_bound"]
