@@ -112,3 +112,46 @@ def test_agrees_with_art_randomized_smoothing():
     # Two independent estimates of the same bound: 4 standard deviations of their difference.
     spread = 4 * np.sqrt(2) * SIGMA * np.sqrt(p * (1 - p) / n) / norm.pdf(norm.ppf(p))
     assert (np.abs(radii[both] - np.asarray(art_radii)[both]) <= spread + 1e-6).all()
+
+
+def test_certified_accuracy_at_radii():
+    from tfadv.certification import certified_accuracy
+
+    labels = np.array([1, 0, 2, ABSTAIN, 1])
+    radii = np.array([0.3, 0.9, 0.1, 0.0, 0.6])
+    y = np.array([1, 0, 1, 0, 1])
+    assert certified_accuracy(labels, radii, y, at=(0.0, 0.25, 0.5, 1.0)) == {
+        0.0: 0.6, 0.25: 0.6, 0.5: 0.4, 1.0: 0.0}
+    with pytest.raises(ValueError, match="one shape"):
+        certified_accuracy(labels, radii[:2], y)
+
+
+def test_certify_command(tmp_path):
+    """`tfadv certify` on the embedded test digits: the table is the one the labels and
+    radii it writes give."""
+    import json
+    import subprocess
+    import sys
+
+    import keras
+
+    from tfadv.certification import certified_accuracy
+    from tfadv.data import load_mnist
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10)])
+    model.save(tmp_path / "m.keras")
+    run = subprocess.run([sys.executable, "-m", "tfadv.cli", "certify", str(tmp_path / "m.keras"),
+                          "--sigma", "0.25", "--n", "300", "--n0", "20", "--n-test", "6",
+                          "--json", "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout)
+    assert json.loads((tmp_path / "out" / "certify.json").read_text()) == result
+    assert (tmp_path / "out" / "certify.md").read_text().startswith("Randomized smoothing")
+    _, y = load_mnist("embedded", "test")
+    want = certified_accuracy(result["labels"], result["radii"], y[:6],
+                              at=[float(r) for r in result["certified_accuracy"]])
+    assert {float(k): v for k, v in result["certified_accuracy"].items()} == want
+    assert result["n_test"] == 6 and len(result["radii"]) == 6

@@ -24,6 +24,7 @@ import tfadv
 from tfadv import assets
 from tfadv import attacks as attack_lib
 from tfadv import demo
+from tfadv.certification import command as certify_command
 from tfadv.config import (AttackEvalConfig, AutoAttackConfig, CentersStudyConfig, CurveConfig,
                           FaceEvalConfig, FaceFinetuneConfig, GenerateConfig, MnistDataConfig,
                           MnistTrainConfig, SweepConfig)
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print one JSON object (clean_accuracy, robust_accuracy, ...) only")
     aa.set_defaults(resume_hint="With --chunk N, run the same command again: finished chunks "
                                 "are kept.")
+
+    certify_command.add(sub, load_classifier, eval_data)
 
     en = add_command(sub, "ensemble", cmd_ensemble,
                      help="combine saved models into one that averages their outputs")

@@ -16,6 +16,8 @@ The counting is one compiled `tf.while_loop` over noise batches per input
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import tensorflow as tf
 from scipy.stats import binomtest, norm
@@ -74,13 +76,15 @@ class RandomizedSmoothing:
             (tf.constant(0, tf.int64), tf.zeros([self.num_classes], tf.int64)))
         return counts
 
-    def sample_counts(self, x, n: int, batch_size: int | None = None) -> np.ndarray:
+    def sample_counts(self, x, n: int, batch_size: int | None = None,
+                      progress=None) -> np.ndarray:
         """How often the base classifier predicts each class under n noise draws per input.
 
         Args:
             x: float inputs [N, ...] (input units).
             n: noise samples per input.
             batch_size: noise samples per model call (default: the constructor's).
+            progress: a tqdm-like bar, advanced by n per input.
 
         Returns:
             int64 [N, C] counts; each row sums to n.
@@ -94,8 +98,14 @@ class RandomizedSmoothing:
         if x.ndim < 2:
             raise ValueError(f"Expected inputs [N, ...]. Received shape {x.shape}.")
         batch = tf.constant(int(batch_size or self.batch_size), tf.int64)
-        n = tf.constant(int(n), tf.int64)
-        return np.stack([self._counts(tf.constant(xi), n, batch).numpy() for xi in x])
+        samples = int(n)
+        n = tf.constant(samples, tf.int64)
+        rows = []
+        for xi in x:
+            rows.append(self._counts(tf.constant(xi), n, batch).numpy())
+            if progress is not None:
+                progress.update(samples)
+        return np.stack(rows)
 
     def predict(self, x, n: int, alpha: float = 0.001, batch_size: int | None = None):
         """PREDICT: g(x), or ABSTAIN (-1) when the top class is not significantly ahead.
@@ -123,7 +133,7 @@ class RandomizedSmoothing:
         return out
 
     def certify(self, x, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
-                batch_size: int | None = None):
+                batch_size: int | None = None, progress: bool = False):
         """CERTIFY: g(x) with a certified L2 radius, or ABSTAIN.
 
         n0 noise samples pick the candidate class c_A; n fresh samples count
@@ -134,14 +144,25 @@ class RandomizedSmoothing:
         Args:
             x: float inputs [N, ...] (input units); n0: selection samples;
                 n: estimation samples; alpha: 1 - confidence.
+            progress: show a bar of the noise samples done and to do.
 
         Returns:
             (labels int64 [N], -1 = abstain; radii float64 [N], L2 in input
             units, 0 where it abstains).
         """
         _check_alpha(alpha)
-        pick = np.argmax(self.sample_counts(x, n0, batch_size), axis=1)
-        counts = self.sample_counts(x, n, batch_size)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(x) * (int(n0) + int(n)), unit="sample", unit_scale=True,
+                       desc="noise samples", file=sys.stderr)
+        try:
+            pick = np.argmax(self.sample_counts(x, n0, batch_size, bar), axis=1)
+            counts = self.sample_counts(x, n, batch_size, bar)
+        finally:
+            if bar is not None:
+                bar.close()
         labels = np.full(len(pick), ABSTAIN, np.int64)
         radii = np.zeros(len(pick))
         for i, c in enumerate(pick):
@@ -160,3 +181,24 @@ def lower_confidence_bound(successes: int, trials: int, alpha: float) -> float:
 def _check_alpha(alpha):
     if not 0 < float(alpha) < 0.5:
         raise ValueError(f"Expected 0 < alpha < 0.5. Received: alpha={alpha!r}")
+
+
+def certified_accuracy(labels, radii, y, at=(0.0, 0.25, 0.5, 0.75, 1.0)) -> dict:
+    """Certified accuracy at each radius: the fraction of inputs whose certified label is
+    the true one with a certified radius of at least r (Cohen et al.'s table).
+
+    Args:
+        labels, radii: `certify`'s output (labels int [N], -1 = abstain; radii [N]).
+        y: true labels int [N].
+        at: the radii r (input units, L2).
+
+    Returns:
+        {r: accuracy} in the order given (r as float).
+    """
+    labels, radii, y = np.asarray(labels), np.asarray(radii), np.asarray(y)
+    if not (labels.shape == radii.shape == y.shape):
+        raise ValueError(f"Expected labels, radii and y of one shape [N]. Received "
+                         f"{labels.shape}, {radii.shape}, {y.shape}.")
+    correct = labels == y
+    return {float(r): float(np.mean(correct & (radii >= r))) if len(y) else float("nan")
+            for r in at}

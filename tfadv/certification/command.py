@@ -1,0 +1,59 @@
+"""`tfadv certify`: randomized smoothing's certified accuracy of a saved classifier."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from tfadv.certification.smoothing import RandomizedSmoothing, certified_accuracy
+from tfadv.config.certification import CertifyConfig
+from tfadv.config.mnist import MnistDataConfig
+from tfadv.config.options import add_command, build
+from tfadv.files import write_json, write_text
+
+
+def add(subparsers, load_classifier, eval_data):
+    """Adds `certify`; the loaders are the CLI's (one model loader, one test split)."""
+    c = add_command(subparsers, "certify", lambda args: run(args, load_classifier, eval_data),
+                    configs=(CertifyConfig, MnistDataConfig),
+                    help="certified L2 accuracy of a classifier smoothed with Gaussian noise "
+                         "(Cohen et al. 2019)")
+    c.add_argument("model", help="a .keras classifier (inputs in [0, 1], logits out)")
+    c.add_argument("--json", action="store_true", help="print one JSON object only")
+
+
+def markdown(result) -> str:
+    rows = "\n".join(f"| {r:g} | {a:.3f} |" for r, a in result["certified_accuracy"].items())
+    return (f"Randomized smoothing, sigma {result['sigma']:g}, n {result['n']:,}, alpha "
+            f"{result['alpha']:g}, {result['n_test']} test digits "
+            f"({result['seconds']:.0f} s; abstained on {result['abstained']}):\n\n"
+            f"| L2 radius | certified accuracy |\n|---|---|\n{rows}\n")
+
+
+def run(args, load_classifier, eval_data):
+    cfg = build(CertifyConfig, args)
+    if cfg.out:  # before the sampling: a bad --out must not cost the run
+        os.makedirs(cfg.out, exist_ok=True)
+    model = load_classifier(args.model)
+    x, y = eval_data(build(MnistDataConfig, args))
+    x, y = x[:cfg.n_test], y[:cfg.n_test]
+    num_classes = int(model.output_shape[-1])
+    smoothed = RandomizedSmoothing(model, cfg.sigma, num_classes, batch_size=cfg.batch_size,
+                                   seed=cfg.seed)
+    start = time.perf_counter()
+    labels, radii = smoothed.certify(x, n0=cfg.n0, n=cfg.n, alpha=cfg.alpha,
+                                     progress=not args.json)
+    result = {"model": os.path.abspath(args.model), "sigma": cfg.sigma, "n": cfg.n,
+              "n0": cfg.n0, "alpha": cfg.alpha, "n_test": int(len(y)),
+              "seconds": time.perf_counter() - start,
+              "abstained": int((labels < 0).sum()),
+              "certified_accuracy": certified_accuracy(labels, radii, y, cfg.radii),
+              "labels": labels.tolist(), "radii": radii.tolist()}
+    if cfg.out:
+        write_json(os.path.join(cfg.out, "certify.json"), result)
+        write_text(os.path.join(cfg.out, "certify.md"), markdown(result))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(markdown(result))

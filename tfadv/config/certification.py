@@ -1,0 +1,32 @@
+"""Settings of `tfadv certify`: randomized smoothing's certified accuracy of a classifier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tfadv import argtypes
+from tfadv.config.options import comma_list, setting
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    """Cohen et al.'s CERTIFY on the first test digits (L2 radii in [0, 1] input units)."""
+
+    sigma: float = setting(0.25, type=argtypes.positive_float,
+                           help="noise standard deviation ([0, 1] units)")
+    n: int = setting(100_000, type=argtypes.positive_int, help="estimation noise samples")
+    n0: int = setting(100, type=argtypes.positive_int, help="selection noise samples")
+    n_test: int = setting(500, type=argtypes.positive_int, help="test digits to certify")
+    alpha: float = setting(0.001, type=argtypes.positive_float,
+                           help="1 - confidence of every certificate")
+    batch_size: int = setting(1000, type=argtypes.positive_int,
+                              help="noise samples per model call")
+    radii: tuple = setting((0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
+                           type=comma_list(argtypes.nonneg_float),
+                           help="radii of the certified-accuracy table")
+    seed: int = setting(0, help="noise seed")
+    out: str | None = setting(None, help="also write certify.json and certify.md here")
+
+    def __post_init__(self):
+        if not 0 < self.alpha < 0.5:
+            raise ValueError(f"Expected 0 < alpha < 0.5. Received: alpha={self.alpha}")
