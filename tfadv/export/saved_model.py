@@ -34,6 +34,7 @@ from tfadv import files
 from tfadv.config.core import check_threshold
 from tfadv.export import contract as C
 from tfadv.export.batching import BatchingParameters
+from tfadv.data.images import encode_image
 from tfadv.export.images import decode_crops
 
 
@@ -203,8 +204,7 @@ def warmup_requests(name: str, image_size: tuple[int, int], batch_sizes=(1,), se
 
 def _encode(pixels, i):
     """One warm-up photo: even indices PNG, odd JPEG (both decoders run at load time)."""
-    image = tf.constant(pixels[i].astype(np.uint8))
-    return (tf.io.encode_png(image) if i % 2 == 0 else tf.io.encode_jpeg(image)).numpy()
+    return encode_image(pixels[i], "png" if i % 2 == 0 else "jpeg")
 
 
 def read_warmup_requests(path: str):

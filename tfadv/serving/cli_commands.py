@@ -46,13 +46,11 @@ def batching_parameters(options: BatchingOptions, base: BatchingParameters | Non
     """
     given = options.given()
     pad = given.pop("pad_batches", True)
+    merged = {**({f: getattr(base, f) for f in _FIELDS} if base else {}), **given}
     if not pad:
-        merged = {**({f: getattr(base, f) for f in _FIELDS} if base else {}), **given}
         return BatchingParameters(**merged, allowed_batch_sizes=())
-    if base is None:
-        return BatchingParameters.with_padding(**given)
-    merged = {**{f: getattr(base, f) for f in _FIELDS}, **given}
-    if base.allowed_batch_sizes and merged["max_batch_size"] != base.max_batch_size:
+    if base is None or (base.allowed_batch_sizes
+                        and merged["max_batch_size"] != base.max_batch_size):
         return BatchingParameters.with_padding(**merged)
     return BatchingParameters(**merged, allowed_batch_sizes=base.allowed_batch_sizes)
 

@@ -215,9 +215,7 @@ class Client:
             signature = C.EMBED_UINT8_SIGNATURE
         else:
             signature, images = C.SERVING_SIGNATURE, images.astype(np.float32, copy=False)
-        parts = [self.predict({C.IMAGES: images[i:i + self.batch_size]}, signature)[C.EMBEDDINGS]
-                 for i in range(0, len(images), self.batch_size)]
-        return np.concatenate(parts, axis=0)
+        return self._embed_batches(signature, C.IMAGES, images)
 
     def embed_encoded(self, files) -> np.ndarray:
         """Embeddings of encoded face crops, decoded and resized by the served model.
@@ -239,11 +237,13 @@ class Client:
         files = list(files)
         if not files or not all(isinstance(f, bytes) for f in files):
             raise ValueError("Expected a non-empty list of encoded image files (bytes).")
-        parts = []
-        for i in range(0, len(files), self.batch_size):
-            batch = np.array(files[i:i + self.batch_size], dtype=object)
-            parts.append(self.predict({C.IMAGES_BYTES: batch},
-                                      C.EMBED_IMAGES_SIGNATURE)[C.EMBEDDINGS])
+        return self._embed_batches(C.EMBED_IMAGES_SIGNATURE, C.IMAGES_BYTES,
+                                   np.array(files, dtype=object))
+
+    def _embed_batches(self, signature, key, values) -> np.ndarray:
+        """Embeddings of `values` [N, ...], `batch_size` per request to `signature`."""
+        parts = [self.predict({key: values[i:i + self.batch_size]}, signature)[C.EMBEDDINGS]
+                 for i in range(0, len(values), self.batch_size)]
         return np.concatenate(parts, axis=0)
 
     def embed_files(self, paths, *, crop: bool = True, detector=None,

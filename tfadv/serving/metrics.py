@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import weakref
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from prometheus_client import (CollectorRegistry, Histogram, disable_created_metrics,
@@ -115,8 +116,9 @@ class ServingMetrics:
         self._lock = threading.Lock()
         self._requests = collections.Counter()  # (model_name, status, signature_name)
         self._loads = collections.Counter()  # (model_path, status)
-        self._states = {}  # (model_name, version) -> state
-        self._known = {}  # served model name -> its signature names (of loaded versions)
+        # The registries of the servers in this process: the version states and the names
+        # requests may be counted under are read from them, not kept twice.
+        self._registries = weakref.WeakSet()
 
         def histogram(name, doc, labels=(), buckets=LATENCY_BUCKETS_US):
             return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
@@ -140,20 +142,22 @@ class ServingMetrics:
         self.registry.register(self)
 
     # -- recording -------------------------------------------------------------------
-    def served(self, model_name, signatures=()):
-        """Names requests may be counted under; any other becomes "(unknown)", so a client
-        sending made-up model or signature names cannot grow the series without bound."""
-        with self._lock:
-            self._known.setdefault(model_name, set()).update(signatures)
+    def watch(self, registry):
+        """Reads version states and served names from a `ModelRegistry` (held weakly)."""
+        self._registries.add(registry)
 
     def request(self, model_name, status, *, api, entrypoint, seconds, signature_name=""):
-        """One finished request: its final status code name ("OK", ...) and wall time."""
+        """One finished request: its final status code name ("OK", ...) and wall time.
+
+        Names no watched registry serves are counted as "(unknown)", so a client sending
+        made-up model or signature names cannot grow the series without bound.
+        """
+        registries = list(self._registries)
+        if model_name and not any(r.serves(model_name) for r in registries):
+            model_name = UNKNOWN
+        if signature_name and not any(r.serves(model_name, signature_name) for r in registries):
+            signature_name = UNKNOWN
         with self._lock:
-            known = self._known.get(model_name)
-            if model_name and known is None:
-                model_name = UNKNOWN
-            if signature_name and (known is None or signature_name not in known):
-                signature_name = UNKNOWN
             self._requests[(model_name or "", status, signature_name or "")] += 1
         if status == "OK":  # TF Serving records the latency of successful requests only
             self.request_latency.labels(model_name or "", api, entrypoint).observe(
@@ -173,16 +177,13 @@ class ServingMetrics:
         with self._lock:
             self._loads[(model_path, "success" if ok else "fail")] += 1
 
-    def state(self, model_name, version, state):
-        with self._lock:
-            self._states[(model_name, str(version))] = state
-
     # -- exposing ----------------------------------------------------------------------
     def collect(self):
         """The counts and states, under their exact names (prometheus_client's collector API)."""
         with self._lock:
             requests, loads = dict(self._requests), dict(self._loads)
-            states = dict(self._states)
+        states = {(name, str(v), s): 1 for r in list(self._registries)
+                  for (name, v), s in r.version_states().items()}
         families = [
             (_PREFIX + "request_count", "The total number of requests.",
              ("model_name", "status", "signature_name"), requests),
@@ -191,8 +192,7 @@ class ServingMetrics:
              ("model_path", "status"), loads),
             (":tfadv:serving:model_version_state",
              "1 for the state each version of each model is in.",
-             ("model_name", "version", "state"),
-             {(m, v, s): 1 for (m, v), s in states.items()}),
+             ("model_name", "version", "state"), states),
         ]
         for name, doc, labels, values in families:
             metric = Metric(name, doc, "unknown")

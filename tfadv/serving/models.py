@@ -213,8 +213,7 @@ class ModelRegistry:
     def __init__(self, configs, *, max_batch_size: int = 256,
                  batching: BatchingParameters | None = None, warmup: bool = True):
         self._models = {c.name: _Model(c) for c in configs}
-        for name in self._models:
-            METRICS.served(name)
+        METRICS.watch(self)
         self.max_batch_size = max_batch_size
         self.batching = batching
         self.warmup = warmup
@@ -226,6 +225,18 @@ class ModelRegistry:
     @property
     def names(self) -> list[str]:
         return sorted(self._models)
+
+    def serves(self, name, signature=None) -> bool:
+        """Whether `name` is a served model (and `signature` one of its loaded signatures)."""
+        model = self._models.get(name)
+        if model is None or signature is None:
+            return model is not None
+        return any(signature in s.signatures for s in model.available.values())
+
+    def version_states(self) -> dict:
+        """{(model name, version): state name} of every version loaded or tried."""
+        return {(name, v): s.state for name, model in self._models.items()
+                for v, s in dict(model.states).items()}
 
     def model(self, name: str, version=None) -> _Model:
         request = f"Latest({name})" if version is None else f"Specific({name}, {version})"
@@ -265,7 +276,6 @@ class ModelRegistry:
                 continue
             state = model.states.setdefault(v, VersionState("LOADING"))
             state.state = "LOADING"
-            METRICS.state(cfg.name, v, "LOADING")
             t0 = time.perf_counter()
             try:
                 new[v] = Servable(cfg.name, v, os.path.join(cfg.base_path, str(v)),
@@ -273,7 +283,6 @@ class ModelRegistry:
                                   warmup=self.warmup)
             except Exception as err:  # a broken version must not stop the server
                 METRICS.load(os.path.join(cfg.base_path, str(v)), ok=False)
-                METRICS.state(cfg.name, v, "END")
                 state.attempts += 1
                 state.state = "END"
                 state.error_code = "UNKNOWN"
@@ -283,8 +292,6 @@ class ModelRegistry:
                 continue
             model.states[v] = VersionState("AVAILABLE")
             METRICS.load(os.path.join(cfg.base_path, str(v)), ok=True)
-            METRICS.served(cfg.name, new[v].signatures)
-            METRICS.state(cfg.name, v, "AVAILABLE")
             log.info("model %s: version %d available (loaded in %.1f s)", cfg.name, v,
                      time.perf_counter() - t0)
         # Keep the old versions until something newer is actually loaded.
@@ -297,7 +304,6 @@ class ModelRegistry:
             self.generation += 1
         for servable in retired:
             model.states[servable.version] = VersionState("END")
-            METRICS.state(cfg.name, servable.version, "END")
             log.info("model %s: version %d unloaded", cfg.name, servable.version)
             # Requests already holding it finish; its batch threads drain and exit.
             threading.Thread(target=servable.close, daemon=True).start()
@@ -311,9 +317,9 @@ class ModelRegistry:
         Raises:
             ServingError: NOT_FOUND for an unknown model or version.
         """
-        model = self._models.get(name) if name else None
         if not name:
             raise invalid("Missing model name in request.")
+        model = self._models.get(name)
         states = dict(model.states) if model is not None else {}
         if version is not None:
             if int(version) not in states:

@@ -445,24 +445,22 @@ def rest_handler(server):
         def do_PATCH(self):  # noqa: N802
             self._handle("PATCH")
 
-        def do_HEAD(self):  # noqa: N802
-            # TF Serving: no route takes HEAD (400 Malformed request); a HEAD answer has no body.
+        def _empty(self, status):
+            """An answer without a body, after the request's body was read."""
             self._frame()
             self._finish_body()
-            self.send_response(400)
-            self.send_header("Content-Type", "application/json")
+            self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()
+
+        def do_HEAD(self):  # noqa: N802
+            # TF Serving: no route takes HEAD (400 Malformed request); a HEAD answer has no body.
+            self._empty(400)
 
         def do_OPTIONS(self):  # noqa: N802
             # A CORS preflight, as TF Serving answers it without --enable_cors_support: 200
             # when an Origin is given, else 400; both with an empty body.
-            self._frame()
-            self._finish_body()
-            origin = re.search(r"https?://", self.headers.get("Origin", ""))
-            self.send_response(200 if origin else 400)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self._empty(200 if re.search(r"https?://", self.headers.get("Origin", "")) else 400)
 
     return Handler
 

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from tfadv.data.images import encode_image
 from tfadv.serving.batcher import Batcher, check_alive
 from tfadv.serving.errors import invalid
 from tfadv.serving.metrics import METRICS
@@ -179,15 +180,10 @@ class Signature:
             self._batcher.close()
 
 
-_BLACK_PNG = None
-
-
 def warm_input(spec, n):
     """n examples for warming a batch size: zeros, or for string (encoded image) inputs one
     black 1 x 1 PNG each, which the graph decodes and resizes like any photo."""
-    global _BLACK_PNG
     if spec.dtype != np.object_:
         return np.zeros((n, *spec.shape[1:]), spec.dtype)
-    if _BLACK_PNG is None:
-        _BLACK_PNG = tf.io.encode_png(tf.zeros([1, 1, 3], tf.uint8)).numpy()
-    return np.full((n, *spec.shape[1:]), _BLACK_PNG, dtype=object)
+    black = encode_image(np.zeros((1, 1, 3), np.uint8))
+    return np.full((n, *spec.shape[1:]), black, dtype=object)
