@@ -21,11 +21,15 @@ message names the input and the indices of the bad images.
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
-__all__ = ["FORMATS", "decode_crops"]
+from tfadv.data.images import encode_image
+
+__all__ = ["FORMATS", "SENTINEL", "decode_crops"]
 
 FORMATS = "JPEG, PNG, GIF, BMP or WebP"
+SENTINEL = encode_image(np.zeros((1, 1, 3), np.uint8))  # a black 1 x 1 PNG, a graph constant
 
 
 def _square_resize(image, size: int):
@@ -66,7 +70,7 @@ def decode_crops(data, size: int, *, name: str = "images_bytes"):
     n = tf.shape(data)[0]
     # One more element, always decodable (a black 1 x 1 PNG), so the batch below is never
     # empty (get_single_element needs exactly one; Dataset.reduce is 4x slower); dropped after.
-    padded = tf.concat([data, tf.io.encode_png(tf.zeros([1, 1, 3], tf.uint8))[None]], 0)
+    padded = tf.concat([data, tf.constant([SENTINEL])], 0)
     indexed = tf.data.Dataset.from_tensor_slices((tf.range(n + 1), padded))
 
     def decode(i, encoded):

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfadv.data.images import encode_image
+from tfadv.export.images import SENTINEL
 from tfadv.serving.batcher import Batcher, check_alive
 from tfadv.serving.errors import invalid
 from tfadv.serving.metrics import METRICS
@@ -185,5 +185,4 @@ def warm_input(spec, n):
     black 1 x 1 PNG each, which the graph decodes and resizes like any photo."""
     if spec.dtype != np.object_:
         return np.zeros((n, *spec.shape[1:]), spec.dtype)
-    black = encode_image(np.zeros((1, 1, 3), np.uint8))
-    return np.full((n, *spec.shape[1:]), black, dtype=object)
+    return np.full((n, *spec.shape[1:]), SENTINEL, dtype=object)
