@@ -11,7 +11,9 @@ import numpy as np
 # Training methods: clean, the attack-based min-max (Madry PGD, TRADES) and the
 # fast one-pass methods (tfadv.trainers.fast).
 FAST_METHODS = ("fgsm_rs", "n_fgsm", "free")
-METHODS = ("standard", "pgd", "trades", *FAST_METHODS)
+# Training of a randomized-smoothing base model (tfadv.trainers.noise).
+NOISE_METHODS = ("gaussian", "smoothadv")
+METHODS = ("standard", "pgd", "trades", *FAST_METHODS, *NOISE_METHODS)
 CENTER_TARGETS = ("clean", "adversarial", "both")
 CENTER_SOURCES = ("learned", "inverse_batch")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from tfadv import argtypes
-from tfadv.config.core import FAST_METHODS, METHODS, check_unit_budget
+from tfadv.config.core import FAST_METHODS, METHODS, NOISE_METHODS, check_unit_budget
 from tfadv.config.options import comma_list, setting
 
 SOURCES = ("embedded", "tfds", "full")
@@ -31,12 +31,16 @@ class MnistTrainConfig:
     out: str = setting(help="output directory (re-use it to resume)")
     method: str = setting("pgd", choices=METHODS,
                           help="training method: Madry PGD, TRADES, the fast fgsm_rs, n_fgsm, "
-                               "free, or clean (standard)")
+                               "free, clean (standard), or for randomized smoothing gaussian "
+                               "(noise augmentation) and smoothadv")
     model: str = setting("reference", choices=MODELS,
                          help="classifier: the reference CNN, Madry et al.'s CNN, TRADES' "
                               "SmallCNN")
     epochs: int = setting(20, type=argtypes.positive_int, help="training epochs")
-    eps: float = setting(0.3, type=argtypes.nonneg_float, help="training budget (Linf, [0, 1] units)")
+    eps: float = setting(0.3, type=argtypes.nonneg_float,
+                         help="training and validation budget ([0, 1] units, in --norm)")
+    norm: str = setting("inf", type=argtypes.norm,
+                        help="threat model of the attacks: inf or 2 (smoothadv: 2)")
     steps: int = setting(10, type=argtypes.positive_int, help="PGD steps of the training attack")
     step_size: float = setting(0.04, type=argtypes.nonneg_float,
                                help="PGD step of the training attack")
@@ -62,6 +66,11 @@ class MnistTrainConfig:
     free_replays: int = setting(8, type=argtypes.positive_int,
                                 help="free: replays of each batch (an epoch costs that many "
                                      "passes)")
+    noise_sigma: float = setting(0.25, type=argtypes.positive_float,
+                                 help="gaussian, smoothadv: the noise's standard deviation "
+                                      "([0, 1] units; certify with the same sigma)")
+    noise_samples: int = setting(1, type=argtypes.positive_int,
+                                 help="gaussian, smoothadv: noisy copies of each digit per step")
     guard: str = setting("auto", choices=GUARD_CHOICES,
                          help="catastrophic-overfitting guard: a PGD check after each epoch; "
                               "on a collapse restore the best weights and stop or halve the "
@@ -96,7 +105,13 @@ class MnistTrainConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"Expected method to be one of {METHODS}. Received: {self.method!r}")
-        check_unit_budget(self.eps)
+        check_unit_budget(self.eps, self.norm)
+        if self.method == "smoothadv" and self.norm != "2":
+            raise ValueError("--method smoothadv attacks the smoothed classifier in L2: pass "
+                             "--norm 2 with an L2 --eps and --step-size, e.g. --norm 2 "
+                             "--eps 1.0 --step-size 0.25 --steps 8.")
+        if self.method in NOISE_METHODS and not self.noise_sigma > 0:
+            raise ValueError(f"Expected noise_sigma > 0. Received: {self.noise_sigma}")
         if self.strategy not in STRATEGIES:
             raise ValueError(
                 f"Expected strategy to be one of {STRATEGIES}. Received: {self.strategy!r}"
@@ -111,7 +126,7 @@ class MnistTrainConfig:
         if self.data not in SOURCES:
             raise ValueError(f"Expected data to be one of {SOURCES}. Received: {self.data!r}")
         for name in ("epochs", "steps", "batch_size", "eval_steps", "free_replays",
-                     "guard_size"):
+                     "guard_size", "noise_samples"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"Expected {name} >= 1. Received: {name}={getattr(self, name)}")
         if self.eps < 0 or self.step_size < 0:

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from tfadv import files, models, runs
 from tfadv.attacks import FGSM, PGD
-from tfadv.config.core import FAST_METHODS
+from tfadv.config.core import FAST_METHODS, NOISE_METHODS
 from tfadv.config.mnist import STRATEGIES, MnistTrainConfig  # noqa: F401 (re-exported)
 from tfadv.config.options import option_names
 from tfadv.data import mnist as mnist_data
@@ -54,7 +54,8 @@ def _is_chief(strategy) -> bool:
 
 def _eval_pgd(cfg: MnistTrainConfig) -> PGD:
     """The evaluation attack: PGD with random start (PGD's default step unless set)."""
-    return PGD(eps=cfg.eps, steps=cfg.eval_steps, step_size=cfg.eval_step_size, random_start=True)
+    return PGD(eps=cfg.eps, steps=cfg.eval_steps, step_size=cfg.eval_step_size, norm=cfg.norm,
+               random_start=True)
 
 
 def _learning_rate(cfg: MnistTrainConfig, steps_per_epoch):
@@ -75,16 +76,19 @@ def build_training_model(cfg: MnistTrainConfig, steps_per_epoch=None) -> Adversa
     The fast methods take eps from the training attack (its steps are unused).
     `steps_per_epoch` (batches) is needed by the cyclic learning rate.
     """
-    attack = PGD(eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, random_start=True)
+    attack = PGD(eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, norm=cfg.norm,
+                 random_start=True)
     eval_attack = _eval_pgd(cfg)
     base = models.MNIST_MODELS[cfg.model]()
     fast = {}
     if cfg.method in FAST_METHODS:
         fast = dict(fast_step=cfg.fast_step, fast_noise=cfg.fast_noise,
                     free_replays=cfg.free_replays)
+    if cfg.method in NOISE_METHODS:
+        fast = dict(noise_sigma=cfg.noise_sigma, noise_samples=cfg.noise_samples)
     model = AdversarialModel(
         base,
-        attack=attack if cfg.method != "standard" else None,
+        attack=attack if cfg.method not in ("standard", "gaussian") else None,
         method=cfg.method,
         adv_ratio=cfg.adv_ratio,
         trades_beta=cfg.trades_beta,
@@ -119,7 +123,7 @@ def _guard(cfg: MnistTrainConfig, x_tr, y_tr, chief):
     rng = np.random.default_rng(cfg.seed)
     rows = rng.choice(len(x_tr), min(cfg.guard_size, len(x_tr)), replace=False)
     return CatastrophicOverfittingGuard(
-        x_tr[rows], y_tr[rows], PGD(eps=cfg.eps, steps=10, random_start=True),
+        x_tr[rows], y_tr[rows], PGD(eps=cfg.eps, steps=10, norm=cfg.norm, random_start=True),
         threshold=cfg.guard_threshold, on_overfit=cfg.guard_action,
         state_dir=state if chief else tempfile.mkdtemp())
 
@@ -197,13 +201,14 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
         result = evaluate_robustness(
             base, x_te, y_te,
             [_eval_pgd(cfg),
-             FGSM(eps=cfg.eps)],
+             FGSM(eps=cfg.eps, norm=cfg.norm)],
             batch_size=500,
         )
         metrics = {
             "config": dataclasses.asdict(cfg),
             "test": result.to_dict(),
-            "eval_attack": f"PGD-{cfg.eval_steps} + FGSM, eps={cfg.eps}, worst case per example",
+            "eval_attack": f"PGD-{cfg.eval_steps} + FGSM, eps={cfg.eps} (L{cfg.norm}), worst "
+                           "case per example",
             "train_seconds_this_run": train_seconds,
             "overfitting_events": [] if guard is None else guard.events,
             "replicas": strategy.num_replicas_in_sync,

@@ -22,6 +22,7 @@ from tfadv.losses.reduction import global_batch_mean
 from tfadv.models.features import logits_and_features
 from tfadv.ops.classwise import class_sums
 from tfadv.trainers.base import DOWN, TrainerBase, directed_mean
+from tfadv.trainers.noise import repeat_rows
 
 
 
@@ -66,13 +67,18 @@ class AdversarialModel(TrainerBase):
           (Wong et al. 2020; de Jorge et al. 2022; Shafahi et al. 2019),
           minimising the "pgd" loss on their cheaper adversaries; the
           training attack gives only their threat model (eps, norm, bounds).
+        - "gaussian", "smoothadv": the base model of a randomized-smoothing
+          classifier (`tfadv.certification`), trained on Gaussian-noise copies
+          of the inputs or of SmoothAdv's adversaries (Cohen et al. 2019;
+          Salman et al. 2019; `TrainerBase`, `noise_sigma`, `noise_samples`).
         - "standard": clean training (still reports robust validation metrics).
 
     Args:
         base: Keras model mapping inputs to logits. It is what you save and
             deploy; this wrapper only trains it.
         attack: the training attack (inner maximisation), e.g. `PGD(...)`.
-        method: one of "standard", "pgd", "trades", "fgsm_rs", "n_fgsm", "free".
+        method: one of "standard", "pgd", "trades", "fgsm_rs", "n_fgsm", "free",
+            "gaussian", "smoothadv".
         adv_ratio: weight of the adversarial loss for "pgd" and the fast
             methods, in [0, 1].
         trades_beta: TRADES regularisation weight (6.0 in the paper).
@@ -85,6 +91,7 @@ class AdversarialModel(TrainerBase):
             any mixed-precision policy).
         fast_step, fast_noise, free_replays: the fast methods' settings
             (`TrainerBase`; None: each paper's default).
+        noise_sigma, noise_samples: the noise methods' settings (`TrainerBase`).
         static_models: frozen classifiers for ensemble adversarial training
             (Tramer et al., ICLR 2018): batch k's adversaries are made on
             source `k mod (1 + len(static_models))`, `base` first ("pgd",
@@ -129,7 +136,7 @@ class AdversarialModel(TrainerBase):
             raise ValueError(f"Expected base to be a keras.Model. Received: {type(base).__name__}")
         if method not in METHODS:
             raise ValueError(f"Expected method to be one of {METHODS}. Received: method={method!r}")
-        if method != "standard" and attack is None:
+        if method not in ("standard", "gaussian") and attack is None:
             raise ValueError(
                 f'method="{method}" needs a training attack, e.g. '
                 "attack=tfadv.attacks.PGD(eps=0.3, step_size=0.04, steps=10)."
@@ -138,7 +145,7 @@ class AdversarialModel(TrainerBase):
                          num_classes=_output_classes(base), **kwargs)
         if self.eval_attack is None:
             self.eval_attack = self.attack
-        if static_models and method in ("standard", "trades", "free"):
+        if static_models and method in ("standard", "trades", "free", "gaussian", "smoothadv"):
             raise ValueError(f'static_models (ensemble adversarial training) take the place of '
                              f'the training attack\'s model for "pgd", "fgsm_rs" and "n_fgsm"; '
                              f'method="{method}" has no such attack.')
@@ -216,7 +223,9 @@ class AdversarialModel(TrainerBase):
             x_adv = None
         centers = None
         if self.center_cfg is not None:
-            centers = self._batch_centers(x, labels, batch.weights)
+            # One row per training input (noise methods: per noisy copy).
+            centers = repeat_rows(self._batch_centers(x, labels, batch.weights),
+                                  self.noise_copies)
         return {"x_adv": x_adv, "centers": centers}
 
     def _parts(self, x_adv):

@@ -38,7 +38,7 @@ from tfadv.attacks import objectives as objectives_lib
 from tfadv.attacks.registry import deserialize, serialize
 from tfadv.losses.reduction import sample_weights
 from tfadv.ops.labels import sparse_labels
-from tfadv.trainers import fast
+from tfadv.trainers import fast, noise
 from tfadv.trainers.keras_internals import (  # noqa: F401 (re-exported)
     DOWN, UP, MetricGroup, _KerasHooks, directed_mean)
 from tfadv.trainers.replicas import (  # noqa: F401 (re-exported)
@@ -127,6 +127,12 @@ class TrainerBase(_KerasHooks):
       and the perturbation (`fast_step * eps`, eps), which is carried to the
       next batch. An epoch costs `free_replays` training passes: divide the
       epochs by it to compare with one-pass methods at equal cost.
+    - "gaussian" (Cohen et al., ICML 2019) and "smoothadv" (Salman et al.,
+      NeurIPS 2019): the base model of a randomized-smoothing classifier
+      trains on `noise_samples` noisy copies of each input (`x + e`, e ~
+      N(0, noise_sigma^2 I)), or of SmoothAdv's adversary, PGD on the
+      smoothed soft classifier inside the training attack's L2 ball
+      (`tfadv.trainers.noise`). "gaussian" needs no training attack.
 
     The fast methods take eps, norm, bounds, objective and direction from the
     training attack (its own steps and step size are not used) and scale with
@@ -144,20 +150,26 @@ class TrainerBase(_KerasHooks):
         fast_step, fast_noise: the fast methods' step and start-noise radius
             as multiples of eps; None: the method's paper default.
         free_replays: replays per batch for "free".
+        noise_sigma: the Gaussian noise's standard deviation (input units)
+            for "gaussian" and "smoothadv".
+        noise_samples: noisy copies of each input per step (m) for them.
         **kwargs: `keras.Model` arguments (name, dtype, ...).
 
     Raises:
         ValueError: an attack that is neither a tfadv Attack nor its
             serialised dict; a method the subclass does not offer; a fast
             method without a training attack with a positive eps; a negative
-            fast_step / fast_noise or free_replays < 1.
+            fast_step / fast_noise or free_replays < 1; "gaussian" or
+            "smoothadv" without noise_sigma > 0 or with noise_samples < 1;
+            "smoothadv" without an L2 training attack with a positive eps.
     """
 
     _model_args: tuple = ()
     methods: tuple = ("pgd", *fast.FAST_METHODS)
 
     def __init__(self, *, attack=None, eval_attack=None, num_classes=None, method="pgd",
-                 fast_step=None, fast_noise=None, free_replays=fast.FREE_REPLAYS, **kwargs):
+                 fast_step=None, fast_noise=None, free_replays=fast.FREE_REPLAYS,
+                 noise_sigma=None, noise_samples=noise.NOISE_SAMPLES, **kwargs):
         super().__init__(**kwargs)
         self.attack = _as_attack(attack)
         self.eval_attack = _as_attack(eval_attack)
@@ -182,6 +194,8 @@ class TrainerBase(_KerasHooks):
         if int(free_replays) != free_replays or int(free_replays) < 1:
             raise ValueError(f"Expected free_replays >= 1. Received: {free_replays}")
         self.free_replays = int(free_replays)
+        self.noise_sigma, self.noise_samples = noise.check_settings(
+            method, self.attack, noise_sigma, noise_samples)
         # Fraction of the training attack's budget in use; EpsilonWarmup ramps it.
         self.eps_fraction = self.add_weight(
             shape=(), initializer="ones", trainable=False, name="eps_fraction", dtype="float32"
@@ -239,11 +253,18 @@ class TrainerBase(_KerasHooks):
 
         Returns:
             `x_adv` like x, no gradient attached; x itself for "free" (its
-            replays perturb inside `train_step`).
+            replays perturb inside `train_step`); `[noise_samples * N, ...]`
+            noisy inputs for "gaussian" and "smoothadv".
         """
         budget = self._budget()
         if self.method == "free":
             return x
+        if self.method == "gaussian":
+            return noise.noisy_copies(x, self.noise_sigma, self.noise_samples)
+        if self.method == "smoothadv":
+            return noise.smoothadv_adversary(self.attack, model, x, target,
+                                             sigma=self.noise_sigma,
+                                             copies=self.noise_samples, eps=budget)
         if self.method not in fast.ONE_STEP_METHODS:
             return self.attack(model, x, target, objective=objective, eps=budget)
         attack = self.attack
@@ -350,6 +371,7 @@ class TrainerBase(_KerasHooks):
             # apply_gradients as looked up here (tests may replace it).
             return fast.free_train_step(self, batch, apply_gradients)
         prepared = self.prepare_batch(batch)
+        batch = self._noisy_batch(batch)
         with tf.GradientTape() as tape:
             loss, outputs = self.compute_adversarial_loss(batch, prepared)
             scaled = self.optimizer.scale_loss(loss)
@@ -369,6 +391,19 @@ class TrainerBase(_KerasHooks):
             apply_gradients(self.optimizer, grads, variables)
             compiled = self.after_train_step(batch, prepared, outputs)
         return self._logs(True, compiled)
+
+    @property
+    def noise_copies(self) -> int:
+        """Training inputs per example and step: `noise_samples` for the noise methods, else 1."""
+        return self.noise_samples if self.method in noise.NOISE_METHODS else 1
+
+    def _noisy_batch(self, batch):
+        """The batch repeated `noise_copies` times (copy-major), to match the noise
+        methods' `[m * N]` training inputs."""
+        m = self.noise_copies
+        if m == 1:
+            return batch
+        return Batch(*(noise.repeat_rows(t, m) for t in batch[:5]), size=batch.size * m)
 
     def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):
         """`keras.Model.fit`; for method "free" it first sizes the carried perturbation.
@@ -448,6 +483,8 @@ class TrainerBase(_KerasHooks):
         if self.method in fast.FAST_METHODS:
             config.update(fast_step=self.fast_step, fast_noise=self.fast_noise,
                           free_replays=self.free_replays)
+        if self.method in noise.NOISE_METHODS:
+            config.update(noise_sigma=self.noise_sigma, noise_samples=self.noise_samples)
         return config
 
     @classmethod
