@@ -286,3 +286,48 @@ def test_a_missing_face_folder_leaves_no_output_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="one folder per person"):
         R.finetune(cfg, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_facenet_certify_counts_the_certificates_of_every_val_face(splits, tmp_path, capsys,
+                                                                   monkeypatch):
+    """`tfadv facenet certify` on a saved embedder: its fractions are the decisions' counts,
+    the smoothed decisions are recomputed from the written centres, and the JSON holds
+    every face."""
+    from tfadv.certification.center import CenterSmoothing, certified_decisions
+    from tfadv.certification.faces import certify_faces
+    from tfadv.cli import main
+    from tfadv.config.certification import FaceCertifyConfig
+    from tfadv.evaluation import faces as face_eval
+    from tfadv.evaluation import verification as V
+
+    model = tiny_embedder()
+    thr = R.choose_threshold(model, splits)
+    cfg = FaceCertifyConfig(sigma=4.0, radii=(0.0, 4.0, 1000.0), n0=400, n=500, limit=5)
+    result = certify_faces(model, splits, thr, cfg)
+    assert result["faces"] == 5 and len(result["per_face"]) == 5
+    # The same certificates again (same seed) give the same fractions.
+    refs = face_eval.identity_references(face_eval.embed(model, splits.train.images),
+                                         splits.train.labels, 4)[splits.val.labels[:5]]
+    cert = CenterSmoothing(model, 4.0, batch_size=32, delta=0.1, seed=0).certify(
+        splits.val.images[:5], cfg.radii, n0=400, n=500, alpha=0.01)
+    match, certified = certified_decisions(cert, refs, thr)
+    assert result["smoothed_match"] == pytest.approx(match.mean())
+    for j, r in enumerate(("0", "4", "1000")):
+        assert result["radii"][r]["certified_match"] == pytest.approx(np.mean(certified[:, j] == 1))
+    assert result["radii"]["1000"]["certified_match"] == 0.0  # past what n samples can show
+    # The command line: a saved model with its threshold, --json and --out.
+    path = tmp_path / "m" / "embedder.keras"
+    path.parent.mkdir()
+    model.save(path)
+    V.save_threshold(path.parent, thr)
+    out = tmp_path / "cert"
+    asked = {}
+    monkeypatch.setattr(R, "load_splits", lambda faces, **kw: asked.update(kw) or splits)
+    main(["facenet", "certify", "--model", str(path), "--faces", "f", "--sigma", "4",
+          "--radius", "0,4,1000", "--n0", "400", "--n", "500", "--limit", "5", "--json",
+          "--out", str(out)])
+    assert asked["size"] == SIZE  # the faces are cropped to the model's input size
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["threshold"] == pytest.approx(thr)
+    assert json.loads((out / "certify.json").read_text())["faces"] == 5
+    assert "match certified" in (out / "certify.md").read_text()

@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     fv.add_argument("--holdout", type=int, default=0, help="identities held out (as the model "
                                                            "was fine-tuned)")
 
+    certify_command.add_faces(f, (facenet_recipe.load_model_or_preset,
+                                  facenet_recipe.load_splits, facenet_recipe.choose_threshold))
     add_serving_commands(sub)  # export, serve, query
     return p
 

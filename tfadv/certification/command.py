@@ -1,4 +1,5 @@
-"""`tfadv certify`: randomized smoothing's certified accuracy of a saved classifier."""
+"""`tfadv certify` (randomized smoothing's certified accuracy of a saved classifier) and
+`tfadv facenet certify` (center smoothing's certified matches of a face embedder)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import json
 import os
 import time
 
+from tfadv.certification import faces as faces_certify
 from tfadv.certification.smoothing import RandomizedSmoothing, certified_accuracy
-from tfadv.config.certification import CertifyConfig
+from tfadv.config.certification import CertifyConfig, FaceCertifyConfig
 from tfadv.config.mnist import MnistDataConfig
 from tfadv.config.options import add_command, build
 from tfadv.files import write_json, write_text
@@ -21,6 +23,27 @@ def add(subparsers, load_classifier, eval_data):
                          "(Cohen et al. 2019)")
     c.add_argument("model", help="a .keras classifier (inputs in [0, 1], logits out)")
     c.add_argument("--json", action="store_true", help="print one JSON object only")
+
+
+def add_faces(facenet, loaders):
+    """Adds `facenet certify` to the `facenet` group; `loaders` are the recipe's
+    (load_model_or_preset, load_splits, choose_threshold)."""
+    c = add_command(facenet, "certify", lambda args: run_faces(args, loaders),
+                    configs=(FaceCertifyConfig,),
+                    help="certified matches of the val faces under L2 perturbations (center "
+                         "smoothing, Kumar & Goldstein 2021)")
+    model = c.add_mutually_exclusive_group(required=True)
+    model.add_argument("--preset", help="FaceNet preset, e.g. facenet-mscele1m-128")
+    model.add_argument("--model", help="embedder .keras file (a threshold.json next to it is "
+                                       "used; else one is chosen on gallery pairs)")
+    c.add_argument("--faces", default=None, help="root with train/ and val/ (default: the "
+                                                 "demo set)")
+    c.add_argument("--json", action="store_true", help="print one JSON object only")
+
+
+def run_faces(args, loaders):
+    result = faces_certify.run(args, build(FaceCertifyConfig, args), *loaders)
+    print(json.dumps(result) if args.json else faces_certify.markdown(result))
 
 
 def markdown(result) -> str:

@@ -30,3 +30,36 @@ class CertifyConfig:
     def __post_init__(self):
         if not 0 < self.alpha < 0.5:
             raise ValueError(f"Expected 0 < alpha < 0.5. Received: alpha={self.alpha}")
+
+
+@dataclass(frozen=True)
+class FaceCertifyConfig:
+    """Center smoothing of a face embedder on the val faces (radii in pixel units, 0-255)."""
+
+    sigma: float = setting(8.0, type=argtypes.positive_float,
+                           help="noise standard deviation (pixels, 0-255)")
+    radii: tuple = setting((0.0, 2.0, 4.0, 8.0), flags=("--radius",),
+                           type=comma_list(argtypes.nonneg_float),
+                           help="input L2 radii to certify (pixels; comma-separated)")
+    n0: int = setting(400, type=argtypes.positive_int,
+                      help="noise samples of each centre step (choice, check)")
+    n: int = setting(1000, type=argtypes.positive_int,
+                     help="noise samples of the certified radius")
+    alpha: float = setting(0.01, type=argtypes.positive_float,
+                           help="1 - confidence of each face's certificate")
+    delta: float = setting(0.1, type=argtypes.positive_float,
+                           help="center smoothing's margin (Kumar & Goldstein: 0.05; with "
+                                "n0 < 1200 only delta >= 0.1 can validate a centre at "
+                                "alpha 0.01)")
+    batch_size: int = setting(32, type=argtypes.positive_int,
+                              help="noisy faces per model call")
+    limit: int | None = setting(None, type=argtypes.positive_int,
+                                help="certify only the first N val faces")
+    seed: int = setting(0, help="noise seed")
+    out: str | None = setting(None, help="also write certify.json and certify.md here")
+
+    def __post_init__(self):
+        if not 0 < self.alpha < 0.5:
+            raise ValueError(f"Expected 0 < alpha < 0.5. Received: alpha={self.alpha}")
+        if not 0 < self.delta < 0.5:
+            raise ValueError(f"Expected 0 < delta < 0.5. Received: delta={self.delta}")
