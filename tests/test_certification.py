@@ -150,6 +150,7 @@ def test_certify_command(tmp_path):
     result = json.loads(run.stdout)
     assert json.loads((tmp_path / "out" / "certify.json").read_text()) == result
     assert (tmp_path / "out" / "certify.md").read_text().startswith("Randomized smoothing")
+    assert (tmp_path / "out" / "certify.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _, y = load_mnist("embedded", "test")
     want = certified_accuracy(result["labels"], result["radii"], y[:6],
                               at=[float(r) for r in result["certified_accuracy"]])

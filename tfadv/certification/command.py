@@ -7,6 +7,8 @@ import json
 import os
 import time
 
+import numpy as np
+
 from tfadv.certification import faces as faces_certify
 from tfadv.certification.smoothing import RandomizedSmoothing, certified_accuracy
 from tfadv.config.certification import CertifyConfig, FaceCertifyConfig
@@ -54,6 +56,16 @@ def markdown(result) -> str:
             f"| L2 radius | certified accuracy |\n|---|---|\n{rows}\n")
 
 
+def plot(labels, radii, y, largest, path, *, title):
+    """The certified-accuracy curve (a step function of the radius) as a PNG."""
+    from tfadv.evaluation.robustness import plot_curve
+
+    grid = np.linspace(0.0, max(float(largest), 1e-6), 81)
+    acc = certified_accuracy(labels, radii, y, grid)
+    return plot_curve({"eps": list(acc), "accuracy": list(acc.values())}, path, title=title,
+                      xlabel="L2 radius", marker=None)
+
+
 def run(args, load_classifier, eval_data):
     cfg = build(CertifyConfig, args)
     if cfg.out:  # before the sampling: a bad --out must not cost the run
@@ -76,6 +88,8 @@ def run(args, load_classifier, eval_data):
     if cfg.out:
         write_json(os.path.join(cfg.out, "certify.json"), result)
         write_text(os.path.join(cfg.out, "certify.md"), markdown(result))
+        plot(labels, radii, y, max(cfg.radii), os.path.join(cfg.out, "certify.png"),
+             title=f"Certified accuracy, sigma {cfg.sigma:g}")
     if args.json:
         print(json.dumps(result))
     else:

@@ -330,8 +330,10 @@ def robustness_curve(
     return {"eps": eps_values, "accuracy": accs, "attack": attack_name, "n": int(len(y))}
 
 
-def plot_curve(curves: dict | list, path, *, title="Robustness curve", xlabel="eps (Linf)"):
-    """Plots one curve dict (or a list of `(label, curve)` pairs) to a PNG."""
+def plot_curve(curves: dict | list, path, *, title="Robustness curve", xlabel="eps (Linf)",
+               marker="o"):
+    """Plots one curve dict (or a list of `(label, curve)` pairs) to a PNG (`marker`:
+    matplotlib's, None for a plain line)."""
     # A Figure without pyplot: no global backend switch, safe inside notebooks. Imported
     # here: matplotlib is heavy and only drawing needs it.
     from matplotlib.figure import Figure
@@ -341,7 +343,7 @@ def plot_curve(curves: dict | list, path, *, title="Robustness curve", xlabel="e
     fig = Figure(figsize=(5, 3.5), dpi=120)
     ax = fig.subplots()
     for label, c in curves:
-        ax.plot(c["eps"], c["accuracy"], marker="o", label=label)
+        ax.plot(c["eps"], c["accuracy"], marker=marker, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)

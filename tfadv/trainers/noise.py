@@ -29,7 +29,7 @@ from tfadv.attacks.base import call_model
 from tfadv.config.core import NOISE_METHODS  # ("gaussian", "smoothadv")
 
 __all__ = ["NOISE_METHODS", "NOISE_SAMPLES", "check_settings", "noisy_copies", "repeat_rows",
-           "smoothadv_adversary", "smoothed_log_probs"]
+           "smoothadv_adversary", "smoothed_log_probs", "smoothed_pgd"]
 
 # Salman et al.'s training script draws one noise vector per example by default.
 NOISE_SAMPLES = 1
@@ -109,6 +109,26 @@ def smoothed_log_probs(model, x, noise, copies: int):
     return tf.reduce_logsumexp(per_copy, axis=0) - tf.math.log(float(copies))
 
 
+def smoothed_pgd(attack, model, x, labels, noise, copies: int, eps=None):
+    """The attack on the smoothed soft classifier estimated with the fixed draws `noise`.
+
+    Maximises `-log((1/m) sum_i softmax(f(x' + e_i))_y)` (Salman et al.'s
+    SmoothAdv attack) with `attack`'s steps inside its ball of radius `eps`.
+
+    Args:
+        attack: a tfadv attack (L2 for SmoothAdv); model: the base classifier (logits).
+        x: `[N, ...]` inputs; labels: `[N]` int labels; noise: `[copies * N, ...]` draws.
+        eps: the budget (None: the attack's).
+
+    Returns:
+        `x'` `[N, ...]`, no gradient attached.
+    """
+    def smoothed(inputs):
+        return smoothed_log_probs(model, inputs, noise, copies)
+
+    return attack(smoothed, x, labels, objective=objectives_lib.cross_entropy, eps=eps)
+
+
 def smoothadv_adversary(attack, model, x, labels, *, sigma, copies: int, eps):
     """SmoothAdv's training inputs: the m noisy copies of PGD's adversary on the smoothed classifier.
 
@@ -124,9 +144,5 @@ def smoothadv_adversary(attack, model, x, labels, *, sigma, copies: int, eps):
     """
     x = tf.convert_to_tensor(x)
     noise = gaussian_noise(x, sigma, copies)
-
-    def smoothed(inputs):
-        return smoothed_log_probs(model, inputs, noise, copies)
-
-    x_adv = attack(smoothed, x, labels, objective=objectives_lib.cross_entropy, eps=eps)
+    x_adv = smoothed_pgd(attack, model, x, labels, noise, copies, eps)
     return tf.stop_gradient(repeat_rows(tf.cast(x_adv, x.dtype), copies) + noise)
