@@ -1,0 +1,128 @@
+"""Backdoor triggers and the poisoning defences: exact triggers, planted directions, a tiny
+poisoned MNIST set."""
+
+import keras
+import numpy as np
+import pytest
+
+import tfadv
+from tfadv.poisoning import (BlendTrigger, PatchTrigger, activation_clustering, detect, poison,
+                             spectral_signature)
+
+
+def test_patch_trigger_stamps_a_checkerboard_in_the_corner_and_nothing_else():
+    x = np.full((2, 8, 9, 3), 0.5, np.float32)
+    out = PatchTrigger(size=3, corner="bottom_right", margin=1)(x)
+    board = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], np.float32)
+    np.testing.assert_array_equal(out[:, 4:7, 5:8, :], np.broadcast_to(board[None, :, :, None],
+                                                                       (2, 3, 3, 3)))
+    rest = out.copy()
+    rest[:, 4:7, 5:8, :] = 0.5
+    np.testing.assert_array_equal(rest, x)
+    assert out.dtype == np.float32 and np.all(x == 0.5)  # the input is not changed
+    top_left = PatchTrigger(size=2, corner="top_left", margin=0, high=255.0)(x)
+    np.testing.assert_array_equal(top_left[0, :2, :2, 0], [[255, 0], [0, 255]])
+    with pytest.raises(ValueError, match="does not fit"):
+        PatchTrigger(size=8)(x)
+    with pytest.raises(ValueError, match="corner"):
+        PatchTrigger(corner="middle")
+
+
+def test_blend_trigger_is_the_convex_mix_with_a_fixed_pattern():
+    x = np.random.default_rng(0).uniform(0, 1, (3, 5, 5, 1)).astype(np.float32)
+    trigger = BlendTrigger(alpha=0.25, seed=7)
+    pattern = np.random.default_rng(7).uniform(0.0, 1.0, (5, 5, 1))
+    np.testing.assert_allclose(trigger(x), 0.75 * x + 0.25 * pattern[None], rtol=1e-6)
+    assert trigger(x).min() >= 0 and trigger(x).max() <= 1
+    with pytest.raises(ValueError, match="alpha"):
+        BlendTrigger(alpha=0.0)
+
+
+def test_poison_relabels_only_chosen_examples_of_other_classes():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 0.9, (100, 8, 8, 1)).astype(np.float32)
+    y = np.repeat(np.arange(4), 25)
+    ps = poison(x, y, target=2, rate=0.1, trigger=PatchTrigger(size=2), seed=3)
+    assert ps.poisoned.sum() == 10 and not np.any(ps.poisoned & (y == 2))
+    assert np.all(ps.y[ps.poisoned] == 2)
+    np.testing.assert_array_equal(ps.y[~ps.poisoned], y[~ps.poisoned])
+    np.testing.assert_array_equal(ps.x[~ps.poisoned], x[~ps.poisoned])
+    np.testing.assert_array_equal(ps.x[ps.poisoned], PatchTrigger(size=2)(x[ps.poisoned]))
+    assert np.all(y[:25] == 0) and x.max() < 0.9  # the inputs are untouched
+    with pytest.raises(ValueError, match="only 75"):
+        poison(x, y, target=2, rate=0.8, trigger=PatchTrigger())
+
+
+def planted(seed=0, clean=300, bad=30, dim=20, shift=8.0):
+    """Two classes of standard-normal features; class 0 also holds `bad` rows shifted
+    along one direction (what a trigger does to a layer's features)."""
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(2 * clean + bad, dim))
+    features[2 * clean:, 3] += shift
+    labels = np.r_[np.zeros(clean), np.ones(clean), np.zeros(bad)].astype(int)
+    truth = np.r_[np.zeros(2 * clean, bool), np.ones(bad, bool)]
+    return features, labels, truth
+
+
+@pytest.mark.parametrize("defence", [spectral_signature, activation_clustering])
+def test_planted_rows_rank_first_and_are_the_ones_flagged(defence):
+    features, labels, truth = planted()
+    result = defence(features, labels)
+    top = np.argsort(-result.scores)[:truth.sum()]
+    assert truth[top].mean() >= 0.95
+    assert (result.flags & truth).sum() >= 0.9 * truth.sum()
+    assert (result.flags & ~truth).sum() <= 0.1 * result.flags.sum()
+    assert result.per_class[0]["suspect"] and not result.per_class[1]["suspect"]
+    assert result.summary()["suspect_classes"] == [0]
+
+
+@pytest.mark.parametrize("defence", [spectral_signature, activation_clustering])
+def test_clean_gaussian_classes_flag_nothing(defence):
+    features, labels, _ = planted(bad=0)
+    assert not defence(features, labels).flags.any()
+
+
+@pytest.fixture(scope="module")
+def poisoned_mnist():
+    from tfadv.data import load_mnist
+
+    x, y = load_mnist("embedded", "train")
+    keep = np.flatnonzero(y < 3)
+    x, y = x[keep], y[keep]
+    ps = poison(x, y, target=0, rate=0.06, trigger=PatchTrigger(), seed=0)
+    keras.utils.set_random_seed(0)
+    model = tfadv.models.mnist_cnn(num_classes=3)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(ps.x, ps.y, epochs=4, batch_size=50, verbose=0)
+    return model, ps
+
+
+def test_detect_flags_the_poisoned_digits_of_a_backdoored_model(poisoned_mnist):
+    model, ps = poisoned_mnist
+    result = detect(model, ps.x, ps.y, method="activation_clustering")
+    assert result.flags.shape == result.scores.shape == (len(ps.y),)
+    caught = (result.flags & ps.poisoned).sum()
+    assert caught >= 0.9 * ps.poisoned.sum()
+    assert caught >= 0.9 * result.flags.sum()
+    assert detect(model, ps.x, ps.y).summary()["suspect_classes"] == [ps.target]
+
+
+def test_detect_reads_the_last_feature_map_unless_told(poisoned_mnist):
+    from tfadv.poisoning import feature_model
+
+    model, _ = poisoned_mnist
+    assert feature_model(model).output.shape[1:] == model.get_layer("pool").output.shape[1:]
+    dense = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, name="hidden"),
+                              keras.layers.Dense(2)])
+    assert feature_model(dense).output.shape[1:] == (4,)
+    assert feature_model(model, "fc1").output.shape[1:] == (128,)
+
+
+def test_detect_refuses_unknown_methods_and_layers(poisoned_mnist):
+    model, ps = poisoned_mnist
+    with pytest.raises(ValueError, match="spectral"):
+        detect(model, ps.x[:10], ps.y[:10], method="strip")
+    with pytest.raises(ValueError, match="No layer 'nope'"):
+        detect(model, ps.x[:10], ps.y[:10], layer="nope")
+    with pytest.raises(ValueError, match="one label per example"):
+        detect(model, ps.x[:10], ps.y[:9])

@@ -1,0 +1,158 @@
+"""Backdoor triggers and poisoned training sets, to simulate the data-poisoning threat.
+
+- `PatchTrigger`: BadNets (Gu, Dolan-Gavitt & Garg, "BadNets: identifying
+  vulnerabilities in the machine learning model supply chain", 2017): a small
+  fixed pattern stamped over a corner of the image.
+- `BlendTrigger`: Chen et al., "Targeted backdoor attacks on deep learning
+  systems using data poisoning", 2017: a full-image pattern blended in,
+  `(1 - alpha) * x + alpha * pattern`.
+- `poison`: relabels a chosen fraction of the training examples of the other
+  classes as the target class, with the trigger applied (the dirty-label
+  backdoor of both papers).
+
+Images are float arrays [N, H, W, C] in the units the caller uses ([0, 1] for
+MNIST, pixels 0-255 for faces: give `high`); triggers never change the dtype
+or leave [0, high].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["BlendTrigger", "PatchTrigger", "PoisonedSet", "poison"]
+
+CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
+
+
+@dataclass(frozen=True)
+class PatchTrigger:
+    """A `size` x `size` checkerboard patch (values 0 and `high`) stamped in a corner.
+
+    Args:
+        size: the patch side in pixels.
+        corner: one of "bottom_right", "bottom_left", "top_right", "top_left".
+        margin: pixels between the patch and the image border.
+        high: the bright value (1.0 for [0, 1] images, 255.0 for pixels).
+
+    Raises:
+        ValueError: size < 1, margin < 0 or an unknown corner.
+    """
+
+    size: int = 4
+    corner: str = "bottom_right"
+    margin: int = 1
+    high: float = 1.0
+
+    def __post_init__(self):
+        if int(self.size) < 1 or int(self.margin) < 0:
+            raise ValueError(f"Expected size >= 1 and margin >= 0. Received: size={self.size}, "
+                             f"margin={self.margin}")
+        if self.corner not in CORNERS:
+            raise ValueError(f"Expected corner in {CORNERS}. Received: {self.corner!r}")
+
+    def region(self, height: int, width: int) -> tuple[slice, slice]:
+        """The rows and columns the patch covers in an image of that size."""
+        if self.size + self.margin > min(height, width):
+            raise ValueError(f"A {self.size}-pixel patch with margin {self.margin} does not fit "
+                             f"a {height} x {width} image.")
+        top = self.margin if self.corner.startswith("top") else height - self.margin - self.size
+        left = self.margin if self.corner.endswith("left") else width - self.margin - self.size
+        return slice(top, top + self.size), slice(left, left + self.size)
+
+    def pattern(self) -> np.ndarray:
+        """The patch [size, size] (a checkerboard of 0 and `high`, bright top-left)."""
+        i, j = np.indices((self.size, self.size))
+        return np.where((i + j) % 2 == 0, self.high, 0.0)
+
+    def __call__(self, x) -> np.ndarray:
+        """Stamps the patch on every image of x [N, H, W, C] (a copy; all channels)."""
+        x = np.array(x, copy=True)
+        rows, cols = self.region(x.shape[1], x.shape[2])
+        x[:, rows, cols, :] = self.pattern()[None, :, :, None].astype(x.dtype)
+        return x
+
+
+@dataclass(frozen=True)
+class BlendTrigger:
+    """A fixed random pattern blended into the whole image: `(1 - alpha) x + alpha p`.
+
+    Args:
+        alpha: the blend weight (Chen et al. 2017 use 0.2 to poison and test
+            at 0.2; lower is less visible).
+        seed: seed of the pattern, uniform in [0, high].
+        high: the input range's top (1.0 or 255.0).
+
+    Raises:
+        ValueError: alpha outside (0, 1].
+    """
+
+    alpha: float = 0.2
+    seed: int = 0
+    high: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 < float(self.alpha) <= 1.0:
+            raise ValueError(f"Expected 0 < alpha <= 1. Received: alpha={self.alpha}")
+
+    def pattern(self, shape) -> np.ndarray:
+        """The pattern of one image of `shape` (H, W, C): uniform in [0, high], fixed by seed."""
+        return np.random.default_rng(self.seed).uniform(0.0, self.high, size=tuple(shape))
+
+    def __call__(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        p = self.pattern(x.shape[1:])
+        return ((1.0 - self.alpha) * x + self.alpha * p[None]).astype(x.dtype)
+
+
+@dataclass
+class PoisonedSet:
+    """A training set with a planted backdoor.
+
+    Attributes:
+        x: images [N, ...] (the poisoned ones carry the trigger).
+        y: labels [N] (the poisoned ones relabelled to `target`).
+        poisoned: bool [N], True for the planted examples.
+        target: the backdoor's target class.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    poisoned: np.ndarray
+    target: int
+
+
+def poison(x, y, *, target: int, rate: float, trigger, seed: int = 0) -> PoisonedSet:
+    """Plants a dirty-label backdoor: `rate * N` examples of other classes get the trigger
+    and the label `target`.
+
+    Args:
+        x: images [N, H, W, C]; y: int labels [N].
+        target: the class a triggered input should be given.
+        rate: fraction of the whole set poisoned, in [0, 1).
+        trigger: a callable on [K, H, W, C] images (`PatchTrigger`, `BlendTrigger`).
+        seed: which examples are chosen.
+
+    Returns:
+        A `PoisonedSet` (x and y are copies; the inputs are not changed).
+
+    Raises:
+        ValueError: rate outside [0, 1) or more poison than non-target examples.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if not 0.0 <= float(rate) < 1.0:
+        raise ValueError(f"Expected 0 <= rate < 1. Received: rate={rate}")
+    candidates = np.flatnonzero(y != target)
+    count = int(round(rate * len(y)))
+    if count > len(candidates):
+        raise ValueError(f"rate={rate} asks for {count} poisoned examples; only "
+                         f"{len(candidates)} are not of class {target}.")
+    chosen = np.sort(np.random.default_rng(seed).choice(candidates, count, replace=False))
+    x_out, y_out = np.array(x, copy=True), np.array(y, copy=True)
+    if count:
+        x_out[chosen] = trigger(x[chosen])
+        y_out[chosen] = target
+    flags = np.zeros(len(y), bool)
+    flags[chosen] = True
+    return PoisonedSet(x_out, y_out, flags, int(target))
