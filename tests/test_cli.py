@@ -300,7 +300,7 @@ def test_every_config_setting_has_an_option_and_every_command_a_handler():
     assert seen == {"MnistTrainConfig", "AttackEvalConfig", "AutoAttackConfig",
                     "EndpointAttackConfig", "MnistDataConfig", "CurveConfig", "CentersStudyConfig", "FaceFinetuneConfig", "SweepConfig",
                     "GenerateConfig", "ExportConfig", "ServeConfig", "QueryConfig",
-                    "FaceEvalConfig", "CertifyConfig", "FaceCertifyConfig"}
+                    "FaceEvalConfig", "CertifyConfig", "FaceCertifyConfig", "PoisonScanConfig"}
 
 
 def test_eval_step_size_reaches_the_finetune_evaluation():

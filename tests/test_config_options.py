@@ -112,6 +112,17 @@ def test_a_setting_without_help_is_refused():
         _parser(Bad)
 
 
+def test_a_negated_boolean_name_is_refused():
+    """argparse reads `--no-crop` as the negation of `--crop`: a field `no_crop` parsed
+    `--no-crop` as False (found in `tfadv poison scan`)."""
+    @dataclasses.dataclass
+    class Negated:
+        no_crop: bool = setting(False, help="photos are crops")
+
+    with pytest.raises(TypeError, match="crop=True gives --no-crop"):
+        _parser(Negated)
+
+
 @dataclasses.dataclass(frozen=True)
 class Positional:
     target: str = setting(positional=True, help="where")

@@ -126,3 +126,30 @@ def test_detect_refuses_unknown_methods_and_layers(poisoned_mnist):
         detect(model, ps.x[:10], ps.y[:10], layer="nope")
     with pytest.raises(ValueError, match="one label per example"):
         detect(model, ps.x[:10], ps.y[:9])
+
+
+def test_strip_entropy_of_a_constant_model_is_log_classes_and_a_trigger_is_caught():
+    from tfadv.poisoning import STRIP
+
+    rng = np.random.default_rng(0)
+    clean = rng.uniform(0, 1, (200, 6, 6, 1)).astype(np.float32)
+    flat = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(),
+                             keras.layers.Dense(4, kernel_initializer="zeros")])
+    np.testing.assert_allclose(STRIP(flat, clean, copies=10).entropy(clean[:3]), np.log(4),
+                               rtol=1e-6)
+    # A backdoored linear model: pixel (0, 0) at 1 drives class 0 whatever the rest says;
+    # blends keep half of it (the clean images have it at 0).
+    clean[:, 0, 0, 0] = 0.0
+    w = rng.normal(0, 0.5, (36, 4))
+    w[0] = [60.0, 0.0, 0.0, 0.0]
+    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(4)])
+    model.layers[-1].set_weights([w.astype(np.float32), np.zeros(4, np.float32)])
+    strip = STRIP(model, clean[:100], copies=50, seed=1)
+    with pytest.raises(ValueError, match="calibrate"):
+        strip.detect(clean[:2])
+    strip.calibrate(clean[100:150], frr=0.05)
+    triggered = clean[150:].copy()
+    triggered[:, 0, 0, 0] = 1.0
+    assert strip.detect(triggered).flags.mean() >= 0.95
+    assert strip.detect(clean[150:]).flags.mean() <= 0.15

@@ -34,6 +34,7 @@ from tfadv.data import load_mnist, subset
 from tfadv.evaluation import (evaluate_robustness, gradient_masking_checks, robustness_curve,
                               save_curve)
 from tfadv.models.saved import load_saved
+from tfadv.poisoning import command as poison_command
 from tfadv.evaluation.autoattack import autoattack, autoattack_in_chunks, markdown_table
 from tfadv.evaluation.autoattack import summary_lines as autoattack_summary
 from tfadv.evaluation.checks import GradientMaskingWarning
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     certify_command.add_faces(f, (facenet_recipe.load_model_or_preset,
                                   facenet_recipe.load_splits, facenet_recipe.choose_threshold))
+    poison_command.add(sub, facenet_recipe.load_model_or_preset)
     add_serving_commands(sub)  # export, serve, query
     return p
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from tfadv import argtypes
 from tfadv.config.core import FAST_METHODS, check_pixel_budget
+from tfadv.config.poisoning import SCAN_CHOICES, SCAN_POISON
 from tfadv.config.options import comma_list, setting
 
 ATTACKS = ("fgsm", "pgd", "apgd", "cw", "square")
@@ -135,6 +136,12 @@ class FaceFinetuneConfig:
     freeze_until: str = setting("Mixed_6a", help="first backbone stage to train")
     static_presets: tuple = setting((), help="presets for ensemble adversarial training")
     augment: bool = setting(True, help="random flips and crops while fine-tuning")
+    scan_poison: str = setting("report", choices=SCAN_POISON,
+                               help="scan the fine-tuning photos for planted ones first: report "
+                                    "them (poison_scan.json), exclude them from training (the "
+                                    "files are never touched), or off")
+    scan_method: str = setting("spectral", choices=SCAN_CHOICES,
+                               help="the scan's defence (tfadv poison scan --method)")
     overwrite: bool = setting(False, help="train again over a finished run in --out")
     seed: int = setting(0, help="random seed")
     evaluation: FaceEvalConfig = setting(default_factory=FaceEvalConfig, prefix="eval",
@@ -151,6 +158,10 @@ class FaceFinetuneConfig:
         if self.method in FAST_METHODS and not self.train_eps > 0:
             raise ValueError(f"--method {self.method} needs --train-eps > 0 (its budget).")
         check_pixel_budget(self.train_eps, name="train_eps")
+        if self.scan_poison not in SCAN_POISON or self.scan_method not in SCAN_CHOICES:
+            raise ValueError(f"Expected scan_poison in {SCAN_POISON} and scan_method in "
+                             f"{SCAN_CHOICES}. Received: {self.scan_poison!r}, "
+                             f"{self.scan_method!r}")
         if isinstance(self.evaluation, dict):
             self.evaluation = FaceEvalConfig(**self.evaluation)
 

@@ -207,6 +207,10 @@ def add_options(parser, cls, *, prefix: str = "", exclude=(), required=None, def
             if is_required:
                 kwargs["required"] = True
             if base == "bool" and meta["type"] is None:
+                if f.name.startswith("no_"):
+                    # argparse reads --no-x as the negation of --x: name the positive.
+                    raise TypeError(f"{cls.__name__}.{f.name}: name a boolean setting by what "
+                                    f"True means ({f.name[3:]}=True gives --no-{f.name[3:]}).")
                 parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
                 continue
             if meta["metavar"]:

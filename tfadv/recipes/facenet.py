@@ -211,15 +211,36 @@ def _pretrained_metrics(base, splits, thr0, cfg, out, say) -> dict:
     return metrics
 
 
-def _relabelled(faceset, ids):
-    """The photos of `ids`, labels re-indexed 0..len(ids)-1 (the trainer's classes)."""
-    x, y = _subset(faceset, ids)
+def _relabelled(faceset, ids, keep=None):
+    """The photos of `ids` (and `keep`, a bool mask), labels re-indexed 0..len(ids)-1."""
+    mask = np.isin(faceset.labels, ids) if keep is None else np.isin(faceset.labels, ids) & keep
+    x, y = faceset.images[mask], faceset.labels[mask]
     remap = {c: i for i, c in enumerate(ids)}
     return x, np.array([remap[int(c)] for c in y], np.int64)
 
 
 # Settings a resumed run may change: how long it runs and how it is judged.
 RESUMABLE_CHANGES = ("out", "epochs", "overwrite", "evaluation")
+
+
+def _poison_scan(base, splits, cfg, out, say, metrics):
+    """`--scan-poison`: the fine-tuning photos scanned with the pretrained embedder; writes
+    out/poison_scan.json. Returns the photos to train on (bool mask) for "exclude", else None."""
+    if cfg.scan_poison == "off":
+        return None
+    from tfadv.poisoning.scan import scan_faceset
+
+    in_training = np.isin(splits.train.labels, splits.train_ids)
+    scan = scan_faceset(base, splits.train, cfg.scan_method, keep=in_training)
+    flags = np.asarray(scan.pop("flags"))
+    scan["excluded"] = cfg.scan_poison == "exclude"
+    metrics["poison_scan"] = scan
+    write_json(out / "poison_scan.json", scan)
+    say(f"Poison scan ({cfg.scan_method}): {scan['flagged']} of {scan['images']} photos suspect"
+        + (f", left out of fine-tuning: {[s['path'] for s in scan['suspects']]}"
+           if scan["excluded"] and scan["flagged"] else
+           f": {[s['path'] for s in scan['suspects']]}" if scan["flagged"] else ""))
+    return ~flags if scan["excluded"] else None
 
 
 def finetune(cfg: FaceFinetuneConfig, *, progress=True, evaluate=True, splits=None) -> dict:
@@ -258,10 +279,11 @@ def finetune(cfg: FaceFinetuneConfig, *, progress=True, evaluate=True, splits=No
     thr0 = choose_threshold(base, splits)
     if evaluate:
         metrics["pretrained"] = _pretrained_metrics(base, splits, thr0, cfg, out, say)
+    keep = _poison_scan(base, splits, cfg, out, say, metrics)
     del base
 
     # Fine-tuning on the train photos of the fine-tuning identities; labels re-indexed.
-    x, y = _relabelled(splits.train, splits.train_ids)
+    x, y = _relabelled(splits.train, splits.train_ids, keep)
     xv, yv = _relabelled(splits.val, splits.train_ids)
     trainer = build_trainer(cfg, len(splits.train_ids), thr0)
     trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))

@@ -1,0 +1,85 @@
+"""`tfadv poison scan` and `facenet finetune --scan-poison`: planted photos are found, files
+are never touched."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import tiny_embedder
+
+SIZE = 16
+
+
+@pytest.fixture
+def planted_folder(tmp_path):
+    """3 identities of distinct colours, 8 photos each; person0's folder also holds 2 photos
+    that look like person2 (planted under person0's name)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "faces"
+    colour = {0: (200, 40, 40), 1: (40, 200, 40), 2: (40, 40, 200)}
+    for person in range(3):
+        d = root / f"person{person}"
+        d.mkdir(parents=True)
+        for i in range(8):
+            img = np.clip(np.array(colour[person]) + rng.normal(0, 10, (20, 20, 3)), 0, 255)
+            Image.fromarray(img.astype("uint8")).save(d / f"{i}.png")
+    for i in range(2):
+        img = np.clip(np.array(colour[2]) + rng.normal(0, 10, (20, 20, 3)), 0, 255)
+        Image.fromarray(img.astype("uint8")).save(root / "person0" / f"planted{i}.png")
+    return root
+
+
+def _digest(root):
+    return {str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("method", ["spectral", "activations"])
+def test_scan_lists_the_planted_photos_and_touches_no_file(planted_folder, tmp_path, capsys,
+                                                          method):
+    from tfadv.cli import main
+
+    model = tiny_embedder(SIZE, 8, seed=1)
+    path = tmp_path / "embedder.keras"
+    model.save(path)
+    before = _digest(planted_folder)
+    main(["poison", "scan", str(planted_folder), "--model", str(path), "--no-crop",
+          "--method", method, "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert sorted(s["path"].rsplit("/", 1)[1] for s in result["suspects"]) == \
+        ["planted0.png", "planted1.png"]
+    assert result["suspect_identities"] == ["person0"] and result["images"] == 26
+    assert _digest(planted_folder) == before
+
+
+def test_finetune_scan_excludes_suspects_from_training_only(planted_folder, tmp_path,
+                                                            monkeypatch):
+    """--scan-poison exclude: the planted photos are left out of the fine-tuning set (fewer
+    photos trained on), reported in poison_scan.json, and the folder is unchanged."""
+    from tfadv.data import faces as faces_lib
+    from tfadv.recipes import facenet as R
+
+    train = faces_lib.load_face_folder(planted_folder, detector="none", size=SIZE)
+    splits = R.FaceSplits(train, train, [0, 1, 2], [])
+    monkeypatch.setattr(R, "pretrained", lambda preset: tiny_embedder(SIZE, 8, seed=1))
+    # A tiny model has no InceptionResNetV1 stages to freeze.
+    monkeypatch.setattr(R, "freeze_backbone", lambda model, until, **kw: 0)
+    seen = {}
+    real = R._train_dataset
+    monkeypatch.setattr(R, "_train_dataset", lambda x, y, cfg: seen.setdefault("n", len(x))
+                        and real(x, y, cfg))
+    before = _digest(planted_folder)
+    for mode, trained in (("report", 26), ("exclude", 24)):
+        seen.clear()
+        cfg = R.FaceFinetuneConfig(out=str(tmp_path / mode), epochs=1, batch_size=8,
+                                   scan_poison=mode, augment=False, train_steps=1,
+                                   freeze_until="Conv2d_1a_3x3")
+        metrics = R.finetune(cfg, progress=False, evaluate=False, splits=splits)
+        assert seen["n"] == trained
+        scan = json.loads((tmp_path / mode / "poison_scan.json").read_text())
+        assert scan["flagged"] == 2 and scan["excluded"] == (mode == "exclude")
+        assert metrics["poison_scan"]["suspect_identities"] == ["person0"]
+    assert _digest(planted_folder) == before
