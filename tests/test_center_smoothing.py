@@ -19,7 +19,7 @@ def test_center_of_the_identity_is_a_noisy_copy_and_its_radius_is_the_noncentral
     d, sigma = 8, 2.0
     x = np.zeros((1, d), np.float32)
     x[0, 0] = 1000.0
-    smoothing = CenterSmoothing(identity, sigma, batch_size=4096, seed=1)
+    smoothing = CenterSmoothing(identity, sigma, batch_size=4096, delta=0.05, seed=1)
     eps_in, n = 1.0, 40_000
     cert = smoothing.certify(x, [eps_in], n0=4000, n=n, alpha=0.01)
     assert cert.valid[0]
@@ -56,7 +56,7 @@ def test_a_two_cluster_output_certifies_no_move_or_the_jump_to_the_other_cluster
 
     # Radius 0 needs the 0.55 + 0.05 quantile of the distances to the centre e_1: 0.
     # Radius 0.5 needs Phi(Phi^-1(0.55) + 0.5) + 0.05 = 0.78 > 0.69: sqrt(2), the jump.
-    cert = CenterSmoothing(split, 1.0, seed=0).certify(np.zeros((3, 3), np.float32),
+    cert = CenterSmoothing(split, 1.0, delta=0.05, seed=0).certify(np.zeros((3, 3), np.float32),
                                                       [0.0, 0.5], n0=2000, n=2000)
     assert cert.valid.all()
     np.testing.assert_allclose(cert.centers, np.tile([[1.0, 0.0]], (3, 1)))
@@ -64,12 +64,20 @@ def test_a_two_cluster_output_certifies_no_move_or_the_jump_to_the_other_cluster
                                rtol=1e-6)
 
 
-def test_too_few_samples_cannot_validate_a_center():
-    # D1 = sqrt(ln(2 / 0.005) / 200) = 0.17 > delta = 0.05: abstain, whatever the samples.
+def test_too_few_samples_to_ever_validate_a_center_are_refused_with_the_count_needed():
+    # D1 = sqrt(ln(2 / 0.005) / 200) = 0.17 > delta = 0.1: it could only abstain.
     x = np.zeros((1, 4), np.float32)
-    x[0, 0] = 100.0
-    cert = CenterSmoothing(identity, 1.0, seed=0).certify(x, [0.0, 0.5], n0=100, n=1000)
-    assert not cert.valid[0] and np.isinf(cert.eps_out).all()
+    with pytest.raises(ValueError, match="use n0 >= 300"):
+        CenterSmoothing(identity, 1.0, seed=0).certify(x, [0.0, 0.5], n0=100, n=1000)
+
+
+@pytest.mark.parametrize("x, match", [
+    (np.zeros((0, 4)), "non-empty batch"), (np.zeros(4), "non-empty batch"),
+    (np.full((1, 4), np.nan), "NaN"),
+])
+def test_bad_inputs_are_refused(x, match):
+    with pytest.raises(ValueError, match=match):
+        CenterSmoothing(identity, 1.0).certify(x, [0.0])
 
 
 def test_certified_decisions_follow_the_distance_rule_on_the_sphere():
@@ -90,6 +98,8 @@ def test_certified_decisions_follow_the_distance_rule_on_the_sphere():
         certified_decisions(cert, refs, 1.5)
     with pytest.raises(ValueError, match="one per input"):
         certified_decisions(cert, refs[:2], 0.5)
+    with pytest.raises(ValueError, match="non-zero"):
+        certified_decisions(cert, np.zeros_like(refs), 0.5)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -151,8 +151,37 @@ def test_certify_command(tmp_path):
     assert json.loads((tmp_path / "out" / "certify.json").read_text()) == result
     assert (tmp_path / "out" / "certify.md").read_text().startswith("Randomized smoothing")
     assert (tmp_path / "out" / "certify.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    _, y = load_mnist("embedded", "test")
-    want = certified_accuracy(result["labels"], result["radii"], y[:6],
+    # The digits are a random sample of the split (sorted by label: not its first six zeros).
+    from tfadv.data import subset
+
+    _, y = subset(*load_mnist("embedded", "test"), 6, seed=0)
+    assert result["true_labels"] == y.tolist() and len(set(y.tolist())) > 1
+    want = certified_accuracy(result["labels"], result["radii"], y,
                               at=[float(r) for r in result["certified_accuracy"]])
     assert {float(k): v for k, v in result["certified_accuracy"].items()} == want
     assert result["n_test"] == 6 and len(result["radii"]) == 6
+    (tmp_path / "file").write_text("x")
+    bad = subprocess.run([sys.executable, "-m", "tfadv.cli", "certify", str(tmp_path / "m.keras"),
+                          "--n", "30", "--n-test", "2", "--out", str(tmp_path / "file")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "is a file, not a folder" in bad.stderr
+
+
+@pytest.mark.parametrize("x, num_classes, match", [
+    (np.zeros((0, DIM)), 2, "non-empty batch"),
+    (np.full((2, DIM), np.nan), 2, "NaN or inf"),
+    (np.zeros((2, DIM)), 3, "2 outputs; num_classes=3"),
+])
+def test_bad_inputs_get_a_clear_error(x, num_classes, match):
+    smoothing = RandomizedSmoothing(linear, SIGMA, num_classes)
+    with pytest.raises(ValueError, match=match):
+        smoothing.certify(x, n0=10, n=20)
+
+
+def test_one_image_without_a_batch_axis_is_named():
+    import keras
+
+    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match=r"pass x\[None\]"):
+        RandomizedSmoothing(model, 0.25, 3).certify(np.zeros((4, 4, 1)), n0=10, n=20)

@@ -153,3 +153,19 @@ def test_strip_entropy_of_a_constant_model_is_log_classes_and_a_trigger_is_caugh
     triggered[:, 0, 0, 0] = 1.0
     assert strip.detect(triggered).flags.mean() >= 0.95
     assert strip.detect(clean[150:]).flags.mean() <= 0.15
+
+
+def test_trigger_and_poison_inputs_are_checked_with_the_fix_named():
+    x = np.zeros((4, 8, 8, 1), np.float32)
+    with pytest.raises(ValueError, match=r"pass x\[None\]"):
+        PatchTrigger()(x[0])
+    with pytest.raises(ValueError, match="high=255.0"):
+        BlendTrigger()(x + 200.0)
+    with pytest.raises(ValueError, match="whole pixels"):
+        PatchTrigger(size=2.5)
+    with pytest.raises(ValueError, match="labels"):
+        poison(x, np.zeros(3, int), target=0, rate=0.25, trigger=PatchTrigger(size=2))
+    with pytest.raises(ValueError, match="target=7 is not one of the labels"):
+        poison(x, np.array([0, 0, 1, 1]), target=7, rate=0.25, trigger=PatchTrigger(size=2))
+    with pytest.raises(ValueError, match="NaN"):
+        spectral_signature(np.full((30, 3), np.nan), np.zeros(30, int))

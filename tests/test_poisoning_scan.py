@@ -8,14 +8,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import tiny_embedder
+import keras
 
 SIZE = 16
 
 
+def colour_embedder():
+    """Embeds a photo as its unit mean colour (a Dense layer to fine-tune): identities of
+    distinct colours are separated, as a face model separates people."""
+    inputs = keras.Input((SIZE, SIZE, 3))
+    h = keras.layers.GlobalAveragePooling2D()(inputs)
+    h = keras.layers.Dense(3, kernel_initializer="identity", name="dense")(h)
+    return keras.Model(inputs, keras.layers.UnitNormalization()(h))
+
+
 @pytest.fixture
 def planted_folder(tmp_path):
-    """3 identities of distinct colours, 8 photos each; person0's folder also holds 2 photos
+    """3 identities of distinct colours, 24 photos each; person0's folder also holds 4 photos
     that look like person2 (planted under person0's name)."""
     rng = np.random.default_rng(0)
     root = tmp_path / "faces"
@@ -23,10 +32,10 @@ def planted_folder(tmp_path):
     for person in range(3):
         d = root / f"person{person}"
         d.mkdir(parents=True)
-        for i in range(8):
+        for i in range(24):
             img = np.clip(np.array(colour[person]) + rng.normal(0, 10, (20, 20, 3)), 0, 255)
             Image.fromarray(img.astype("uint8")).save(d / f"{i}.png")
-    for i in range(2):
+    for i in range(4):
         img = np.clip(np.array(colour[2]) + rng.normal(0, 10, (20, 20, 3)), 0, 255)
         Image.fromarray(img.astype("uint8")).save(root / "person0" / f"planted{i}.png")
     return root
@@ -42,16 +51,18 @@ def test_scan_lists_the_planted_photos_and_touches_no_file(planted_folder, tmp_p
                                                           method):
     from tfadv.cli import main
 
-    model = tiny_embedder(SIZE, 8, seed=1)
+    model = colour_embedder()
     path = tmp_path / "embedder.keras"
     model.save(path)
+    (planted_folder / "person1" / "notes.txt").write_text("not a photo")
     before = _digest(planted_folder)
     main(["poison", "scan", str(planted_folder), "--model", str(path), "--no-crop",
           "--method", method, "--json"])
     result = json.loads(capsys.readouterr().out)
     assert sorted(s["path"].rsplit("/", 1)[1] for s in result["suspects"]) == \
-        ["planted0.png", "planted1.png"]
-    assert result["suspect_identities"] == ["person0"] and result["images"] == 26
+        [f"planted{i}.png" for i in range(4)]
+    assert result["suspect_identities"] == ["person0"] and result["images"] == 76
+    assert [s["path"].rsplit("/", 1)[1] for s in result["skipped"]] == ["notes.txt"]
     assert _digest(planted_folder) == before
 
 
@@ -64,7 +75,7 @@ def test_finetune_scan_excludes_suspects_from_training_only(planted_folder, tmp_
 
     train = faces_lib.load_face_folder(planted_folder, detector="none", size=SIZE)
     splits = R.FaceSplits(train, train, [0, 1, 2], [])
-    monkeypatch.setattr(R, "pretrained", lambda preset: tiny_embedder(SIZE, 8, seed=1))
+    monkeypatch.setattr(R, "pretrained", lambda preset: colour_embedder())
     # A tiny model has no InceptionResNetV1 stages to freeze.
     monkeypatch.setattr(R, "freeze_backbone", lambda model, until, **kw: 0)
     seen = {}
@@ -72,7 +83,7 @@ def test_finetune_scan_excludes_suspects_from_training_only(planted_folder, tmp_
     monkeypatch.setattr(R, "_train_dataset", lambda x, y, cfg: seen.setdefault("n", len(x))
                         and real(x, y, cfg))
     before = _digest(planted_folder)
-    for mode, trained in (("report", 26), ("exclude", 24)):
+    for mode, trained in (("report", 76), ("exclude", 72)):
         seen.clear()
         cfg = R.FaceFinetuneConfig(out=str(tmp_path / mode), epochs=1, batch_size=8,
                                    scan_poison=mode, augment=False, train_steps=1,
@@ -80,6 +91,6 @@ def test_finetune_scan_excludes_suspects_from_training_only(planted_folder, tmp_
         metrics = R.finetune(cfg, progress=False, evaluate=False, splits=splits)
         assert seen["n"] == trained
         scan = json.loads((tmp_path / mode / "poison_scan.json").read_text())
-        assert scan["flagged"] == 2 and scan["excluded"] == (mode == "exclude")
+        assert scan["flagged"] == 4 and scan["excluded"] == (mode == "exclude")
         assert metrics["poison_scan"]["suspect_identities"] == ["person0"]
     assert _digest(planted_folder) == before

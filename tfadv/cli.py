@@ -38,7 +38,7 @@ from tfadv.poisoning import command as poison_command
 from tfadv.evaluation.autoattack import autoattack, autoattack_in_chunks, markdown_table
 from tfadv.evaluation.autoattack import summary_lines as autoattack_summary
 from tfadv.evaluation.checks import GradientMaskingWarning
-from tfadv.files import atomic_path, write_json, write_text
+from tfadv.files import atomic_path, output_dir, write_json, write_text
 from tfadv.models.ensemble import COMBINE as ENSEMBLE_COMBINE
 from tfadv.models.ensemble import ensemble
 from tfadv.recipes import centers as centers_recipe
@@ -246,7 +246,7 @@ def cmd_eval(args):
 def cmd_autoattack(args):
     cfg = build(AutoAttackConfig, args)
     if cfg.out:  # before the attacks: a bad --out must not cost the run
-        os.makedirs(cfg.out, exist_ok=True)
+        output_dir(cfg.out)
     model = load_classifier(args.model)
     x, y = eval_data(build(MnistDataConfig, args))
     with warnings.catch_warnings():
@@ -268,7 +268,7 @@ def cmd_autoattack(args):
     out = res.to_dict()
     out["model"] = os.path.abspath(args.model)
     if cfg.out:
-        os.makedirs(cfg.out, exist_ok=True)
+        output_dir(cfg.out)
         write_json(os.path.join(cfg.out, "autoattack.json"), out)
         write_text(os.path.join(cfg.out, "autoattack.md"), markdown_table(res))
     if args.json:

@@ -47,6 +47,20 @@ def atomic_path(path, *, suffix=None):
         raise
 
 
+def output_dir(path) -> Path:
+    """Creates the output folder `path` (and its parents) if missing; returns it.
+
+    Raises:
+        ValueError: `path` is an existing file (a folder is expected).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file, not a folder: give --out a folder (it is created "
+                         "if missing).")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_text(path, text: str) -> None:
     """Writes `text` (UTF-8) to `path` atomically."""
     with atomic_path(path) as tmp:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from tfadv.files import read_json_or_empty, write_json
+from tfadv.files import output_dir, read_json_or_empty, write_json
 
 __all__ = ["RUN_FILE", "check_resumed_epochs", "claim"]
 
@@ -75,7 +75,7 @@ def claim(out, config: dict, *, finished: str | None, mutable=(), overwrite=Fals
         FileExistsError: a finished run is there and `overwrite` is not set.
     """
     out = os.fspath(out)
-    os.makedirs(out, exist_ok=True)
+    output_dir(out)
     record = os.path.join(out, RUN_FILE)
     config = json.loads(json.dumps(config))
     state = "new"

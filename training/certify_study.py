@@ -1,7 +1,7 @@
 """Certified robustness on MNIST (embedded split): the study behind reports/certification.
 
 Trains three base models for randomized smoothing (Gaussian augmentation at
-sigma 0.25 and 0.5, SmoothAdv at sigma 0.5), certifies the first test digits
+sigma 0.25 and 0.5, SmoothAdv at sigma 0.5), certifies a random sample of test digits
 with CERTIFY (Cohen et al. 2019), and checks every certificate against two
 attacks:
 
@@ -141,7 +141,8 @@ def report(results, args) -> str:
         "# Certified robustness on MNIST (embedded split)",
         "",
         f"Randomized smoothing (Cohen et al. 2019), CERTIFY with n0 = 100, n = {args.n:,}, "
-        f"alpha = {args.alpha:g}, on the first {args.n_test} test digits; base models: "
+        f"alpha = {args.alpha:g}, on {args.n_test} test digits drawn at random (seed 0); "
+        "base models: "
         "the reference CNN trained 20 epochs on the 4,000 embedded training digits.",
         "",
         head, "|" + "---|" * (len(names) + 2), *rows, "",
@@ -151,7 +152,7 @@ def report(results, args) -> str:
         "",
         "## Every certificate against an attack on the smoothed classifier",
         "",
-        f"First {args.attack_n} test digits: PGD-20 on the smoothed soft classifier "
+        f"The sample's first {args.attack_n} digits: PGD-20 on the smoothed soft classifier "
         f"({args.draws} fixed noise draws, Salman et al.'s attack), judged by PREDICT "
         f"(n = {args.predict_n:,}, abstentions count as errors). A certified digit cannot "
         "be broken inside its radius: certified <= empirical must hold.",
@@ -191,30 +192,31 @@ def main(argv=None):
     p.add_argument("--state", default="runs/smoothing")
     p.add_argument("--report", default="reports/certification")
     p.add_argument("--n", type=int, default=10_000)
-    p.add_argument("--n-test", type=int, default=500)
+    p.add_argument("--n-test", type=int, default=250)
     p.add_argument("--alpha", type=float, default=0.001)
-    p.add_argument("--attack-n", type=int, default=200)
+    p.add_argument("--attack-n", type=int, default=100)
     p.add_argument("--draws", type=int, default=16, help="noise draws of the smoothed attack")
     p.add_argument("--predict-n", type=int, default=1000)
     p.add_argument("--pgd-model", default="runs/mnist-pgd/model.keras",
                    help="the Linf-PGD-trained model (tfadv train mnist --method pgd)")
     args = p.parse_args(argv)
 
-    from tfadv.data import load_mnist
     from tfadv.certification import certified_accuracy
+    from tfadv.data import load_mnist, subset
 
-    x, y = load_mnist("embedded", "test")
-    x, y = x[:args.n_test], y[:args.n_test]
+    # A random sample (the split is sorted by label: its first digits are zeros and ones);
+    # the attacks take the sample's first digits.
+    x, y = subset(*load_mnist("embedded", "test"), args.n_test, seed=0)
     results = {"y": y.tolist()}
     for name, settings in MODELS.items():
         print(f"{name}: training", flush=True)
         path = train(args.state, name, settings)
         sigma = settings["noise_sigma"]
         print(f"{name}: certifying", flush=True)
-        cert = cached(os.path.join(args.state, name, f"certify-n{args.n}-{args.n_test}-a{args.alpha:g}.json"),
+        cert = cached(os.path.join(args.state, name, f"certify-n{args.n}-r{args.n_test}-a{args.alpha:g}.json"),
                       lambda: certify(path, sigma, x, y, args))
         print(f"{name}: attacking the smoothed classifier", flush=True)
-        attacked = cached(os.path.join(args.state, name, f"attack-{args.attack_n}-m{args.draws}-p{args.predict_n}.json"),
+        attacked = cached(os.path.join(args.state, name, f"attack-r{args.attack_n}-m{args.draws}-p{args.predict_n}.json"),
                           lambda: attack_smoothed(path, sigma, x[:args.attack_n],
                                                   y[:args.attack_n], args))
         k = args.attack_n
@@ -226,7 +228,7 @@ def main(argv=None):
                                                               "metrics.json")))["test"]}
     print("PGD-trained model: AutoAttack L2", flush=True)
     results["pgd_autoattack_l2"] = cached(
-        os.path.join(args.state, f"pgd-autoattack-l2-{args.attack_n}.json"),
+        os.path.join(args.state, f"pgd-autoattack-l2-r{args.attack_n}.json"),
         lambda: autoattack_l2(args.pgd_model, x[:args.attack_n], y[:args.attack_n]))
     os.makedirs(args.report, exist_ok=True)
     from tfadv.files import write_json, write_text

@@ -30,6 +30,7 @@ import tensorflow as tf
 from scipy.stats import norm
 
 from tfadv.attacks.base import call_model
+from tfadv.certification.smoothing import check_inputs
 
 __all__ = ["NOT_CERTIFIED", "CenterSmoothing", "EmbeddingCertificate", "certified_decisions"]
 
@@ -71,9 +72,10 @@ class CenterSmoothing:
         batch_size: noise samples per model call.
         candidates: sampled embeddings tried as the centre (the paper's
             procedure for high-dimensional outputs: 30).
-        delta: the paper's margin (0.05): a centre is used only when its
-            median ball is shown to hold at least 1/2 - delta of the mass, and
-            the certificate then covers 1/2 + delta of it.
+        delta: the margin (the paper's 0.05 needs n0 >= 1,200 at alpha
+            0.01): a centre is used only when its median ball is shown to
+            hold at least 1/2 - delta of the mass, and the certificate then
+            covers 1/2 + delta of it.
         seed: seed of the noise generator.
 
     Raises:
@@ -81,7 +83,7 @@ class CenterSmoothing:
     """
 
     def __init__(self, model, sigma: float, *, batch_size: int = 64, candidates: int = 30,
-                 delta: float = 0.05, seed: int = 0):
+                 delta: float = 0.1, seed: int = 0):
         if not (np.isfinite(sigma) and sigma > 0):
             raise ValueError(f"Expected sigma > 0 (input units). Received: sigma={sigma!r}")
         if int(batch_size) < 1 or int(candidates) < 1:
@@ -166,18 +168,23 @@ class CenterSmoothing:
 
         Raises:
             ValueError: n0 or n < 1, alpha outside (0, 1/2), a negative radius,
-                inputs without a batch axis.
+                n0 too small to ever validate a centre at delta, inputs as
+                `check_inputs` refuses them.
         """
-        radii = tuple(float(r) for r in radii)
+        radii = tuple(float(r) for r in np.atleast_1d(radii))
         if int(n0) < 1 or int(n) < 1:
             raise ValueError(f"Expected n0, n >= 1. Received: n0={n0!r}, n={n!r}")
         if not 0 < float(alpha) < 0.5:
             raise ValueError(f"Expected 0 < alpha < 0.5. Received: alpha={alpha!r}")
         if any(not r >= 0 for r in radii):
             raise ValueError(f"Expected radii >= 0 (input units). Received: {radii}")
-        x = np.asarray(x, np.float32)
-        if x.ndim < 2:
-            raise ValueError(f"Expected inputs [N, ...]. Received shape {x.shape}.")
+        x = check_inputs(self.model, x)
+        d1 = np.sqrt(np.log(4 / alpha) / (2 * int(n0)))
+        if d1 > self.delta:
+            need = int(np.ceil(np.log(4 / alpha) / (2 * self.delta ** 2)))
+            raise ValueError(f"n0={n0} samples can never validate a centre at delta "
+                             f"{self.delta:g} and alpha {alpha:g}: use n0 >= {need} or a larger "
+                             "delta.")
         per_input = self.candidates + 2 * int(n0) + int(n)
         bar = None
         if progress:
@@ -230,7 +237,8 @@ def certified_decisions(certificate: EmbeddingCertificate, references, threshold
         -1 (`NOT_CERTIFIED`) = the decision may change within that radius).
 
     Raises:
-        ValueError: a threshold outside [-1, 1]; references not [N, D].
+        ValueError: a threshold outside [-1, 1]; references not [N, D], zero or
+            not finite.
     """
     if not -1.0 <= float(threshold) <= 1.0:
         raise ValueError(f"Expected a cosine threshold in [-1, 1]. Received: {threshold!r}")
@@ -239,7 +247,11 @@ def certified_decisions(certificate: EmbeddingCertificate, references, threshold
     if refs.shape != centers.shape:
         raise ValueError(f"Expected references {centers.shape} (one per input). "
                          f"Received {refs.shape}.")
-    refs = refs / np.maximum(np.linalg.norm(refs, axis=1, keepdims=True), 1e-12)
+    lengths = np.linalg.norm(refs, axis=1, keepdims=True)
+    if not (np.isfinite(lengths).all() and (lengths > 0).all()):
+        raise ValueError("Expected finite, non-zero reference embeddings (a zero or NaN "
+                         "reference matches nothing).")
+    refs = refs / lengths
     distance = np.linalg.norm(centers - refs, axis=1)
     limit = np.sqrt(max(2.0 - 2.0 * float(threshold), 0.0))
     match = distance <= limit

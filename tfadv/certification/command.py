@@ -14,7 +14,8 @@ from tfadv.certification.smoothing import RandomizedSmoothing, certified_accurac
 from tfadv.config.certification import CertifyConfig, FaceCertifyConfig
 from tfadv.config.mnist import MnistDataConfig
 from tfadv.config.options import add_command, build
-from tfadv.files import write_json, write_text
+from tfadv.data import subset
+from tfadv.files import output_dir, write_json, write_text
 
 
 def add(subparsers, load_classifier, eval_data):
@@ -49,7 +50,8 @@ def run_faces(args, loaders):
 
 
 def markdown(result) -> str:
-    rows = "\n".join(f"| {r:g} | {a:.3f} |" for r, a in result["certified_accuracy"].items())
+    rows = "\n".join(f"| {float(r):g} | {a:.3f} |"
+                     for r, a in result["certified_accuracy"].items())
     return (f"Randomized smoothing, sigma {result['sigma']:g}, n {result['n']:,}, alpha "
             f"{result['alpha']:g}, {result['n_test']} test digits "
             f"({result['seconds']:.0f} s; abstained on {result['abstained']}):\n\n"
@@ -69,10 +71,11 @@ def plot(labels, radii, y, largest, path, *, title):
 def run(args, load_classifier, eval_data):
     cfg = build(CertifyConfig, args)
     if cfg.out:  # before the sampling: a bad --out must not cost the run
-        os.makedirs(cfg.out, exist_ok=True)
+        output_dir(cfg.out)
     model = load_classifier(args.model)
     x, y = eval_data(build(MnistDataConfig, args))
-    x, y = x[:cfg.n_test], y[:cfg.n_test]
+    # A random sample: the splits are sorted by label (their first digits are zeros).
+    x, y = subset(x, y, cfg.n_test, seed=cfg.seed)
     num_classes = int(model.output_shape[-1])
     smoothed = RandomizedSmoothing(model, cfg.sigma, num_classes, batch_size=cfg.batch_size,
                                    seed=cfg.seed)
@@ -84,7 +87,7 @@ def run(args, load_classifier, eval_data):
               "seconds": time.perf_counter() - start,
               "abstained": int((labels < 0).sum()),
               "certified_accuracy": certified_accuracy(labels, radii, y, cfg.radii),
-              "labels": labels.tolist(), "radii": radii.tolist()}
+              "labels": labels.tolist(), "radii": radii.tolist(), "true_labels": y.tolist()}
     if cfg.out:
         write_json(os.path.join(cfg.out, "certify.json"), result)
         write_text(os.path.join(cfg.out, "certify.md"), markdown(result))

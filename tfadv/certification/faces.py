@@ -20,7 +20,7 @@ from tfadv.certification.center import CenterSmoothing, certified_decisions
 from tfadv.config.certification import FaceCertifyConfig
 from tfadv.evaluation import faces as face_eval
 from tfadv.evaluation import verification as V
-from tfadv.files import write_json, write_text
+from tfadv.files import output_dir, write_json, write_text
 
 __all__ = ["certify_faces", "markdown"]
 
@@ -104,8 +104,12 @@ def markdown(result) -> str:
 def run(args, cfg: FaceCertifyConfig, load_model_or_preset, load_splits, choose_threshold):
     """The command: the CLI's loaders in, the table out (and certify.json / certify.md)."""
     if cfg.out:  # before the sampling: a bad --out must not cost the run
-        os.makedirs(cfg.out, exist_ok=True)
+        output_dir(cfg.out)
     model = load_model_or_preset(args.preset, args.model)
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or shape[-1] != 3 or len(model.output_shape) != 2:
+        raise ValueError(f"{args.model or args.preset} is not a face embedder: expected RGB "
+                         f"photos [N, H, W, 3] in and embeddings [N, D] out; it takes {shape}.")
     splits = load_splits(args.faces, size=int(model.input_shape[1]), progress=not args.json)
     if args.model and (Path(args.model).parent / "threshold.json").is_file():
         threshold = V.load_threshold(args.model)

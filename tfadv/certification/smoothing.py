@@ -24,9 +24,35 @@ from scipy.stats import binomtest, norm
 
 from tfadv.attacks.base import call_model
 
-__all__ = ["ABSTAIN", "RandomizedSmoothing"]
+__all__ = ["ABSTAIN", "RandomizedSmoothing", "check_inputs"]
 
 ABSTAIN = -1
+
+
+def check_inputs(model, x) -> np.ndarray:
+    """x as float32 [N, ...], checked: a batch of finite inputs of the model's shape.
+
+    Raises:
+        ValueError: no inputs, no batch axis (one input [H, W, C] given: pass
+            `x[None]`), another shape than the model's input, or NaN / inf.
+    """
+    x = np.asarray(x, np.float32)
+    expected = getattr(model, "input_shape", None)
+    if isinstance(expected, tuple) and len(expected) > 1 and x.ndim == len(expected) - 1 \
+            and x.shape == tuple(expected[1:]):
+        raise ValueError(f"Expected a batch of inputs [N, {', '.join(map(str, x.shape))}]. "
+                         f"Received one input of shape {x.shape}: pass x[None].")
+    if x.ndim < 2 or len(x) == 0:
+        raise ValueError(f"Expected a non-empty batch of inputs [N, ...]. Received shape "
+                         f"{x.shape}.")
+    if isinstance(expected, tuple) and len(expected) == x.ndim and any(
+            e is not None and e != s for e, s in zip(expected[1:], x.shape[1:])):
+        raise ValueError(f"Expected inputs of the model's shape {expected}. Received "
+                         f"{x.shape}.")
+    if not np.isfinite(x).all():
+        raise ValueError("The inputs hold NaN or inf: a certificate of such an input means "
+                         "nothing. Clean them first.")
+    return x
 
 
 class RandomizedSmoothing:
@@ -90,13 +116,16 @@ class RandomizedSmoothing:
             int64 [N, C] counts; each row sums to n.
 
         Raises:
-            ValueError: n < 1 or x without a batch axis.
+            ValueError: n < 1; inputs as `check_inputs` refuses them; a model
+                with another number of outputs than num_classes.
         """
         if int(n) < 1:
             raise ValueError(f"Expected n >= 1 noise samples. Received: n={n!r}")
-        x = np.asarray(x, np.float32)
-        if x.ndim < 2:
-            raise ValueError(f"Expected inputs [N, ...]. Received shape {x.shape}.")
+        x = check_inputs(self.model, x)
+        width = int(call_model(self.model, tf.constant(x[:1])).shape[-1])
+        if width != self.num_classes:
+            raise ValueError(f"The model has {width} outputs; num_classes={self.num_classes}. "
+                             "Pass the model's number of classes.")
         batch = tf.constant(int(batch_size or self.batch_size), tf.int64)
         samples = int(n)
         n = tf.constant(samples, tf.int64)
@@ -151,6 +180,9 @@ class RandomizedSmoothing:
             units, 0 where it abstains).
         """
         _check_alpha(alpha)
+        if int(n0) < 1:
+            raise ValueError(f"Expected n0 >= 1 selection samples. Received: n0={n0!r}")
+        x = check_inputs(self.model, x)
         bar = None
         if progress:
             from tqdm import tqdm

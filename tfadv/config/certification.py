@@ -16,7 +16,8 @@ class CertifyConfig:
                            help="noise standard deviation ([0, 1] units)")
     n: int = setting(100_000, type=argtypes.positive_int, help="estimation noise samples")
     n0: int = setting(100, type=argtypes.positive_int, help="selection noise samples")
-    n_test: int = setting(500, type=argtypes.positive_int, help="test digits to certify")
+    n_test: int = setting(500, type=argtypes.positive_int,
+                          help="test digits to certify: a random sample (--seed), all classes")
     alpha: float = setting(0.001, type=argtypes.positive_float,
                            help="1 - confidence of every certificate")
     batch_size: int = setting(1000, type=argtypes.positive_int,
@@ -24,12 +25,15 @@ class CertifyConfig:
     radii: tuple = setting((0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
                            type=comma_list(argtypes.nonneg_float),
                            help="radii of the certified-accuracy table")
-    seed: int = setting(0, help="noise seed")
-    out: str | None = setting(None, help="also write certify.json and certify.md here")
+    seed: int = setting(0, help="seed of the noise and of the digits' sample")
+    out: str | None = setting(None, help="also write certify.json, certify.md and the curve "
+                                         "certify.png here")
 
     def __post_init__(self):
         if not 0 < self.alpha < 0.5:
             raise ValueError(f"Expected 0 < alpha < 0.5. Received: alpha={self.alpha}")
+        if not self.radii:
+            raise ValueError("Expected at least one radius in --radii.")
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,14 @@ class FaceCertifyConfig:
                               help="noisy faces per model call")
     limit: int | None = setting(None, type=argtypes.positive_int,
                                 help="certify only the first N val faces")
-    seed: int = setting(0, help="noise seed")
-    out: str | None = setting(None, help="also write certify.json and certify.md here")
+    seed: int = setting(0, help="seed of the noise and of the digits' sample")
+    out: str | None = setting(None, help="also write certify.json, certify.md and the curve "
+                                         "certify.png here")
 
     def __post_init__(self):
         if not 0 < self.alpha < 0.5:
             raise ValueError(f"Expected 0 < alpha < 0.5. Received: alpha={self.alpha}")
+        if not self.radii:
+            raise ValueError("Expected at least one radius in --radii.")
         if not 0 < self.delta < 0.5:
             raise ValueError(f"Expected 0 < delta < 0.5. Received: delta={self.delta}")

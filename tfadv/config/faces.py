@@ -140,7 +140,7 @@ class FaceFinetuneConfig:
                                help="scan the fine-tuning photos for planted ones first: report "
                                     "them (poison_scan.json), exclude them from training (the "
                                     "files are never touched), or off")
-    scan_method: str = setting("spectral", choices=SCAN_CHOICES,
+    scan_method: str = setting("activations", choices=SCAN_CHOICES,
                                help="the scan's defence (tfadv poison scan --method)")
     overwrite: bool = setting(False, help="train again over a finished run in --out")
     seed: int = setting(0, help="random seed")

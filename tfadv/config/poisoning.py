@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from tfadv.config.options import setting
 
-SCAN_CHOICES = ("spectral", "activations")
+SCAN_CHOICES = ("activations", "spectral")
 SCAN_POISON = ("off", "report", "exclude")
 
 
@@ -14,9 +14,9 @@ SCAN_POISON = ("off", "report", "exclude")
 class PoisonScanConfig:
     """Which defence reads the embeddings, and how the photos are cropped."""
 
-    method: str = setting("spectral", choices=SCAN_CHOICES,
-                          help="spectral signatures (Tran et al. 2018) or activation "
-                               "clustering (Chen et al. 2018) of the embeddings")
+    method: str = setting("activations", choices=SCAN_CHOICES,
+                          help="activation clustering (Chen et al. 2018) or spectral "
+                               "signatures (Tran et al. 2018) of the embeddings")
     preset: str = setting("facenet-mscele1m-128", help="the embedder: a FaceNet preset")
     model: str | None = setting(None, help="or an embedder .keras file")
     crop: bool = setting(True, help="find and crop the largest face (MTCNN); --no-crop for "

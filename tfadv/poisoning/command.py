@@ -25,6 +25,9 @@ def markdown(result) -> str:
              f"({result['method']}); identities with a separated minority: "
              f"{', '.join(result['suspect_identities']) or 'none'}"]
     lines += [f"  {s['score']:8.2f}  {s['identity']}  {s['path']}" for s in result["suspects"]]
+    if result["skipped"]:
+        lines.append(f"not scanned ({len(result['skipped'])}):")
+        lines += [f"  {s['path']}: {s['reason']}" for s in result["skipped"]]
     return "\n".join(lines)
 
 

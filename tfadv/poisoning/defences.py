@@ -66,6 +66,8 @@ def _check(features, labels):
     if features.ndim != 2 or labels.shape != (len(features),):
         raise ValueError(f"Expected features [N, D] and labels [N]. Received {features.shape} "
                          f"and {labels.shape}.")
+    if not np.isfinite(features).all():
+        raise ValueError("The features hold NaN or inf (check the inputs and the model).")
     return features, labels
 
 
@@ -77,8 +79,12 @@ def _finish(scores, flags, method, labels, suspect):
     return DetectionResult(scores, flags, method, per_class)
 
 
+MIN_CLASS_SIZE = 20
+
+
 def spectral_signature(features, labels, *, max_fraction: float = 0.35,
-                       min_bic_gain: float = 0.05, seed: int = 0) -> DetectionResult:
+                       min_bic_gain: float = 0.05, min_class_size: int = MIN_CLASS_SIZE,
+                       seed: int = 0) -> DetectionResult:
     """Spectral-signature scores and flags (Tran et al. 2018).
 
     Args:
@@ -87,6 +93,9 @@ def spectral_signature(features, labels, *, max_fraction: float = 0.35,
         max_fraction: largest share of a class a poisoned group may hold.
         min_bic_gain: how much better (BIC per example) two Gaussian
             components must fit the class's projections than one.
+        min_class_size: smaller classes are scored but never flagged (a
+            mixture fitted to a handful of points splits them by chance:
+            4 noise vectors were "split" in 16 of 20 classes).
         seed: GaussianMixture's seed.
 
     Returns:
@@ -117,19 +126,21 @@ def spectral_signature(features, labels, *, max_fraction: float = 0.35,
         member = two.predict(column)
         small = int(np.argmin(np.bincount(member, minlength=2)))
         share = np.mean(member == small)
-        if gain >= min_bic_gain and share <= max_fraction:
+        if gain >= min_bic_gain and share <= max_fraction and len(idx) >= min_class_size:
             suspect[int(c)] = True
             flags[idx[member == small]] = True
     return _finish(scores, flags, "spectral", labels, suspect)
 
 
 def activation_clustering(features, labels, *, dims: int = 10, max_fraction: float = 0.35,
-                          min_silhouette: float = 0.25, seed: int = 0) -> DetectionResult:
+                          min_silhouette: float = 0.25, min_class_size: int = MIN_CLASS_SIZE,
+                          seed: int = 0) -> DetectionResult:
     """Activation-clustering scores and flags (Chen et al. 2018).
 
     Per class: PCA to `dims` dimensions, k-means with two clusters; the class
     is suspect when the smaller cluster holds at most `max_fraction` of it and
-    the split's silhouette is at least `min_silhouette` (scikit-learn).
+    the split's silhouette is at least `min_silhouette` (scikit-learn), and
+    it has at least `min_class_size` examples.
 
     Returns:
         A `DetectionResult`: an example's score is its margin towards the
@@ -162,7 +173,7 @@ def activation_clustering(features, labels, *, dims: int = 10, max_fraction: flo
         dist = np.linalg.norm(reduced[:, None, :] - km.cluster_centers_[None], axis=-1)
         margin = (dist[:, 1 - small] - dist[:, small]) / np.maximum(dist.max(1), 1e-12)
         scores[idx] = margin * max(quality, 0.0)
-        if share <= max_fraction and quality >= min_silhouette:
+        if share <= max_fraction and quality >= min_silhouette and len(idx) >= min_class_size:
             suspect[int(c)] = True
             flags[idx[km.labels_ == small]] = True
     return _finish(scores, flags, "activation_clustering", labels, suspect)

@@ -11,7 +11,9 @@ from tfadv.poisoning.defences import activation_clustering, spectral_signature
 
 __all__ = ["METHODS", "detect", "feature_model"]
 
-METHODS = {"spectral": spectral_signature, "activation_clustering": activation_clustering}
+# "activations" is the command line's name for activation clustering.
+METHODS = {"spectral": spectral_signature, "activation_clustering": activation_clustering,
+           "activations": activation_clustering}
 
 
 def feature_model(model, layer=None) -> keras.Model:
@@ -55,7 +57,7 @@ def detect(model, x, y, method: str = "spectral", layer=None, *, batch_size: int
         model: Keras classifier mapping x to logits.
         x: training inputs [N, ...]; y: their labels, int [N] (or one-hot).
         method: "spectral" (Tran et al. 2018) or "activation_clustering"
-            (Chen et al. 2018).
+            (Chen et al. 2018; "activations" as on the command line).
         layer: the feature layer's name; None: the penultimate activations.
         batch_size: examples per forward pass.
         **settings: the method's own (`spectral_signature`,
@@ -72,6 +74,9 @@ def detect(model, x, y, method: str = "spectral", layer=None, *, batch_size: int
         raise ValueError(f"Expected method to be one of {sorted(METHODS)}. "
                          f"Received: {method!r}")
     labels = sparse_labels_np(y)
+    x = np.asarray(x)
+    if len(x) == 0:
+        raise ValueError("Expected training examples to scan. Received none.")
     if len(labels) != len(x):
         raise ValueError(f"Expected one label per example. Received {len(x)} examples and "
                          f"{len(labels)} labels.")

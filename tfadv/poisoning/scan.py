@@ -16,10 +16,10 @@ from tfadv.poisoning.defences import activation_clustering, spectral_signature
 
 __all__ = ["SCAN_METHODS", "scan_faceset", "scan_folder"]
 
-SCAN_METHODS = {"spectral": spectral_signature, "activations": activation_clustering}
+SCAN_METHODS = {"activations": activation_clustering, "spectral": spectral_signature}
 
 
-def scan_faceset(model, faceset, method: str = "spectral", *, keep=None) -> dict:
+def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> dict:
     """Suspect photos of a `FaceSet` (JSON-ready).
 
     Args:
@@ -56,11 +56,26 @@ def scan_faceset(model, faceset, method: str = "spectral", *, keep=None) -> dict
             "suspect_identities": identities, "suspects": suspects, "flags": flags.tolist()}
 
 
-def scan_folder(root, *, model, method: str = "spectral", detector=None, size: int = 160,
+def scan_folder(root, *, model, method: str = "activations", detector=None, size: int = 160,
                 progress: bool = False) -> dict:
-    """`scan_faceset` of a folder of identity sub-folders (crops cached outside it)."""
+    """`scan_faceset` of a folder of identity sub-folders (crops cached outside it), with
+    "skipped": [{"path", "reason"}] for every file that was not scanned.
+
+    Raises:
+        FileNotFoundError: root is not a folder.
+    """
+    import warnings
+    from pathlib import Path
+
     from tfadv.data import faces as faces_lib
 
-    faceset = faces_lib.load_face_folder(root, detector=detector, size=size,
-                                         progress=progress)
-    return {"folder": str(root), **scan_faceset(model, faceset, method)}
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{root} is not a folder. Expected a folder with one "
+                                "sub-folder of photos per identity.")
+    with warnings.catch_warnings():
+        # The skipped files are reported in the result instead.
+        warnings.simplefilter("ignore", UserWarning)
+        faceset = faces_lib.load_face_folder(root, detector=detector, size=size,
+                                             progress=progress)
+    return {"folder": str(root), **scan_faceset(model, faceset, method),
+            "skipped": [{"path": p, "reason": r} for p, r in faceset.skipped]}

@@ -35,7 +35,8 @@ class STRIP:
 
     def __init__(self, model, clean, *, copies: int = 100, alpha: float = 0.5, seed: int = 0):
         clean = np.asarray(clean, np.float32)
-        if int(copies) < 1 or not 0.0 < float(alpha) < 1.0 or len(clean) == 0:
+        if int(copies) != copies or int(copies) < 1 or not 0.0 < float(alpha) < 1.0 \
+                or len(clean) == 0:
             raise ValueError(f"Expected copies >= 1, 0 < alpha < 1 and clean inputs. Received: "
                              f"copies={copies}, alpha={alpha}, {len(clean)} clean inputs.")
         self.model, self.clean = model, clean
@@ -46,6 +47,11 @@ class STRIP:
     def entropy(self, x, batch_size: int = 1000) -> np.ndarray:
         """Mean prediction entropy (nats) over each input's blends: float [N]."""
         x = np.asarray(x, np.float32)
+        if x.shape[1:] != self.clean.shape[1:]:
+            raise ValueError(f"Expected inputs [N, {', '.join(map(str, self.clean.shape[1:]))}] "
+                             f"like the clean images. Received {x.shape}.")
+        if not np.isfinite(x).all():
+            raise ValueError("The inputs hold NaN or inf.")
         out = np.empty(len(x))
         for i, xi in enumerate(x):
             picks = self.clean[self.rng.integers(0, len(self.clean), self.copies)]

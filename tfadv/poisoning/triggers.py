@@ -26,6 +26,18 @@ __all__ = ["BlendTrigger", "PatchTrigger", "PoisonedSet", "poison"]
 CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
 
 
+def _images(x, high):
+    """x as images [N, H, W, C] in [0, high], or a ValueError saying what is wrong."""
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"Expected images [N, H, W, C]. Received shape {x.shape} (one image: "
+                         "pass x[None]; grey images: add a channel axis).")
+    if x.size and (x.min() < 0 or x.max() > high):
+        raise ValueError(f"Expected values in [0, {high:g}]. Received [{x.min():g}, "
+                         f"{x.max():g}]: for pixel images pass high=255.0.")
+    return x
+
+
 @dataclass(frozen=True)
 class PatchTrigger:
     """A `size` x `size` checkerboard patch (values 0 and `high`) stamped in a corner.
@@ -46,6 +58,9 @@ class PatchTrigger:
     high: float = 1.0
 
     def __post_init__(self):
+        if int(self.size) != self.size or int(self.margin) != self.margin:
+            raise ValueError(f"Expected whole pixels. Received: size={self.size}, "
+                             f"margin={self.margin}")
         if int(self.size) < 1 or int(self.margin) < 0:
             raise ValueError(f"Expected size >= 1 and margin >= 0. Received: size={self.size}, "
                              f"margin={self.margin}")
@@ -68,7 +83,7 @@ class PatchTrigger:
 
     def __call__(self, x) -> np.ndarray:
         """Stamps the patch on every image of x [N, H, W, C] (a copy; all channels)."""
-        x = np.array(x, copy=True)
+        x = np.array(_images(x, self.high), copy=True)
         rows, cols = self.region(x.shape[1], x.shape[2])
         x[:, rows, cols, :] = self.pattern()[None, :, :, None].astype(x.dtype)
         return x
@@ -101,7 +116,8 @@ class BlendTrigger:
         return np.random.default_rng(self.seed).uniform(0.0, self.high, size=tuple(shape))
 
     def __call__(self, x) -> np.ndarray:
-        x = np.asarray(x)
+        """Blends the pattern into every image of x [N, H, W, C] (a copy)."""
+        x = _images(x, self.high)
         p = self.pattern(x.shape[1:])
         return ((1.0 - self.alpha) * x + self.alpha * p[None]).astype(x.dtype)
 
@@ -138,9 +154,15 @@ def poison(x, y, *, target: int, rate: float, trigger, seed: int = 0) -> Poisone
         A `PoisonedSet` (x and y are copies; the inputs are not changed).
 
     Raises:
-        ValueError: rate outside [0, 1) or more poison than non-target examples.
+        ValueError: rate outside [0, 1), more poison than non-target examples,
+            labels not [N] or a target that is not one of them.
     """
     x, y = np.asarray(x), np.asarray(y)
+    if y.ndim != 1 or len(y) != len(x):
+        raise ValueError(f"Expected int labels [N] for images [N, ...]. Received labels "
+                         f"{y.shape} for images {x.shape}.")
+    if target not in set(np.unique(y).tolist()):
+        raise ValueError(f"target={target} is not one of the labels {np.unique(y).tolist()}.")
     if not 0.0 <= float(rate) < 1.0:
         raise ValueError(f"Expected 0 <= rate < 1. Received: rate={rate}")
     candidates = np.flatnonzero(y != target)

@@ -290,7 +290,7 @@ def run_centers_study(cfg: CentersStudyConfig, progress=True) -> CentersStudyRes
     """
     t0 = time.perf_counter()
     say = print if progress else (lambda *a, **k: None)
-    os.makedirs(cfg.out, exist_ok=True)
+    files.output_dir(cfg.out)
     # Before any pipeline exists: a tf.data shuffle order depends on the global seed.
     keras.utils.set_random_seed(cfg.seed)
     (x_tr, y_tr), (x_te, y_te) = mnist_data.load_train_test(

@@ -35,7 +35,7 @@ from tfadv.attacks.pgd import PGD
 from tfadv.config.faces import ATTACKS, FaceEvalConfig, FaceFinetuneConfig  # noqa: F401 (re-exported)
 from tfadv.config.options import option_names
 from tfadv.data import faces as faces_lib
-from tfadv.files import write_json, write_text
+from tfadv.files import output_dir, write_json, write_text
 from tfadv.evaluation import faces as face_eval
 from tfadv.evaluation import verification as V
 from tfadv.evaluation.faces import identity_references  # noqa: F401 (re-exported)
@@ -349,7 +349,7 @@ def evaluate_saved(out, *, preset=None, model=None, faces=None, holdout=0, seed=
                "config": {"faces": faces, "holdout": holdout, "seed": seed,
                           "evaluation": dataclasses.asdict(evaluation)},
                "evaluation": _timed_evaluation(net, splits, threshold, evaluation, say)}
-    Path(out).mkdir(parents=True, exist_ok=True)
+    output_dir(out)
     write_json(Path(out) / "metrics.json", json.loads(json.dumps(metrics, default=float)))
     return metrics
 
@@ -386,7 +386,7 @@ def sweep(out, *, preset="facenet-mscele1m-128", faces=None, eps_list=(2.0, 4.0)
     and skips finished points (`out/sweep.json` holds the table rows).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    output_dir(out)
     evaluation = evaluation or FaceEvalConfig(attacks=("pgd",), curve_eps=(4.0,),
                                               min_eps_search=3)
     splits = load_splits(faces, holdout=holdout, seed=seed, progress=progress)

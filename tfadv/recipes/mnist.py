@@ -156,7 +156,7 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
         (x_tr, y_tr), (x_te, y_te) = mnist_data.load_train_test(
             cfg.data, cfg.data_dir, train_limit=cfg.limit, test_limit=cfg.limit, seed=cfg.seed)
         # After the data loaded: a bad data option leaves no output folder behind.
-        os.makedirs(cfg.out, exist_ok=True)
+        files.output_dir(cfg.out)
         if chief:
             # A cyclic schedule's length is the run's: its epochs cannot change mid-run.
             mutable = [k for k in RESUMABLE_CHANGES
