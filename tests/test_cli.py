@@ -298,9 +298,10 @@ def test_every_config_setting_has_an_option_and_every_command_a_handler():
             missing = set(_expected_options(cls)) - _options(parser)
             assert not missing, (prog, cls.__name__, missing)
     assert seen == {"MnistTrainConfig", "AttackEvalConfig", "AutoAttackConfig",
-                    "EndpointAttackConfig", "MnistDataConfig", "CurveConfig", "CentersStudyConfig", "FaceFinetuneConfig", "SweepConfig",
-                    "GenerateConfig", "ExportConfig", "ServeConfig", "QueryConfig",
-                    "FaceEvalConfig", "CertifyConfig", "FaceCertifyConfig", "PoisonScanConfig"}
+                    "EndpointAttackConfig", "MnistDataConfig", "CurveConfig", "CentersStudyConfig",
+                    "FaceFinetuneConfig", "SweepConfig", "GenerateConfig", "ExportConfig",
+                    "ServeConfig", "QueryConfig", "FaceEvalConfig", "CertifyConfig",
+                    "FaceCertifyConfig", "PoisonScanConfig"}
 
 
 def test_eval_step_size_reaches_the_finetune_evaluation():

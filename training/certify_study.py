@@ -213,10 +213,12 @@ def main(argv=None):
         path = train(args.state, name, settings)
         sigma = settings["noise_sigma"]
         print(f"{name}: certifying", flush=True)
-        cert = cached(os.path.join(args.state, name, f"certify-n{args.n}-r{args.n_test}-a{args.alpha:g}.json"),
+        state = os.path.join(args.state, name)
+        cert = cached(os.path.join(state, f"certify-n{args.n}-r{args.n_test}-a{args.alpha:g}.json"),
                       lambda: certify(path, sigma, x, y, args))
         print(f"{name}: attacking the smoothed classifier", flush=True)
-        attacked = cached(os.path.join(args.state, name, f"attack-r{args.attack_n}-m{args.draws}-p{args.predict_n}.json"),
+        attacked = cached(os.path.join(
+            state, f"attack-r{args.attack_n}-m{args.draws}-p{args.predict_n}.json"),
                           lambda: attack_smoothed(path, sigma, x[:args.attack_n],
                                                   y[:args.attack_n], args))
         k = args.attack_n

@@ -91,11 +91,12 @@ def markdown(result) -> str:
         for r, v in result["radii"].items())
     return (f"Center smoothing, sigma {result['sigma']:g} pixels, n0 {result['n0']:,} x 2, "
             f"n {result['n']:,}, alpha {result['alpha']:g}, delta {result['delta']:g}; "
-            f"{result['faces']} val faces against their identity at cosine threshold "
-            f"{result['threshold']:.3f}.\n"
+            f"{result['faces']} val faces against their identity at cosine-similarity "
+            f"threshold {result['threshold']:.3f}.\n"
             f"Unsmoothed match rate {result['clean_match']:.3f}, smoothed "
             f"{result['smoothed_match']:.3f}; valid centres {result['valid_centers']:.3f}; "
-            f"{result['samples_per_face']:,} noisy faces per face, {result['seconds']:.0f} s "
+            f"{result['samples_per_face']:,} noisy faces per face (30 candidate centres, "
+            f"n0 x 2, n), {result['seconds']:.0f} s "
             f"({result['samples_per_second']:.1f} noisy faces/s).\n\n"
             "| input L2 radius (pixels) | match certified | median embedding bound |\n"
             f"|---|---|---|\n{rows}\n")

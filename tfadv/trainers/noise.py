@@ -130,7 +130,7 @@ def smoothed_pgd(attack, model, x, labels, noise, copies: int, eps=None):
 
 
 def smoothadv_adversary(attack, model, x, labels, *, sigma, copies: int, eps):
-    """SmoothAdv's training inputs: the m noisy copies of PGD's adversary on the smoothed classifier.
+    """SmoothAdv's training inputs: m noisy copies of PGD's adversary on the smoothed classifier.
 
     Args:
         attack: the training attack (an L2 tfadv attack such as `PGD(norm="2")`):
