@@ -18,6 +18,7 @@ from tfadv.serving import ModelServer
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = sorted((ROOT / "training").glob("*.py"))
 SERVING = sorted((ROOT / "serving").glob("*.py"))
+STUDIES = sorted((ROOT / "studies").glob("*.py"))
 
 
 def test_the_seed_scripts_are_there():
@@ -27,9 +28,19 @@ def test_the_seed_scripts_are_there():
     assert [p.name for p in SERVING] == ["smoke_check.py"]
 
 
-@pytest.mark.parametrize("path", TRAINING + SERVING, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", TRAINING + SERVING + STUDIES,
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_script_compiles(path, tmp_path):
     py_compile.compile(str(path), cfile=str(tmp_path / "x.pyc"), doraise=True)
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_study_loads_and_documents_its_report(path):
+    """The studies behind reports/: they import without running and say how to run them."""
+    script = runpy.run_path(str(path), run_name="loaded_by_test")
+    assert callable(script["main"])
+    assert f"python studies/{path.name}" in script["__doc__"]
+    assert (ROOT / "reports" / path.stem).is_dir()
 
 
 @pytest.mark.parametrize("path", TRAINING, ids=lambda p: p.name)

@@ -16,7 +16,7 @@ Every step keeps its result in `--state` and is skipped when rerun, so a
 killed study resumes. Writes `--report`/results.json, report.md and curves.png.
 
 Usage:
-    python training/certify_study.py [--n 10000] [--n-test 500] [--attack-n 200]
+    python studies/certification.py [--n 10000] [--n-test 500] [--attack-n 200]
 """
 
 from __future__ import annotations
