@@ -8,6 +8,13 @@ from tfadv import argtypes
 from tfadv.config.options import comma_list, setting
 
 
+def _check_alpha_and_radii(alpha, radii, flag):
+    if not 0 < alpha < 0.5:
+        raise ValueError(f"Expected 0 < alpha < 0.5. Received: alpha={alpha}")
+    if not radii:
+        raise ValueError(f"Expected at least one radius in {flag}.")
+
+
 @dataclass(frozen=True)
 class CertifyConfig:
     """Cohen et al.'s CERTIFY on the first test digits (L2 radii in [0, 1] input units)."""
@@ -30,10 +37,7 @@ class CertifyConfig:
                                          "certify.png here")
 
     def __post_init__(self):
-        if not 0 < self.alpha < 0.5:
-            raise ValueError(f"Expected 0 < alpha < 0.5. Received: alpha={self.alpha}")
-        if not self.radii:
-            raise ValueError("Expected at least one radius in --radii.")
+        _check_alpha_and_radii(self.alpha, self.radii, "--radii")
 
 
 @dataclass(frozen=True)
@@ -59,14 +63,10 @@ class FaceCertifyConfig:
                               help="noisy faces per model call")
     limit: int | None = setting(None, type=argtypes.positive_int,
                                 help="certify only the first N val faces")
-    seed: int = setting(0, help="seed of the noise and of the digits' sample")
-    out: str | None = setting(None, help="also write certify.json, certify.md and the curve "
-                                         "certify.png here")
+    seed: int = setting(0, help="noise seed")
+    out: str | None = setting(None, help="also write certify.json and certify.md here")
 
     def __post_init__(self):
-        if not 0 < self.alpha < 0.5:
-            raise ValueError(f"Expected 0 < alpha < 0.5. Received: alpha={self.alpha}")
-        if not self.radii:
-            raise ValueError("Expected at least one radius in --radii.")
+        _check_alpha_and_radii(self.alpha, self.radii, "--radius")
         if not 0 < self.delta < 0.5:
             raise ValueError(f"Expected 0 < delta < 0.5. Received: delta={self.delta}")

@@ -71,6 +71,15 @@ def _check(features, labels):
     return features, labels
 
 
+def _classes(labels):
+    """(class, its row indices) for every class with at least 4 examples (a split of
+    fewer says nothing)."""
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) >= 4:
+            yield int(c), idx
+
+
 def _finish(scores, flags, method, labels, suspect):
     per_class = {int(c): {"size": int(np.sum(labels == c)),
                           "flagged": int(np.sum(flags[labels == c])),
@@ -108,13 +117,8 @@ def spectral_signature(features, labels, *, max_fraction: float = 0.35,
     from sklearn.mixture import GaussianMixture
 
     features, labels = _check(features, labels)
-    scores = np.zeros(len(labels))
-    flags = np.zeros(len(labels), bool)
-    suspect = {}
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < 4:
-            continue
+    scores, flags, suspect = np.zeros(len(labels)), np.zeros(len(labels), bool), {}
+    for c, idx in _classes(labels):
         centred = features[idx] - features[idx].mean(0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
         proj = centred @ vt[0]
@@ -127,7 +131,7 @@ def spectral_signature(features, labels, *, max_fraction: float = 0.35,
         small = int(np.argmin(np.bincount(member, minlength=2)))
         share = np.mean(member == small)
         if gain >= min_bic_gain and share <= max_fraction and len(idx) >= min_class_size:
-            suspect[int(c)] = True
+            suspect[c] = True
             flags[idx[member == small]] = True
     return _finish(scores, flags, "spectral", labels, suspect)
 
@@ -155,13 +159,8 @@ def activation_clustering(features, labels, *, dims: int = 10, max_fraction: flo
     from sklearn.metrics import silhouette_score
 
     features, labels = _check(features, labels)
-    scores = np.zeros(len(labels))
-    flags = np.zeros(len(labels), bool)
-    suspect = {}
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < 4:
-            continue
+    scores, flags, suspect = np.zeros(len(labels)), np.zeros(len(labels), bool), {}
+    for c, idx in _classes(labels):
         reduced = PCA(min(dims, len(idx) - 1, features.shape[1]),
                       random_state=seed).fit_transform(features[idx])
         km = KMeans(2, n_init=10, random_state=seed).fit(reduced)
@@ -174,6 +173,6 @@ def activation_clustering(features, labels, *, dims: int = 10, max_fraction: flo
         margin = (dist[:, 1 - small] - dist[:, small]) / np.maximum(dist.max(1), 1e-12)
         scores[idx] = margin * max(quality, 0.0)
         if share <= max_fraction and quality >= min_silhouette and len(idx) >= min_class_size:
-            suspect[int(c)] = True
+            suspect[c] = True
             flags[idx[km.labels_ == small]] = True
     return _finish(scores, flags, "activation_clustering", labels, suspect)
