@@ -315,6 +315,11 @@ def test_facenet_certify_counts_the_certificates_of_every_val_face(splits, tmp_p
     for j, r in enumerate(("0", "4", "1000")):
         assert result["radii"][r]["certified_match"] == pytest.approx(np.mean(certified[:, j] == 1))
     assert result["radii"]["1000"]["certified_match"] == 0.0  # past what n samples can show
+    from scipy.stats import norm
+
+    # The quantile Phi(Phi^-1(1/2 + delta) + r / sigma) + sqrt(ln(2 / alpha) / 2n) reaches 1.
+    largest = 4.0 * (norm.ppf(1 - np.sqrt(np.log(200) / 1000)) - norm.ppf(0.6))
+    assert result["largest_certifiable_radius"] == pytest.approx(largest)
     # The command line: a saved model with its threshold, --json and --out.
     path = tmp_path / "m" / "embedder.keras"
     path.parent.mkdir()

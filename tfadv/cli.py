@@ -189,6 +189,10 @@ def cmd_train_mnist(args):
     print(f"clean accuracy {t['clean_accuracy']:.4f}  robust accuracy {t['robust_accuracy']:.4f} "
           f"({metrics['eval_attack']})")
     print(f"wrote {os.path.join(cfg.out, 'model.keras')}, history.json, metrics.json")
+    if cfg.method in ("gaussian", "smoothadv"):
+        print(f"This is the base model of a smoothed classifier: the attack above judges the "
+              f"base model alone. Certify the smoothed one: tfadv certify "
+              f"{os.path.join(cfg.out, 'model.keras')} --sigma {cfg.noise_sigma:g}")
 
 
 def load_classifier(path):

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import norm
 
 from tfadv.certification.center import CenterSmoothing, certified_decisions
 from tfadv.config.certification import FaceCertifyConfig
@@ -70,7 +71,10 @@ def certify_faces(model, splits, threshold: float, cfg: FaceCertifyConfig, *,
             "certified_match": float(np.mean(certified[:, j] == 1)),
             "certified_non_match": float(np.mean(certified[:, j] == 0)),
             "median_eps_out": float(np.median(finite)) if len(finite) else None}
+    largest = cfg.sigma * (norm.ppf(1.0 - np.sqrt(np.log(2 / cfg.alpha) / (2 * cfg.n)))
+                           - norm.ppf(0.5 + cfg.delta))
     return {
+        "largest_certifiable_radius": float(max(largest, 0.0)),
         "sigma": cfg.sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "delta": cfg.delta,
         "threshold": float(threshold), "faces": int(len(x)),
         "clean_match": float(np.mean(clean_match)), "smoothed_match": float(np.mean(match)),
@@ -99,7 +103,9 @@ def markdown(result) -> str:
             f"n0 x 2, n), {result['seconds']:.0f} s "
             f"({result['samples_per_second']:.1f} noisy faces/s).\n\n"
             "| input L2 radius (pixels) | match certified | median embedding bound |\n"
-            f"|---|---|---|\n{rows}\n")
+            f"|---|---|---|\n{rows}\n\nNo radius above "
+            f"{result['largest_certifiable_radius']:.1f} pixels can be certified with these "
+            "n, alpha and delta.\n")
 
 
 def run(args, cfg: FaceCertifyConfig, load_model_or_preset, load_splits, choose_threshold):
