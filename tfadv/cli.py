@@ -28,6 +28,7 @@ from tfadv.certification import command as certify_command
 from tfadv.config import (AttackEvalConfig, AutoAttackConfig, CentersStudyConfig, CurveConfig,
                           FaceEvalConfig, FaceFinetuneConfig, GenerateConfig, MnistDataConfig,
                           MnistTrainConfig, SweepConfig)
+from tfadv.config.core import NOISE_METHODS
 from tfadv.config.faces import DEFAULT_PRESET
 from tfadv.config.options import add_command, add_group, build
 from tfadv.data import load_mnist, subset
@@ -172,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "was fine-tuned)")
 
     certify_command.add_faces(f, (facenet_recipe.load_model_or_preset,
-                                  facenet_recipe.load_splits, facenet_recipe.choose_threshold))
+                                  facenet_recipe.load_splits, facenet_recipe.operating_threshold))
     poison_command.add(sub, facenet_recipe.load_model_or_preset)
     add_serving_commands(sub)  # export, serve, query
     return p
@@ -189,7 +190,7 @@ def cmd_train_mnist(args):
     print(f"clean accuracy {t['clean_accuracy']:.4f}  robust accuracy {t['robust_accuracy']:.4f} "
           f"({metrics['eval_attack']})")
     print(f"wrote {os.path.join(cfg.out, 'model.keras')}, history.json, metrics.json")
-    if cfg.method in ("gaussian", "smoothadv"):
+    if cfg.method in NOISE_METHODS:
         print(f"This is the base model of a smoothed classifier: the attack above judges the "
               f"base model alone. Certify the smoothed one: tfadv certify "
               f"{os.path.join(cfg.out, 'model.keras')} --sigma {cfg.noise_sigma:g}")

@@ -30,7 +30,7 @@ import tensorflow as tf
 from scipy.stats import norm
 
 from tfadv.attacks.base import call_model
-from tfadv.certification.smoothing import check_inputs
+from tfadv.certification.smoothing import check_alpha, check_inputs
 
 __all__ = ["NOT_CERTIFIED", "CenterSmoothing", "EmbeddingCertificate", "certified_decisions"]
 
@@ -99,6 +99,17 @@ class CenterSmoothing:
         self._generator = tf.random.Generator.from_seed(int(seed))
         self._distances = tf.function(self._distances_one, reduce_retracing=True)
 
+    def quantile(self, radius: float, n: int, alpha: float) -> float:
+        """The quantile of the distances that certifies input radius `radius` with n samples
+        at confidence 1 - alpha/2 (above 1: nothing can be certified)."""
+        return float(norm.cdf(norm.ppf(0.5 + self.delta) + radius / self.sigma)
+                     + _hoeffding(n, alpha / 2))
+
+    def largest_radius(self, n: int, alpha: float) -> float:
+        """The largest input radius `quantile` keeps at most 1 for these n and alpha (>= 0)."""
+        top = norm.ppf(1.0 - _hoeffding(n, alpha / 2)) - norm.ppf(0.5 + self.delta)
+        return float(max(self.sigma * top, 0.0))
+
     def _embed(self, inputs):
         return tf.math.l2_normalize(tf.cast(call_model(self.model, inputs), tf.float32), -1)
 
@@ -147,7 +158,7 @@ class CenterSmoothing:
         best = int(np.argmin(medians))
         center, radius = cands[best], float(medians[best])
         inside = float(np.mean(self.distances(x, center[None], n0)[0] <= radius))
-        d1 = np.sqrt(np.log(2 / alpha_1) / (2 * n0))
+        d1 = _hoeffding(n0, alpha_1 / 2)
         return center, radius, bool(max(d1, 0.5 - (inside - d1)) <= self.delta)
 
     def certify(self, x, radii, *, n0: int = 1000, n: int = 2000, alpha: float = 0.01,
@@ -174,13 +185,11 @@ class CenterSmoothing:
         radii = tuple(float(r) for r in np.atleast_1d(radii))
         if int(n0) < 1 or int(n) < 1:
             raise ValueError(f"Expected n0, n >= 1. Received: n0={n0!r}, n={n!r}")
-        if not 0 < float(alpha) < 0.5:
-            raise ValueError(f"Expected 0 < alpha < 0.5. Received: alpha={alpha!r}")
+        check_alpha(alpha)
         if any(not r >= 0 for r in radii):
             raise ValueError(f"Expected radii >= 0 (input units). Received: {radii}")
         x = check_inputs(self.model, x)
-        d1 = np.sqrt(np.log(4 / alpha) / (2 * int(n0)))
-        if d1 > self.delta:
+        if _hoeffding(int(n0), alpha / 4) > self.delta:
             need = int(np.ceil(np.log(4 / alpha) / (2 * self.delta ** 2)))
             raise ValueError(f"n0={n0} samples can never validate a centre at delta "
                              f"{self.delta:g} and alpha {alpha:g}: use n0 >= {need} or a larger "
@@ -193,8 +202,7 @@ class CenterSmoothing:
             bar = tqdm(total=len(x) * per_input, unit="sample", unit_scale=True,
                        desc="noise samples", file=sys.stderr)
         # Quantile of the distances each input radius needs (> 1: nothing certified).
-        quantiles = [norm.cdf(norm.ppf(0.5 + self.delta) + r / self.sigma)
-                     + np.sqrt(np.log(2 / alpha) / (2 * int(n))) for r in radii]
+        quantiles = [self.quantile(r, int(n), alpha) for r in radii]
         centers, valid, eps_out, error = [], [], [], []
         try:
             for xi in x:
@@ -220,6 +228,12 @@ class CenterSmoothing:
             valid=np.asarray(valid, bool), radii=radii,
             eps_out=np.asarray(eps_out, np.float64).reshape(len(x), len(radii)),
             smoothing_error=np.asarray(error), samples=per_input)
+
+
+def _hoeffding(n: int, p: float) -> float:
+    """sqrt(ln(1 / p) / 2n): how far an empirical fraction of n samples may fall below the
+    true one with probability at most p (Hoeffding)."""
+    return float(np.sqrt(np.log(1.0 / p) / (2 * n)))
 
 
 def certified_decisions(certificate: EmbeddingCertificate, references, threshold: float):

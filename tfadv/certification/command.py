@@ -30,7 +30,7 @@ def add(subparsers, load_classifier, eval_data):
 
 def add_faces(facenet, loaders):
     """Adds `facenet certify` to the `facenet` group; `loaders` are the recipe's
-    (load_model_or_preset, load_splits, choose_threshold)."""
+    (load_model_or_preset, load_splits, operating_threshold)."""
     c = add_command(facenet, "certify", lambda args: run_faces(args, loaders),
                     configs=(FaceCertifyConfig,),
                     help="certified matches of the val faces under L2 perturbations (center "

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
-from scipy.stats import norm
 
 from tfadv.certification.center import CenterSmoothing, certified_decisions
 from tfadv.config.certification import FaceCertifyConfig
 from tfadv.evaluation import faces as face_eval
-from tfadv.evaluation import verification as V
 from tfadv.files import output_dir, write_json, write_text
 
 __all__ = ["certify_faces", "markdown"]
@@ -71,10 +68,8 @@ def certify_faces(model, splits, threshold: float, cfg: FaceCertifyConfig, *,
             "certified_match": float(np.mean(certified[:, j] == 1)),
             "certified_non_match": float(np.mean(certified[:, j] == 0)),
             "median_eps_out": float(np.median(finite)) if len(finite) else None}
-    largest = cfg.sigma * (norm.ppf(1.0 - np.sqrt(np.log(2 / cfg.alpha) / (2 * cfg.n)))
-                           - norm.ppf(0.5 + cfg.delta))
     return {
-        "largest_certifiable_radius": float(max(largest, 0.0)),
+        "largest_certifiable_radius": smoothing.largest_radius(cfg.n, cfg.alpha),
         "sigma": cfg.sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "delta": cfg.delta,
         "threshold": float(threshold), "faces": int(len(x)),
         "clean_match": float(np.mean(clean_match)), "smoothed_match": float(np.mean(match)),
@@ -108,7 +103,7 @@ def markdown(result) -> str:
             "n, alpha and delta.\n")
 
 
-def run(args, cfg: FaceCertifyConfig, load_model_or_preset, load_splits, choose_threshold):
+def run(args, cfg: FaceCertifyConfig, load_model_or_preset, load_splits, operating_threshold):
     """The command: the CLI's loaders in, the table out (and certify.json / certify.md)."""
     if cfg.out:  # before the sampling: a bad --out must not cost the run
         output_dir(cfg.out)
@@ -118,10 +113,7 @@ def run(args, cfg: FaceCertifyConfig, load_model_or_preset, load_splits, choose_
         raise ValueError(f"{args.model or args.preset} is not a face embedder: expected RGB "
                          f"photos [N, H, W, 3] in and embeddings [N, D] out; it takes {shape}.")
     splits = load_splits(args.faces, size=int(model.input_shape[1]), progress=not args.json)
-    if args.model and (Path(args.model).parent / "threshold.json").is_file():
-        threshold = V.load_threshold(args.model)
-    else:
-        threshold = choose_threshold(model, splits)
+    threshold, _ = operating_threshold(model, args.model, splits)
     result = certify_faces(model, splits, threshold, cfg, progress=not args.json)
     result["model"] = args.model or args.preset
     if cfg.out:

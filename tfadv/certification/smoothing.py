@@ -24,7 +24,7 @@ from scipy.stats import binomtest, norm
 
 from tfadv.attacks.base import call_model
 
-__all__ = ["ABSTAIN", "RandomizedSmoothing", "check_inputs"]
+__all__ = ["ABSTAIN", "RandomizedSmoothing", "check_alpha", "check_inputs"]
 
 ABSTAIN = -1
 
@@ -119,13 +119,21 @@ class RandomizedSmoothing:
             ValueError: n < 1; inputs as `check_inputs` refuses them; a model
                 with another number of outputs than num_classes.
         """
-        if int(n) < 1:
-            raise ValueError(f"Expected n >= 1 noise samples. Received: n={n!r}")
+        return self._sample_counts(self._checked(x), n, batch_size, progress)
+
+    def _checked(self, x) -> np.ndarray:
+        """`check_inputs`, and the model's outputs checked against num_classes."""
         x = check_inputs(self.model, x)
         width = int(call_model(self.model, tf.constant(x[:1])).shape[-1])
         if width != self.num_classes:
             raise ValueError(f"The model has {width} outputs; num_classes={self.num_classes}. "
                              "Pass the model's number of classes.")
+        return x
+
+    def _sample_counts(self, x, n, batch_size=None, progress=None) -> np.ndarray:
+        """`sample_counts` of inputs already checked."""
+        if int(n) < 1:
+            raise ValueError(f"Expected n >= 1 noise samples. Received: n={n!r}")
         batch = tf.constant(int(batch_size or self.batch_size), tf.int64)
         samples = int(n)
         n = tf.constant(samples, tf.int64)
@@ -151,7 +159,7 @@ class RandomizedSmoothing:
         Returns:
             int64 [N] labels, -1 where it abstains.
         """
-        _check_alpha(alpha)
+        check_alpha(alpha)
         counts = self.sample_counts(x, n, batch_size)
         top2 = np.argsort(-counts, axis=1, kind="stable")[:, :2]
         out = np.full(len(counts), ABSTAIN, np.int64)
@@ -179,10 +187,10 @@ class RandomizedSmoothing:
             (labels int64 [N], -1 = abstain; radii float64 [N], L2 in input
             units, 0 where it abstains).
         """
-        _check_alpha(alpha)
+        check_alpha(alpha)
         if int(n0) < 1:
             raise ValueError(f"Expected n0 >= 1 selection samples. Received: n0={n0!r}")
-        x = check_inputs(self.model, x)
+        x = self._checked(x)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -190,8 +198,8 @@ class RandomizedSmoothing:
             bar = tqdm(total=len(x) * (int(n0) + int(n)), unit="sample", unit_scale=True,
                        desc="noise samples", file=sys.stderr)
         try:
-            pick = np.argmax(self.sample_counts(x, n0, batch_size, bar), axis=1)
-            counts = self.sample_counts(x, n, batch_size, bar)
+            pick = np.argmax(self._sample_counts(x, n0, batch_size, bar), axis=1)
+            counts = self._sample_counts(x, n, batch_size, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -210,7 +218,7 @@ def lower_confidence_bound(successes: int, trials: int, alpha: float) -> float:
     return float(binomtest(successes, trials).proportion_ci(1 - 2 * alpha, method="exact").low)
 
 
-def _check_alpha(alpha):
+def check_alpha(alpha):
     if not 0 < float(alpha) < 0.5:
         raise ValueError(f"Expected 0 < alpha < 0.5. Received: alpha={alpha!r}")
 

@@ -3,10 +3,10 @@ poisoned training examples (spectral signatures, activation clustering, STRIP)."
 
 from tfadv.poisoning.defences import DetectionResult, activation_clustering, spectral_signature
 from tfadv.poisoning.detect import METHODS, detect, feature_model
-from tfadv.poisoning.scan import SCAN_METHODS, scan_faceset, scan_folder
+from tfadv.poisoning.scan import scan_faceset, scan_folder
 from tfadv.poisoning.strip import STRIP
 from tfadv.poisoning.triggers import BlendTrigger, PatchTrigger, PoisonedSet, poison
 
-__all__ = ["METHODS", "SCAN_METHODS", "STRIP", "BlendTrigger", "DetectionResult", "PatchTrigger",
+__all__ = ["METHODS", "STRIP", "BlendTrigger", "DetectionResult", "PatchTrigger",
            "PoisonedSet", "activation_clustering", "detect", "feature_model", "poison",
            "scan_faceset", "scan_folder", "spectral_signature"]

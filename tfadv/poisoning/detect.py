@@ -38,7 +38,8 @@ def feature_model(model, layer=None) -> keras.Model:
             names = [lay.name for lay in model.layers]
             raise ValueError(f"No layer {layer!r} in {model.name}. Layers: {names}") from e
     else:
-        spatial = [lay for lay in model.layers[1:-1]
+        # (A Sequential model lists no InputLayer: its first layer may be the feature map.)
+        spatial = [lay for lay in model.layers[:-1]
                    if not isinstance(lay, keras.layers.InputLayer)
                    and len(lay.output.shape) >= 4]
         out = spatial[-1].output if spatial else model.layers[-1].input

@@ -12,11 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from tfadv.evaluation import faces as face_eval
-from tfadv.poisoning.defences import activation_clustering, spectral_signature
+from tfadv.poisoning.detect import METHODS
 
-__all__ = ["SCAN_METHODS", "scan_faceset", "scan_folder"]
-
-SCAN_METHODS = {"activations": activation_clustering, "spectral": spectral_signature}
+__all__ = ["scan_faceset", "scan_folder"]
 
 
 def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> dict:
@@ -25,7 +23,8 @@ def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> d
     Args:
         model: the embedder (pixels 0-255 -> embeddings).
         faceset: `tfadv.data.faces.FaceSet`.
-        method: "spectral" or "activations" (activation clustering).
+        method: "activations" (activation clustering) or "spectral" (any name of
+            `tfadv.poisoning.METHODS`).
         keep: optional bool [N]: scan only these photos (the rest is not flagged).
 
     Returns:
@@ -35,22 +34,22 @@ def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> d
     Raises:
         ValueError: an unknown method.
     """
-    if method not in SCAN_METHODS:
-        raise ValueError(f"Expected method to be one of {sorted(SCAN_METHODS)}. "
+    if method not in METHODS:
+        raise ValueError(f"Expected method to be one of {sorted(METHODS)}. "
                          f"Received: {method!r}")
     rows = np.arange(len(faceset.labels)) if keep is None else np.flatnonzero(keep)
     flags = np.zeros(len(faceset.labels), bool)
     suspects, identities = [], []
     if len(rows):
         emb = face_eval.embed(model, faceset.images[rows])
-        result = SCAN_METHODS[method](emb, faceset.labels[rows])
+        result = METHODS[method](emb, faceset.labels[rows])
         flags[rows[result.flags]] = True
-        order = np.argsort(-result.scores[result.flags], kind="stable")
-        for i in rows[result.flags][order]:
-            score = result.scores[np.searchsorted(rows, i)]
+        picked = np.flatnonzero(result.flags)
+        for j in picked[np.argsort(-result.scores[picked], kind="stable")]:
+            i = rows[j]
             suspects.append({"path": faceset.paths[i],
                              "identity": faceset.class_names[int(faceset.labels[i])],
-                             "score": float(score)})
+                             "score": float(result.scores[j])})
         identities = [faceset.class_names[c] for c in result.summary()["suspect_classes"]]
     return {"method": method, "images": int(len(rows)), "flagged": int(flags.sum()),
             "suspect_identities": identities, "suspects": suspects, "flags": flags.tolist()}

@@ -76,9 +76,12 @@ def load_splits(faces=None, *, holdout=0, seed=0, detector=None, size=160,
     return FaceSplits(train, val, [i for i in range(n) if i not in heldout], heldout)
 
 
-def _subset(faceset, ids):
-    keep = np.isin(faceset.labels, ids)
-    return faceset.images[keep], faceset.labels[keep]
+def _subset(faceset, ids, keep=None):
+    """The photos of the identities `ids` (and of `keep`, a bool mask, if given)."""
+    mask = np.isin(faceset.labels, ids)
+    if keep is not None:
+        mask &= keep
+    return faceset.images[mask], faceset.labels[mask]
 
 
 # -- evaluation -------------------------------------------------------------
@@ -89,6 +92,19 @@ def choose_threshold(model, splits: FaceSplits, batch_size=32) -> float:
     # Only the threshold: no TAR@FAR (its too-few-pairs warning would not be about this).
     report = V.verification_report(face_eval.embed(model, x, batch_size), y, fars=())
     return float(report["threshold"])
+
+
+def operating_threshold(net, model, splits: FaceSplits) -> tuple[float, str]:
+    """(threshold, where it came from): the `threshold.json` next to the model file `model`
+    when there is one, else `choose_threshold` on gallery pairs.
+
+    Raises:
+        ValueError: a bad threshold file.
+    """
+    found = model and (Path(model).parent / "threshold.json").is_file()
+    if found:
+        return V.load_threshold(model), str(Path(model).parent / "threshold.json")
+    return choose_threshold(net, splits), "gallery pairs of the fine-tuning identities"
 
 
 def attack_suite(model, x, ref, threshold, mode, cfg: FaceEvalConfig, *, progress=None) -> dict:
@@ -213,8 +229,7 @@ def _pretrained_metrics(base, splits, thr0, cfg, out, say) -> dict:
 
 def _relabelled(faceset, ids, keep=None):
     """The photos of `ids` (and `keep`, a bool mask), labels re-indexed 0..len(ids)-1."""
-    mask = np.isin(faceset.labels, ids) if keep is None else np.isin(faceset.labels, ids) & keep
-    x, y = faceset.images[mask], faceset.labels[mask]
+    x, y = _subset(faceset, ids, keep)
     remap = {c: i for i, c in enumerate(ids)}
     return x, np.array([remap[int(c)] for c in y], np.int64)
 
@@ -236,10 +251,11 @@ def _poison_scan(base, splits, cfg, out, say, metrics):
     scan["excluded"] = cfg.scan_poison == "exclude"
     metrics["poison_scan"] = scan
     write_json(out / "poison_scan.json", scan)
-    say(f"Poison scan ({cfg.scan_method}): {scan['flagged']} of {scan['images']} photos suspect"
-        + (f", left out of fine-tuning: {[s['path'] for s in scan['suspects']]}"
-           if scan["excluded"] and scan["flagged"] else
-           f": {[s['path'] for s in scan['suspects']]}" if scan["flagged"] else ""))
+    line = f"Poison scan ({cfg.scan_method}): {scan['flagged']} of {scan['images']} photos suspect"
+    if scan["flagged"]:
+        what = ", left out of fine-tuning" if scan["excluded"] else ""
+        line += f"{what}: {[s['path'] for s in scan['suspects']]}"
+    say(line)
     return ~flags if scan["excluded"] else None
 
 
@@ -338,12 +354,7 @@ def evaluate_saved(out, *, preset=None, model=None, faces=None, holdout=0, seed=
     evaluation = evaluation or FaceEvalConfig()
     net = load_model_or_preset(preset, model)
     splits = splits or load_splits(faces, holdout=holdout, seed=seed, progress=progress)
-    found = model and (Path(model).parent / "threshold.json").is_file()
-    if found:
-        threshold, origin = V.load_threshold(model), str(Path(model).parent / "threshold.json")
-    else:
-        threshold, origin = choose_threshold(net, splits), "gallery pairs of the fine-tuning " \
-            "identities"
+    threshold, origin = operating_threshold(net, model, splits)
     say(f"Threshold {threshold:.3f} ({origin}); evaluating ...")
     metrics = {"model": model or preset, "threshold_from": origin,
                "config": {"faces": faces, "holdout": holdout, "seed": seed,
