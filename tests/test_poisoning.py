@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import tfadv
-from tfadv.poisoning import (BlendTrigger, PatchTrigger, activation_clustering, detect, poison,
-                             spectral_signature)
+from tfadv.poisoning import (BlendTrigger, PatchTrigger, activation_clustering, class_claims,
+                             detect, poison, spectral_signature)
 
 
 def test_patch_trigger_stamps_a_checkerboard_in_the_corner_and_nothing_else():
@@ -53,20 +53,25 @@ def test_poison_relabels_only_chosen_examples_of_other_classes():
         poison(x, y, target=2, rate=0.8, trigger=PatchTrigger())
 
 
-def planted(seed=0, clean=300, bad=30, dim=20, shift=8.0):
-    """Two classes of standard-normal features; class 0 also holds `bad` rows shifted
-    along one direction (what a trigger does to a layer's features)."""
+def planted(seed=0, clean=300, bad=30, dim=20, shift=8.0, source=1):
+    """Two classes of features around distinct means (as a trained layer separates classes);
+    class 0 also holds `bad` rows of class `source`'s content shifted along one direction
+    (what a trigger does to a layer's features): source 1 is the dirty-label poison of an
+    enrolled class, source 2 the content of a class absent from the data."""
     rng = np.random.default_rng(seed)
-    features = rng.normal(size=(2 * clean + bad, dim))
-    features[2 * clean:, 3] += shift
+    means = 4.0 * np.eye(3, dim)
     labels = np.r_[np.zeros(clean), np.ones(clean), np.zeros(bad)].astype(int)
+    content = np.r_[labels[:2 * clean], np.full(bad, source)]
+    features = means[content] + rng.normal(size=(2 * clean + bad, dim))
+    features[2 * clean:, 3] += shift
     truth = np.r_[np.zeros(2 * clean, bool), np.ones(bad, bool)]
     return features, labels, truth
 
 
+@pytest.mark.parametrize("source", [1, 2])
 @pytest.mark.parametrize("defence", [spectral_signature, activation_clustering])
-def test_planted_rows_rank_first_and_are_the_ones_flagged(defence):
-    features, labels, truth = planted()
+def test_planted_rows_rank_first_and_are_the_ones_flagged(defence, source):
+    features, labels, truth = planted(source=source)
     result = defence(features, labels)
     top = np.argsort(-result.scores)[:truth.sum()]
     assert truth[top].mean() >= 0.95
@@ -74,12 +79,48 @@ def test_planted_rows_rank_first_and_are_the_ones_flagged(defence):
     assert (result.flags & ~truth).sum() <= 0.1 * result.flags.sum()
     assert result.per_class[0]["suspect"] and not result.per_class[1]["suspect"]
     assert result.summary()["suspect_classes"] == [0]
+    reason = "claimed by class 1" if source == 1 else "separated minority"
+    assert result.per_class[0]["reason"] == reason
 
 
 @pytest.mark.parametrize("defence", [spectral_signature, activation_clustering])
-def test_clean_gaussian_classes_flag_nothing(defence):
+def test_a_poison_half_of_its_class_is_found_when_another_class_claims_it(defence):
+    """At 50% of its target class no minority rule applies: the claim still holds."""
+    features, labels, truth = planted(clean=200, bad=200, shift=3.0)
+    result = defence(features, labels)
+    assert (result.flags == truth).mean() >= 0.95
+    assert result.per_class[0]["reason"] == "claimed by class 1"
+
+
+@pytest.mark.parametrize("defence", [spectral_signature, activation_clustering])
+def test_clean_classes_flag_nothing(defence):
     features, labels, _ = planted(bad=0)
-    assert not defence(features, labels).flags.any()
+    result = defence(features, labels)
+    assert not result.flags.any() and result.centre_accuracy >= 0.99
+
+
+@pytest.mark.parametrize("defence", [spectral_signature, activation_clustering])
+def test_claims_are_not_used_when_the_features_do_not_separate_the_classes(defence):
+    """Two classes of the same standard-normal features: every centre is noise, and a
+    'claim' would flag a clean class (it did: 189 of 300)."""
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(size=(600, 20)), np.repeat([0, 1], 300)
+    result = defence(features, labels)
+    assert result.centre_accuracy < 0.7 and not result.flags.any()
+
+
+def test_class_claims_margin_is_the_cosine_difference_to_the_median_centres():
+    features = np.array([[1.0, 0.0], [2.0, 0.1], [3.0, -0.1], [0.0, 1.0], [0.1, 2.0],
+                         [-0.1, 1.0], [1.0, 1.2]])
+    labels = np.array([0, 0, 0, 1, 1, 1, 0])
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    centres = np.stack([np.median(unit[labels == c], 0) for c in (0, 1)])
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    cos = unit @ centres.T
+    nearest, margin = class_claims(features, labels)
+    np.testing.assert_array_equal(nearest, 1 - labels)
+    np.testing.assert_allclose(margin, cos[np.arange(7), 1 - labels] - cos[np.arange(7), labels])
+    assert margin[-1] > 0 and (margin[:-1] < 0).all()
 
 
 @pytest.fixture(scope="module")

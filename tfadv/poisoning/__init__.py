@@ -1,12 +1,13 @@
 """Data poisoning: backdoor triggers to simulate the threat, and the defences that find
 poisoned training examples (spectral signatures, activation clustering, STRIP)."""
 
-from tfadv.poisoning.defences import DetectionResult, activation_clustering, spectral_signature
+from tfadv.poisoning.defences import (DetectionResult, activation_clustering, class_claims,
+                                      spectral_signature)
 from tfadv.poisoning.detect import METHODS, detect, feature_model
 from tfadv.poisoning.scan import scan_faceset, scan_folder
 from tfadv.poisoning.strip import STRIP
 from tfadv.poisoning.triggers import BlendTrigger, PatchTrigger, PoisonedSet, poison
 
 __all__ = ["METHODS", "STRIP", "BlendTrigger", "DetectionResult", "PatchTrigger",
-           "PoisonedSet", "activation_clustering", "detect", "feature_model", "poison",
+           "PoisonedSet", "activation_clustering", "class_claims", "detect", "feature_model", "poison",
            "scan_faceset", "scan_folder", "spectral_signature"]
