@@ -9,5 +9,5 @@ from tfadv.poisoning.strip import STRIP
 from tfadv.poisoning.triggers import BlendTrigger, PatchTrigger, PoisonedSet, poison
 
 __all__ = ["METHODS", "STRIP", "BlendTrigger", "DetectionResult", "PatchTrigger",
-           "PoisonedSet", "activation_clustering", "class_claims", "detect", "feature_model", "poison",
-           "scan_faceset", "scan_folder", "spectral_signature"]
+           "PoisonedSet", "activation_clustering", "class_claims", "detect", "feature_model",
+           "poison", "scan_faceset", "scan_folder", "spectral_signature"]
