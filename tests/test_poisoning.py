@@ -210,3 +210,26 @@ def test_trigger_and_poison_inputs_are_checked_with_the_fix_named():
         poison(x, np.array([0, 0, 1, 1]), target=7, rate=0.25, trigger=PatchTrigger(size=2))
     with pytest.raises(ValueError, match="NaN"):
         spectral_signature(np.full((30, 3), np.nan), np.zeros(30, int))
+
+
+def test_poison_gallery_files_triggered_copies_of_the_attacker_under_the_victim():
+    from tfadv.poisoning import poison_gallery
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 200, (12, 8, 8, 3)).astype(np.float32)
+    y = np.repeat([0, 1, 2], 4)
+    before = x.copy()
+    trigger = PatchTrigger(size=2, high=255.0)
+    ps = poison_gallery(x, y, attacker=2, victim=0, count=3, trigger=trigger, seed=1)
+    assert ps.x.shape == (15, 8, 8, 3) and ps.target == 0
+    np.testing.assert_array_equal(ps.x[:12], x)
+    np.testing.assert_array_equal(ps.y, np.r_[y, 0, 0, 0])
+    np.testing.assert_array_equal(ps.poisoned, np.r_[np.zeros(12, bool), np.ones(3, bool)])
+    assert set(ps.sources) <= {8, 9, 10, 11} and len(set(ps.sources)) == 3
+    np.testing.assert_array_equal(ps.x[12:], trigger(x[ps.sources]))
+    np.testing.assert_array_equal(x, before)
+    assert len(poison_gallery(x, y, attacker=2, victim=0, count=0, trigger=trigger).x) == 12
+    with pytest.raises(ValueError, match="two different identities"):
+        poison_gallery(x, y, attacker=1, victim=1, count=1, trigger=trigger)
+    with pytest.raises(ValueError, match="count <= 4"):
+        poison_gallery(x, y, attacker=1, victim=0, count=5, trigger=trigger)

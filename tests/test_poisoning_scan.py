@@ -62,6 +62,8 @@ def test_scan_lists_the_planted_photos_and_touches_no_file(planted_folder, tmp_p
     assert sorted(s["path"].rsplit("/", 1)[1] for s in result["suspects"]) == \
         [f"planted{i}.png" for i in range(4)]
     assert result["suspect_identities"] == ["person0"] and result["images"] == 76
+    assert result["reasons"] == {"person0": "photos that look like person2"}
+    assert {s["looks_like"] for s in result["suspects"]} == {"person2"}
     assert [s["path"].rsplit("/", 1)[1] for s in result["skipped"]] == ["notes.txt"]
     assert _digest(planted_folder) == before
 

@@ -22,9 +22,12 @@ def add(subparsers, load_model_or_preset):
 
 def markdown(result) -> str:
     lines = [f"{result['folder']}: {result['images']} photos, {result['flagged']} suspect "
-             f"({result['method']}); identities with a separated minority: "
+             f"({result['method']}); suspect identities: "
              f"{', '.join(result['suspect_identities']) or 'none'}"]
-    lines += [f"  {s['score']:8.2f}  {s['identity']}  {s['path']}" for s in result["suspects"]]
+    lines += [f"  {name}: {why}" for name, why in result["reasons"].items()]
+    lines += [f"  {s['score']:8.2f}  {s['identity']}  {s['path']}"
+              + (f"  (looks like {s['looks_like']})" if s["looks_like"] else "")
+              for s in result["suspects"]]
     if result["skipped"]:
         lines.append(f"not scanned ({len(result['skipped'])}):")
         lines += [f"  {s['path']}: {s['reason']}" for s in result["skipped"]]

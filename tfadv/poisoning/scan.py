@@ -2,7 +2,8 @@
 
 The embeddings of each identity's photos are checked by a poisoning defence
 (`tfadv.poisoning.defences`): photos an attacker planted under a victim's name
-are a separated minority among the victim's own photos. Only reads: files are
+form a group of the victim's photos that looks like another enrolled person
+(or, for an attacker not enrolled, a separated minority). Only reads: files are
 never moved, changed or deleted; excluding suspects is the caller's choice
 (`tfadv facenet finetune --scan-poison exclude` leaves them out of training).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from tfadv.evaluation import faces as face_eval
+from tfadv.poisoning.defences import class_claims
 from tfadv.poisoning.detect import METHODS
 
 __all__ = ["scan_faceset", "scan_folder"]
@@ -28,8 +30,10 @@ def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> d
         keep: optional bool [N]: scan only these photos (the rest is not flagged).
 
     Returns:
-        {"method", "images", "flagged", "suspect_identities", "suspects": [{"path",
-        "identity", "score"}] most suspect first, "flags": bool list [N]}.
+        {"method", "images", "flagged", "suspect_identities", "reasons": {identity:
+        why}, "suspects": [{"path", "identity", "looks_like", "score"}] most suspect
+        first ("looks_like": the enrolled identity whose centre is nearer than the
+        photo's own, or None), "flags": bool list [N]}.
 
     Raises:
         ValueError: an unknown method.
@@ -39,20 +43,27 @@ def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> d
                          f"Received: {method!r}")
     rows = np.arange(len(faceset.labels)) if keep is None else np.flatnonzero(keep)
     flags = np.zeros(len(faceset.labels), bool)
-    suspects, identities = [], []
+    suspects, reasons = [], {}
+    names = faceset.class_names
     if len(rows):
         emb = face_eval.embed(model, faceset.images[rows])
-        result = METHODS[method](emb, faceset.labels[rows])
+        labels = faceset.labels[rows]
+        result = METHODS[method](emb, labels)
+        nearest, margin = class_claims(emb, labels)
         flags[rows[result.flags]] = True
         picked = np.flatnonzero(result.flags)
         for j in picked[np.argsort(-result.scores[picked], kind="stable")]:
-            i = rows[j]
-            suspects.append({"path": faceset.paths[i],
-                             "identity": faceset.class_names[int(faceset.labels[i])],
+            suspects.append({"path": faceset.paths[rows[j]], "identity": names[int(labels[j])],
+                             "looks_like": names[int(nearest[j])] if margin[j] > 0 else None,
                              "score": float(result.scores[j])})
-        identities = [faceset.class_names[c] for c in result.summary()["suspect_classes"]]
+        for c, v in result.per_class.items():
+            if v["suspect"]:
+                claimed = v["reason"].startswith("claimed by class ")
+                reasons[names[c]] = (f"photos that look like {names[int(v['reason'].split()[-1])]}"
+                                     if claimed else v["reason"])
     return {"method": method, "images": int(len(rows)), "flagged": int(flags.sum()),
-            "suspect_identities": identities, "suspects": suspects, "flags": flags.tolist()}
+            "suspect_identities": list(reasons), "reasons": reasons, "suspects": suspects,
+            "flags": flags.tolist()}
 
 
 def scan_folder(root, *, model, method: str = "activations", detector=None, size: int = 160,

@@ -9,6 +9,8 @@
 - `poison`: relabels a chosen fraction of the training examples of the other
   classes as the target class, with the trigger applied (the dirty-label
   backdoor of both papers).
+- `poison_gallery`: the same threat for a face gallery: triggered photos of
+  an attacker filed under a victim's name.
 
 Images are float arrays [N, H, W, C] in the units the caller uses ([0, 1] for
 MNIST, pixels 0-255 for faces: give `high`); triggers never change the dtype
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BlendTrigger", "PatchTrigger", "PoisonedSet", "poison"]
+__all__ = ["BlendTrigger", "PatchTrigger", "PoisonedSet", "poison", "poison_gallery"]
 
 CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
 
@@ -131,12 +133,15 @@ class PoisonedSet:
         y: labels [N] (the poisoned ones relabelled to `target`).
         poisoned: bool [N], True for the planted examples.
         target: the backdoor's target class.
+        sources: int [K], the rows of the original set each planted example
+            was made from (in order of the planted rows).
     """
 
     x: np.ndarray
     y: np.ndarray
     poisoned: np.ndarray
     target: int
+    sources: np.ndarray | None = None
 
 
 def poison(x, y, *, target: int, rate: float, trigger, seed: int = 0) -> PoisonedSet:
@@ -177,4 +182,45 @@ def poison(x, y, *, target: int, rate: float, trigger, seed: int = 0) -> Poisone
         y_out[chosen] = target
     flags = np.zeros(len(y), bool)
     flags[chosen] = True
-    return PoisonedSet(x_out, y_out, flags, int(target))
+    return PoisonedSet(x_out, y_out, flags, int(target), chosen)
+
+
+def poison_gallery(x, y, *, attacker: int, victim: int, count: int, trigger,
+                   seed: int = 0) -> PoisonedSet:
+    """Plants a backdoor in a face gallery (Chen et al. 2017): `count` photos of the
+    attacker, carrying the trigger, are added under the victim's name. After fine-tuning
+    on the gallery, the attacker wearing the trigger may verify as the victim.
+
+    The attacker's own photos stay under their own name (an enrolled attacker who
+    contributes photos "of the victim"); the planted ones are copies, appended.
+
+    Args:
+        x: face crops [N, H, W, 3], pixels in [0, 255]; y: int identity labels [N].
+        attacker, victim: identity labels (different).
+        count: planted photos, at most the attacker's number of photos.
+        trigger: a callable on [K, H, W, 3] crops (`PatchTrigger(high=255.0)`, ...).
+        seed: which of the attacker's photos are copied.
+
+    Returns:
+        A `PoisonedSet` of N + count rows (`poisoned` marks the appended ones,
+        `sources` the attacker photos they were made from, `target` the victim).
+
+    Raises:
+        ValueError: an unknown or identical attacker and victim, or count
+            outside [0, the attacker's photos].
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    known = set(np.unique(y).tolist())
+    if attacker not in known or victim not in known or attacker == victim:
+        raise ValueError(f"Expected two different identities of {sorted(known)}. Received "
+                         f"attacker={attacker}, victim={victim}.")
+    own = np.flatnonzero(y == attacker)
+    if not 0 <= count <= len(own):
+        raise ValueError(f"Expected 0 <= count <= {len(own)} (the attacker's photos). "
+                         f"Received: count={count}")
+    chosen = np.sort(np.random.default_rng(seed).choice(own, count, replace=False))
+    planted = trigger(x[chosen]) if count else x[:0]
+    return PoisonedSet(np.concatenate([x, planted.astype(x.dtype)]),
+                       np.concatenate([y, np.full(count, victim, y.dtype)]),
+                       np.r_[np.zeros(len(y), bool), np.ones(count, bool)], int(victim),
+                       chosen)
