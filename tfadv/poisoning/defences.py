@@ -49,9 +49,11 @@ class DetectionResult:
         scores: float [N], higher = more suspect (comparable across classes).
         flags: bool [N], the examples judged poisoned.
         method: the defence's name.
-        per_class: {label: {"size", "flagged", "suspect", "reason"}} (suspect:
-            a group of the class was flagged; reason: "claimed by class K" or
-            "separated minority").
+        per_class: {label: {"size", "flagged", "suspect", "reason", "groups"}}
+            (suspect: a group of the class was flagged; reason: "claimed by
+            class K" or "separated minority"; groups: the class's two groups,
+            [{"size", "claimed" (share nearer another class's centre),
+            "flagged"}]).
         centre_accuracy: the share of examples nearest their own class's
             centre (`class_claims`); below `min_centre_accuracy` the features
             do not separate the classes and no group is flagged as claimed.
@@ -91,11 +93,13 @@ def _classes(labels):
             yield int(c), idx
 
 
-def _finish(scores, flags, method, labels, suspect, margin):
-    per_class = {int(c): {"size": int(np.sum(labels == c)),
-                          "flagged": int(np.sum(flags[labels == c])),
-                          "suspect": c in suspect, "reason": suspect.get(c)}
-                 for c in np.unique(labels)}
+def _finish(scores, flags, method, labels, judged, margin):
+    per_class = {}
+    for c in np.unique(labels):
+        reason, groups = judged.get(int(c), (None, []))
+        per_class[int(c)] = {"size": int(np.sum(labels == c)),
+                             "flagged": int(np.sum(flags[labels == c])),
+                             "suspect": reason is not None, "reason": reason, "groups": groups}
     return DetectionResult(scores, flags, method, per_class, float(np.mean(margin <= 0)))
 
 
@@ -137,22 +141,25 @@ def class_claims(features, labels):
     return classes[other], cosine[rows, other] - own_cosine
 
 
-def _judge(idx, member, small, separated, nearest, margin, min_claimed, flags, suspect, c):
-    """Flags the groups of class c (`member` in {0, 1} over its rows `idx`) that another class
-    claims (`min_claimed` None: claims are not used), and the smaller group `small` when
-    `separated`."""
+def _judge(idx, member, small, separated, nearest, margin, min_claimed, flags):
+    """Flags the groups of a class (`member` in {0, 1} over its rows `idx`) that another
+    class claims (`min_claimed` None: claims are not used), and the smaller group `small`
+    when `separated`. Returns (reason or None, [{"size", "claimed", "flagged"}] per group)."""
+    reason, groups = None, []
     for k in (0, 1):
         rows = idx[member == k]
-        if not len(rows):
-            continue
         claimed = margin[rows] > 0
-        if min_claimed is not None and claimed.mean() > min_claimed:
-            flags[rows] = True
-            votes = np.bincount(nearest[rows][claimed])
-            suspect[c] = f"claimed by class {int(np.argmax(votes))}"
-        elif k == small and separated:
-            flags[rows] = True
-            suspect.setdefault(c, "separated minority")
+        share = float(claimed.mean()) if len(rows) else 0.0
+        flagged = False
+        if min_claimed is not None and share > min_claimed:
+            flagged = True
+            reason = f"claimed by class {int(np.argmax(np.bincount(nearest[rows][claimed])))}"
+        elif k == small and separated and len(rows):
+            flagged = True
+            reason = reason or "separated minority"
+        flags[rows] = flags[rows] | flagged
+        groups.append({"size": int(len(rows)), "claimed": share, "flagged": flagged})
+    return reason, groups
 
 
 def spectral_signature(features, labels, *, min_claimed: float = MIN_CLAIMED,
@@ -189,7 +196,7 @@ def spectral_signature(features, labels, *, min_claimed: float = MIN_CLAIMED,
     nearest, margin = class_claims(features, labels)
     if np.mean(margin <= 0) < min_centre_accuracy:
         min_claimed = None
-    scores, flags, suspect = np.zeros(len(labels)), np.zeros(len(labels), bool), {}
+    scores, flags, judged = np.zeros(len(labels)), np.zeros(len(labels), bool), {}
     for c, idx in _classes(labels):
         centred = features[idx] - features[idx].mean(0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
@@ -203,8 +210,8 @@ def spectral_signature(features, labels, *, min_claimed: float = MIN_CLAIMED,
         small = int(np.argmin(np.bincount(member, minlength=2)))
         separated = (gain >= min_bic_gain and np.mean(member == small) <= max_fraction
                      and len(idx) >= min_class_size)
-        _judge(idx, member, small, separated, nearest, margin, min_claimed, flags, suspect, c)
-    return _finish(scores, flags, "spectral", labels, suspect, margin)
+        judged[c] = _judge(idx, member, small, separated, nearest, margin, min_claimed, flags)
+    return _finish(scores, flags, "spectral", labels, judged, margin)
 
 
 def activation_clustering(features, labels, *, dims: int = 10,
@@ -241,7 +248,7 @@ def activation_clustering(features, labels, *, dims: int = 10,
     nearest, margin = class_claims(features, labels)
     if np.mean(margin <= 0) < min_centre_accuracy:
         min_claimed = None
-    scores, flags, suspect = margin.copy(), np.zeros(len(labels), bool), {}
+    scores, flags, judged = margin.copy(), np.zeros(len(labels), bool), {}
     for c, idx in _classes(labels):
         reduced = PCA(min(dims, len(idx) - 1, features.shape[1]),
                       random_state=seed).fit_transform(features[idx])
@@ -255,7 +262,7 @@ def activation_clustering(features, labels, *, dims: int = 10,
         scores[idx] = np.maximum(margin[idx], towards * max(quality, 0.0))
         separated = (np.mean(km.labels_ == small) <= max_fraction and quality >= min_silhouette
                      and len(idx) >= min_class_size)
-        _judge(idx, km.labels_, small, separated, nearest, margin, min_claimed, flags,
-               suspect, c)
-    return _finish(scores, flags, "activation_clustering", labels, suspect,
+        judged[c] = _judge(idx, km.labels_, small, separated, nearest, margin, min_claimed,
+                           flags)
+    return _finish(scores, flags, "activation_clustering", labels, judged,
                    margin)

@@ -33,7 +33,8 @@ def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> d
         {"method", "images", "flagged", "suspect_identities", "reasons": {identity:
         why}, "suspects": [{"path", "identity", "looks_like", "score"}] most suspect
         first ("looks_like": the enrolled identity whose centre is nearer than the
-        photo's own, or None), "flags": bool list [N]}.
+        photo's own, or None), "centre_accuracy" (`DetectionResult`), "flags": bool
+        list [N]}.
 
     Raises:
         ValueError: an unknown method.
@@ -43,7 +44,7 @@ def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> d
                          f"Received: {method!r}")
     rows = np.arange(len(faceset.labels)) if keep is None else np.flatnonzero(keep)
     flags = np.zeros(len(faceset.labels), bool)
-    suspects, reasons = [], {}
+    suspects, reasons, accuracy = [], {}, None
     names = faceset.class_names
     if len(rows):
         emb = face_eval.embed(model, faceset.images[rows])
@@ -61,9 +62,10 @@ def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> d
                 claimed = v["reason"].startswith("claimed by class ")
                 reasons[names[c]] = (f"photos that look like {names[int(v['reason'].split()[-1])]}"
                                      if claimed else v["reason"])
+        accuracy = result.centre_accuracy
     return {"method": method, "images": int(len(rows)), "flagged": int(flags.sum()),
             "suspect_identities": list(reasons), "reasons": reasons, "suspects": suspects,
-            "flags": flags.tolist()}
+            "centre_accuracy": accuracy, "flags": flags.tolist()}
 
 
 def scan_folder(root, *, model, method: str = "activations", detector=None, size: int = 160,
