@@ -109,7 +109,7 @@ def test_claims_are_not_used_when_the_features_do_not_separate_the_classes(defen
     rng = np.random.default_rng(0)
     features, labels = rng.normal(size=(600, 20)), np.repeat([0, 1], 300)
     result = defence(features, labels)
-    assert result.centre_accuracy < 0.7 and not result.flags.any()
+    assert result.centre_accuracy < 0.75 and not result.flags.any()
 
 
 def test_class_claims_margin_is_the_cosine_difference_to_the_median_centres():
@@ -236,3 +236,25 @@ def test_poison_gallery_files_triggered_copies_of_the_attacker_under_the_victim(
         poison_gallery(x, y, attacker=1, victim=1, count=1, trigger=trigger)
     with pytest.raises(ValueError, match="count <= 4"):
         poison_gallery(x, y, attacker=1, victim=0, count=5, trigger=trigger)
+
+
+def test_a_clean_example_grouped_with_the_poison_is_not_flagged():
+    """Of a claimed group only the members nearer another class than to the rest of their
+    own class are flagged: a clean 0 that the split put with the poison stays."""
+    from tfadv.poisoning.defences import _claims, _judge
+
+    rng = np.random.default_rng(0)
+    zeros = [1.0, 0.0, 0.0] + 0.05 * rng.normal(size=(20, 3))
+    ones = [0.0, 1.0, 0.0] + 0.05 * rng.normal(size=(20, 3))
+    poison_rows = [0.0, 1.0, 0.6] + 0.05 * rng.normal(size=(8, 3))
+    features = np.concatenate([zeros, ones, poison_rows])
+    labels = np.r_[np.zeros(20), np.ones(20), np.zeros(8)].astype(int)
+    idx = np.flatnonzero(labels == 0)
+    member = np.r_[np.zeros(20, int), np.ones(8, int)]
+    member[0] = 1  # a clean 0 in the poison's group
+    flags = np.zeros(len(labels), bool)
+    reason, groups = _judge(idx, member, 1, False, _claims(features, labels), 0.5, flags)
+    assert reason == "claimed by class 1"
+    np.testing.assert_array_equal(flags, np.r_[np.zeros(40, bool), np.ones(8, bool)])
+    assert groups == [{"size": 19, "claimed": 0.0, "flagged": 0},
+                      {"size": 9, "claimed": 8 / 9, "flagged": 8}]
