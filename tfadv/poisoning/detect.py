@@ -23,10 +23,12 @@ def feature_model(model, layer=None) -> keras.Model:
         model: a Keras classifier (logits out).
         layer: a layer name; None: the last feature map with spatial axes
             (flattened), or for a model without one the input of the last
-            layer. Measured on the reference CNN backdoored with a 6% patch:
-            activation clustering found 72 of 72 poisoned digits with 2 false
-            flags on its pooled conv features, 42 with 67 false flags on the
-            penultimate dense layer (spectral: 72 with 15; 38 with 26).
+            layer. Measured on the reference CNN (3 digit classes) backdoored
+            with a 6% patch: activation clustering found 70 of 72 poisoned
+            digits with 2 false flags on its pooled conv features, 42 with 67
+            false flags on the penultimate dense layer (spectral: 70 with 11;
+            38 with 26): the dense layer has learned the trigger as class 0
+            (its centres classify 0.998 of the digits, the poison included).
 
     Raises:
         ValueError: no such layer, or a model without a single input and output.
