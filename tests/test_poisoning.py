@@ -258,3 +258,6 @@ def test_a_clean_example_grouped_with_the_poison_is_not_flagged():
     np.testing.assert_array_equal(flags, np.r_[np.zeros(40, bool), np.ones(8, bool)])
     assert groups == [{"size": 19, "claimed": 0.0, "flagged": 0},
                       {"size": 9, "claimed": 8 / 9, "flagged": 8}]
+    whole = np.zeros(len(labels), bool)
+    _judge(idx, member, 1, False, _claims(features, labels), 0.5, whole, refine=False)
+    np.testing.assert_array_equal(whole, flags | (np.arange(len(labels)) == 0))
