@@ -23,7 +23,10 @@ tfadv PGD-10's time (and so at least 10x faster than ART), at clean accuracy
 >= 0.97.
 
 Every finished epoch is kept in `--state DIR/METHOD/` (the training backup and
-`epochs.json`); a killed run resumes at the epoch it was in.
+`epochs.json`); a killed run resumes at the epoch it was in, and a method
+whose epochs are all done is not trained again. The finished methods'
+`epochs.json` and `run.json` are committed in bench/results/ttr/METHOD/
+(`cp -r bench/results/ttr/. runs/bench-ttr/` before a run skips them).
 
     python bench/time_to_robustness.py --state runs/bench-ttr --json runs/bench-ttr/summary.json
 """
@@ -127,6 +130,10 @@ class Rows:
         self.rows.append(row)
         self._write(self.path, {"epochs": self.rows})
 
+    def finished(self, epochs):
+        """All epochs done, or the guard stopped the run (its last row says so)."""
+        return len(self.rows) >= epochs or bool(self.rows and self.rows[-1].get("finished"))
+
     def reached(self, target):
         return any(r.get("worst") is not None and r["worst"] >= target
                    and r.get("autoattack") is not None for r in self.rows)
@@ -164,6 +171,9 @@ def train_tfadv(method, args, data, state):
     # The recipe's own per-epoch robust validation is not part of the training time here.
     model.eval_attack = None
     rows = Rows(os.path.join(state, "epochs.json"))
+    if rows.finished(args.epochs):
+        log(f"  {method}: finished ({state}/epochs.json)")
+        return rows.rows
     guard = recipe._guard(cfg, x_tr, y_tr, chief=True)
 
     class Clock(keras.callbacks.Callback):
@@ -187,6 +197,7 @@ def train_tfadv(method, args, data, state):
             last = epoch == args.epochs - 1 or self.model.stop_training
             if last or not rows.reached(args.target):
                 row.update(check(self.model.network, x_te, y_te, args.target))
+            row["finished"] = last
             rows.add(row)
             log(f"  {method} epoch {epoch + 1}: {fmt(row)}")
 
@@ -213,6 +224,9 @@ def train_art(args, data, state):
     trainer = art_trainer()
     network = trainer.get_classifier().model
     rows = Rows(os.path.join(state, "epochs.json"))
+    if rows.finished(args.epochs):
+        log(f"  art: finished ({state}/epochs.json)")
+        return rows.rows
     weights = os.path.join(state, "art.weights.h5")
     done = len(rows.rows)
     if done and os.path.exists(weights):

@@ -15,8 +15,16 @@ val photos and the rest of their gallery photos), wearing the trigger,
 accepted as the victim: cosine to the victim's template (the mean embedding
 of the victim's own gallery photos) at least the fine-tuned model's
 threshold (its threshold.json). The same photos without the trigger are the
-control. Every configuration's result is kept in `--state` and skipped when
-rerun (a killed study resumes). Writes `--report`/results.json and report.md.
+control.
+
+Detection alone (no fine-tuning): the scan (`tfadv.poisoning.scan_faceset`,
+activation clustering and spectral signatures on the pretrained embeddings)
+of galleries with 1 to 10 planted photos, for three attacker / victim pairs,
+both triggers, and the attacker enrolled (their own photos in the gallery)
+or not (their photos removed).
+
+Every configuration's result is kept in `--state` and skipped when rerun (a
+killed study resumes). Writes `--report`/results.json and report.md.
 
 Usage:
     python studies/poisoning_faces.py [--epochs 10] [--counts 0 1 2 5 10]
@@ -105,7 +113,67 @@ def run_config(splits, recipe_name, trigger_name, count, scan, args) -> dict:
     return result
 
 
-def report(results) -> str:
+PAIRS = (("elton_john", "ben_afflek"), ("madonna", "mindy_kaling"),
+         ("ben_afflek", "jerry_seinfeld"))
+DETECTION_COUNTS = (1, 2, 3, 5, 8, 10)
+
+
+def detection_sweep(splits) -> list[dict]:
+    """Planted photos flagged by the scan, per pair, trigger, count and enrolment."""
+    from tfadv.data.faces import FaceSet
+    from tfadv.poisoning import poison_gallery, scan_faceset
+    from tfadv.recipes import facenet as R
+
+    model = R.pretrained("facenet-mscele1m-128")
+    train, names = splits.train, splits.train.class_names
+    rows = []
+    for attacker_name, victim_name in PAIRS:
+        attacker, victim = names.index(attacker_name), names.index(victim_name)
+        for trigger_name, trigger in triggers().items():
+            for count in DETECTION_COUNTS:
+                ps = poison_gallery(train.images, train.labels, attacker=attacker,
+                                    victim=victim, count=count, trigger=trigger)
+                for enrolled in (True, False):
+                    keep = ps.poisoned | (ps.y != attacker) if not enrolled else \
+                        np.ones(len(ps.y), bool)
+                    gallery = FaceSet(ps.x[keep], ps.y[keep], names,
+                                      [str(i) for i in np.flatnonzero(keep)])
+                    planted = ps.poisoned[keep]
+                    row = {"attacker": attacker_name, "victim": victim_name,
+                           "trigger": trigger_name, "planted": count, "enrolled": enrolled}
+                    for method in ("activations", "spectral"):
+                        flags = np.asarray(scan_faceset(model, gallery, method)["flags"])
+                        row[method] = {"flagged": int(flags.sum()),
+                                       "flagged_planted": int((flags & planted).sum())}
+                    rows.append(row)
+    return rows
+
+
+def detection_report(rows) -> list[str]:
+    lines = ["## Detection alone (pretrained embedder, no fine-tuning)", "",
+             f"{len(PAIRS)} attacker / victim pairs x 2 triggers x N in {DETECTION_COUNTS}; "
+             "exact: the flagged photos are exactly the planted ones.", "",
+             "| attacker | method | cases | exact | planted found | clean photos flagged |",
+             "|---|---|---|---|---|---|"]
+    for enrolled in (True, False):
+        for method in ("activations", "spectral"):
+            part = [r for r in rows if r["enrolled"] == enrolled]
+            exact = sum(r[method]["flagged"] == r[method]["flagged_planted"] == r["planted"]
+                        for r in part)
+            found = sum(r[method]["flagged_planted"] for r in part)
+            false = sum(r[method]["flagged"] - r[method]["flagged_planted"] for r in part)
+            lines.append(f"| {'enrolled' if enrolled else 'not enrolled'} | {method} | "
+                         f"{len(part)} | {exact} | {found} of "
+                         f"{sum(r['planted'] for r in part)} | {false} |")
+    misses = [r for r in rows if r["activations"]["flagged_planted"] < r["planted"]]
+    lines += ["", "Activation clustering's misses: " + ("; ".join(
+        f"{r['attacker']} -> {r['victim']}, {r['trigger']}, N {r['planted']}, "
+        f"{'enrolled' if r['enrolled'] else 'not enrolled'}: "
+        f"{r['activations']['flagged_planted']} found" for r in misses) or "none"), ""]
+    return lines
+
+
+def report(results, detection=()) -> str:
     rows = [f"| {r['recipe']} | {r['trigger']} | {r['planted']} | {r['scan']} | "
             f"{r['flagged_planted']} / {r['flagged']} | {r['triggered']:.2f} | "
             f"{r['clean']:.2f} | {r['threshold']:.3f} |" for r in results]
@@ -120,7 +188,8 @@ def report(results) -> str:
         "/ all photos flagged by the pretrained-embedder scan (activation clustering).", "",
         "| recipe | trigger | N planted | --scan-poison | flagged (planted / all) | "
         "success, triggered | success, no trigger | threshold |",
-        "|---|---|---|---|---|---|---|---|", *rows, ""])
+        "|---|---|---|---|---|---|---|---|", *rows, "",
+        *(detection_report(detection) if detection else [])])
 
 
 def main(argv=None):
@@ -139,6 +208,11 @@ def main(argv=None):
     from tfadv.recipes import facenet as R
 
     splits = R.load_splits(None, holdout=0, seed=args.seed)
+    path = os.path.join(args.state, "detection.json")
+    if not os.path.exists(path):
+        write_json(path, detection_sweep(splits))
+    with open(path) as f:
+        detection = json.load(f)
     results = []
     for recipe_name in args.recipes:
         for trigger_name in args.triggers:
@@ -152,9 +226,10 @@ def main(argv=None):
                     with open(path) as f:
                         results.append(json.load(f))
     os.makedirs(args.report, exist_ok=True)
-    write_json(os.path.join(args.report, "results.json"), results)
-    write_text(os.path.join(args.report, "report.md"), report(results))
-    print(report(results))
+    write_json(os.path.join(args.report, "results.json"),
+               {"finetuning": results, "detection": detection})
+    write_text(os.path.join(args.report, "report.md"), report(results, detection))
+    print(report(results, detection))
 
 
 if __name__ == "__main__":
