@@ -33,6 +33,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -213,7 +214,7 @@ def main(argv=None):
         write_json(path, detection_sweep(splits))
     with open(path) as f:
         detection = json.load(f)
-    results = []
+    results, done = [], []
     for recipe_name in args.recipes:
         for trigger_name in args.triggers:
             for count in args.counts:
@@ -223,8 +224,16 @@ def main(argv=None):
                     if not os.path.exists(path):
                         write_json(path, run_config(splits, recipe_name, trigger_name, count,
                                                     scan, args))
-                    with open(path) as f:
-                        results.append(json.load(f))
+                    done.append(path)
+    # The report holds every finished configuration of these epochs, asked for now or before.
+    for path in sorted(glob.glob(os.path.join(args.state, f"*-e{args.epochs}.json"))):
+        if path not in done:
+            done.append(path)
+    for path in done:
+        with open(path) as f:
+            results.append(json.load(f))
+    results.sort(key=lambda r: (list(RECIPES).index(r["recipe"]), r["trigger"] != "patch",
+                                r["planted"], r["scan"] != "report"))
     os.makedirs(args.report, exist_ok=True)
     write_json(os.path.join(args.report, "results.json"),
                {"finetuning": results, "detection": detection})
