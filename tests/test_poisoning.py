@@ -261,3 +261,36 @@ def test_a_clean_example_grouped_with_the_poison_is_not_flagged():
     whole = np.zeros(len(labels), bool)
     _judge(idx, member, 1, False, _claims(features, labels), 0.5, whole, refine=False)
     np.testing.assert_array_equal(whole, flags | (np.arange(len(labels)) == 0))
+
+
+def test_defence_inputs_are_checked_and_any_int_labels_work():
+    features, labels, truth = planted(source=1)
+    for shifted in (labels - 5, labels.astype(float)):
+        result = activation_clustering(features, shifted)
+        assert (result.flags == truth).mean() >= 0.95
+    assert activation_clustering(features, labels - 5).per_class[-5]["reason"] == \
+        "claimed by class -4"
+    with pytest.raises(ValueError, match="min_claimed"):
+        spectral_signature(features, labels, min_claimed=-1)
+    with pytest.raises(ValueError, match="one-hot"):
+        class_claims(features, np.eye(2)[labels])
+    with pytest.raises(ValueError, match="labels"):
+        class_claims(features, labels[:10])
+    with pytest.raises(ValueError, match="int labels"):
+        activation_clustering(features, labels + 0.5)
+    with pytest.raises(ValueError, match="none"):
+        activation_clustering(np.zeros((0, 3)), np.zeros(0, int))
+
+
+def test_trigger_and_gallery_inputs_are_checked():
+    from tfadv.poisoning import poison_gallery
+
+    x = np.full((6, 8, 8, 1), 0.5, np.float32)
+    np.testing.assert_array_equal(PatchTrigger(size=3.0)(x), PatchTrigger(size=3)(x))
+    with pytest.raises(ValueError, match="NaN"):
+        BlendTrigger()(np.full((1, 8, 8, 1), np.nan))
+    y = np.repeat([0, 1], 3)
+    with pytest.raises(ValueError, match="labels"):
+        poison_gallery(x, np.eye(2)[y], attacker=1, victim=0, count=1, trigger=PatchTrigger())
+    with pytest.raises(ValueError, match="whole number"):
+        poison_gallery(x, y, attacker=1, victim=0, count=1.5, trigger=PatchTrigger())

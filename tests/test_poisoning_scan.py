@@ -96,3 +96,30 @@ def test_finetune_scan_excludes_suspects_from_training_only(planted_folder, tmp_
         assert scan["flagged"] == 4 and scan["excluded"] == (mode == "exclude")
         assert metrics["poison_scan"]["suspect_identities"] == ["person0"]
     assert _digest(planted_folder) == before
+
+
+def test_scan_names_unchecked_identities_and_warns_about_a_model_that_separates_nothing(
+        planted_folder, tmp_path, capsys):
+    from tfadv.cli import main
+
+    tiny = planted_folder / "person9"
+    tiny.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tiny / f"{i}.png")
+    inputs = keras.Input((SIZE, SIZE, 3))
+    h = keras.layers.Dense(3, kernel_initializer="zeros", bias_initializer="ones")(
+        keras.layers.GlobalAveragePooling2D()(inputs))
+    blind = tmp_path / "blind.keras"
+    keras.Model(inputs, h).save(blind)
+    good = tmp_path / "embedder.keras"
+    colour_embedder().save(good)
+    main(["poison", "scan", str(planted_folder), "--model", str(good), "--no-crop", "--json"])
+    assert json.loads(capsys.readouterr().out)["unchecked"] == ["person9"]
+    main(["poison", "scan", str(planted_folder), "--model", str(blind), "--no-crop"])
+    out = capsys.readouterr().out
+    assert "does not separate these identities" in out and "not checked" in out
+    inputs = keras.Input((None, None, 3))
+    free = tmp_path / "free.keras"
+    keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs)).save(free)
+    assert main(["poison", "scan", str(planted_folder), "--model", str(free), "--no-crop"]) == 2
+    assert "Expected a face embedder" in capsys.readouterr().err

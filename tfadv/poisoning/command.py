@@ -24,9 +24,13 @@ def markdown(result) -> str:
     lines = [f"{result['folder']}: {result['images']} photos, {result['flagged']} suspect "
              f"({result['method']}); suspect identities: "
              f"{', '.join(result['suspect_identities']) or 'none'}"]
+    lines += [f"warning: {w}" for w in result["warnings"]]
+    if result["unchecked"]:
+        lines.append(f"not checked (fewer than 4 photos): {', '.join(result['unchecked'])}")
     lines += [f"  {name}: {why}" for name, why in result["reasons"].items()]
     lines += [f"  {s['score']:8.2f}  {s['identity']}  {s['path']}"
-              + (f"  (looks like {s['looks_like']})" if s["looks_like"] else "")
+              + (f"  (looks like {s['looks_like']}: cosine {s['looks_like_cosine']:.2f})"
+                 if s["looks_like"] else "")
               for s in result["suspects"]]
     if result["skipped"]:
         lines.append(f"not scanned ({len(result['skipped'])}):")
@@ -39,8 +43,13 @@ def run(args, load_model_or_preset):
 
     cfg = build(PoisonScanConfig, args)
     model = load_model_or_preset(None if cfg.model else cfg.preset, cfg.model)
+    shape, out = tuple(model.input_shape), tuple(model.output_shape)
+    if (len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] != 3
+            or len(out) != 2):
+        raise ValueError(f"Expected a face embedder: square RGB crops [N, S, S, 3] in, "
+                         f"embeddings [N, D] out. The model takes {shape} and gives {out}.")
     result = scan_folder(args.data_dir, model=model, method=cfg.method,
                          detector=None if cfg.crop else "none",
-                         size=int(model.input_shape[1]), progress=not args.json)
+                         size=int(shape[1]), progress=not args.json)
     result.pop("flags")
     print(json.dumps(result) if args.json else markdown(result))

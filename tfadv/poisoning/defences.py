@@ -31,7 +31,9 @@ of the projections; clustering: k-means) and a group is flagged when:
   real: spectral: two Gaussian components fit better than one by
   `min_bic_gain` per example; clustering: k-means' silhouette is at least
   `min_silhouette`): poison whose content no class claims (an attacker who is
-  not enrolled).
+  not enrolled). In few dimensions (D <= 16) two clean Gaussian classes are
+  "split" this way often enough to flag clean examples; a network's
+  features have hundreds.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class DetectionResult:
             class K" or "separated minority"; groups: the class's two groups,
             [{"size", "claimed" (share nearer another class's centre),
             "flagged" (how many)}]).
-        centre_accuracy: the share of examples nearest their own class's
+        centre_accuracy: the share of examples strictly nearer their own class's
             centre (`class_claims`); below `min_centre_accuracy` the features
             do not separate the classes and no group is flagged as claimed.
     """
@@ -75,14 +77,22 @@ class DetectionResult:
                 "centre_accuracy": self.centre_accuracy, "per_class": self.per_class}
 
 
-def _check(features, labels):
+def _check(features, labels, min_claimed=0.5):
     features = np.asarray(features, np.float64)
     labels = np.asarray(labels)
     if features.ndim != 2 or labels.shape != (len(features),):
-        raise ValueError(f"Expected features [N, D] and labels [N]. Received {features.shape} "
-                         f"and {labels.shape}.")
+        raise ValueError(f"Expected features [N, D] and int labels [N] (one-hot: take the "
+                         f"argmax). Received {features.shape} and {labels.shape}.")
+    if not len(features):
+        raise ValueError("Expected examples to judge. Received none.")
     if not np.isfinite(features).all():
         raise ValueError("The features hold NaN or inf (check the inputs and the model).")
+    if labels.dtype.kind not in "iub":
+        if labels.dtype.kind != "f" or not np.all(labels == np.round(labels)):
+            raise ValueError(f"Expected int labels. Received dtype {labels.dtype}.")
+        labels = labels.astype(np.int64)
+    if not 0.0 <= float(min_claimed) < 1.0:
+        raise ValueError(f"Expected 0 <= min_claimed < 1. Received: {min_claimed}")
     return features, labels
 
 
@@ -102,7 +112,7 @@ def _finish(scores, flags, method, labels, judged, margin):
         per_class[int(c)] = {"size": int(np.sum(labels == c)),
                              "flagged": int(np.sum(flags[labels == c])),
                              "suspect": reason is not None, "reason": reason, "groups": groups}
-    return DetectionResult(scores, flags, method, per_class, float(np.mean(margin <= 0)))
+    return DetectionResult(scores, flags, method, per_class, float(np.mean(margin < 0)))
 
 
 MIN_CLASS_SIZE = 20
@@ -143,10 +153,16 @@ def class_claims(features, labels):
     """Which class each example's features are nearest to, among the class centres.
 
     A class's centre is the coordinate-wise median of its examples' unit
-    features (robust to a minority of foreign examples), normalised.
+    features (robust to a minority of foreign examples), normalised. Cosine
+    needs classes that have a direction: ReLU activations, embeddings. A
+    class of features centred on zero has none (its centre is noise), and
+    its examples may be "claimed" by another class.
 
     Args:
         features: float [N, D]; labels: int [N].
+
+    Raises:
+        ValueError: features not [N, D], labels not int [N], NaN or inf.
 
     Returns:
         (nearest, margin): nearest int [N], the label of the nearest other
@@ -154,8 +170,7 @@ def class_claims(features, labels):
         cosine to the example's own class's centre (> 0: another class is
         nearer).
     """
-    _, nearest, other_cosine, own_cosine = _claims(np.asarray(features, np.float64),
-                                                   np.asarray(labels))
+    _, nearest, other_cosine, own_cosine = _claims(*_check(features, labels))
     return nearest, other_cosine - own_cosine
 
 
@@ -176,7 +191,8 @@ def _judge(idx, member, small, separated, claims, min_claimed, flags, refine=Tru
         if min_claimed is not None and share > min_claimed:
             hit = (other_cosine[rows] > unit[rows] @ _centre(unit[rest])
                    if refine and len(rest) else np.ones(len(rows), bool))
-            reason = f"claimed by class {int(np.argmax(np.bincount(nearest[rows][claimed])))}"
+            votes, counts = np.unique(nearest[rows][claimed], return_counts=True)
+            reason = f"claimed by class {int(votes[np.argmax(counts)])}"
         elif k == small and separated and len(rows):
             hit[:] = True
             reason = reason or "separated minority"
@@ -218,14 +234,15 @@ def spectral_signature(features, labels, *, min_claimed: float = MIN_CLAIMED,
         top singular vector over their class median.
 
     Raises:
-        ValueError: features not [N, D] or labels not [N].
+        ValueError: features not [N, D] or empty, labels not int [N], NaN or inf,
+            min_claimed outside [0, 1).
     """
     from sklearn.mixture import GaussianMixture
 
-    features, labels = _check(features, labels)
+    features, labels = _check(features, labels, min_claimed)
     claims = _claims(features, labels)
     margin = claims[2] - claims[3]
-    if np.mean(margin <= 0) < _accuracy_needed(min_centre_accuracy, labels):
+    if np.mean(margin < 0) < _accuracy_needed(min_centre_accuracy, labels):
         min_claimed = None
     scores, flags, judged = np.zeros(len(labels)), np.zeros(len(labels), bool), {}
     for c, idx in _classes(labels):
@@ -270,16 +287,17 @@ def activation_clustering(features, labels, *, dims: int = 10,
         split's silhouette.
 
     Raises:
-        ValueError: features not [N, D] or labels not [N].
+        ValueError: features not [N, D] or empty, labels not int [N], NaN or inf,
+            min_claimed outside [0, 1).
     """
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
     from sklearn.metrics import silhouette_score
 
-    features, labels = _check(features, labels)
+    features, labels = _check(features, labels, min_claimed)
     claims = _claims(features, labels)
     margin = claims[2] - claims[3]
-    if np.mean(margin <= 0) < _accuracy_needed(min_centre_accuracy, labels):
+    if np.mean(margin < 0) < _accuracy_needed(min_centre_accuracy, labels):
         min_claimed = None
     scores, flags, judged = margin.copy(), np.zeros(len(labels), bool), {}
     for c, idx in _classes(labels):

@@ -52,16 +52,17 @@ def feature_model(model, layer=None) -> keras.Model:
     return keras.Model(model.inputs[0], out)
 
 
-def detect(model, x, y, method: str = "spectral", layer=None, *, batch_size: int = 256,
-           **settings):
+def detect(model, x, y, method: str = "activation_clustering", layer=None, *,
+           batch_size: int = 256, **settings):
     """Per-example suspicion of the training examples (x, y) of a classifier.
 
     Args:
         model: Keras classifier mapping x to logits.
         x: training inputs [N, ...]; y: their labels, int [N] (or one-hot).
-        method: "spectral" (Tran et al. 2018) or "activation_clustering"
-            (Chen et al. 2018; "activations" as on the command line).
-        layer: the feature layer's name; None: the penultimate activations.
+        method: "activation_clustering" (Chen et al. 2018; "activations" as
+            on the command line) or "spectral" (Tran et al. 2018).
+        layer: the feature layer's name; None: `feature_model`'s choice (the
+            last feature map with spatial axes).
         batch_size: examples per forward pass.
         **settings: the method's own (`spectral_signature`,
             `activation_clustering`).

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from tfadv.evaluation import faces as face_eval
-from tfadv.poisoning.defences import class_claims
+from tfadv.poisoning.defences import _accuracy_needed, _check, _claims
 from tfadv.poisoning.detect import METHODS
 
 __all__ = ["scan_faceset", "scan_folder"]
@@ -33,8 +33,10 @@ def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> d
         {"method", "images", "flagged", "suspect_identities", "reasons": {identity:
         why}, "suspects": [{"path", "identity", "looks_like", "score"}] most suspect
         first ("looks_like": the enrolled identity whose centre is nearer than the
-        photo's own, or None), "centre_accuracy" (`DetectionResult`), "flags": bool
-        list [N]}.
+        photo's own, or None; "looks_like_cosine" the photo's cosine to its
+        centre), "centre_accuracy" (`DetectionResult`), "unchecked": identities
+        with fewer than 4 photos (too few to split), "warnings": list of str,
+        "flags": bool list [N]}.
 
     Raises:
         ValueError: an unknown method.
@@ -44,18 +46,20 @@ def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> d
                          f"Received: {method!r}")
     rows = np.arange(len(faceset.labels)) if keep is None else np.flatnonzero(keep)
     flags = np.zeros(len(faceset.labels), bool)
-    suspects, reasons, accuracy = [], {}, None
+    suspects, reasons, accuracy, unchecked, warnings = [], {}, None, [], []
     names = faceset.class_names
     if len(rows):
         emb = face_eval.embed(model, faceset.images[rows])
         labels = faceset.labels[rows]
         result = METHODS[method](emb, labels)
-        nearest, margin = class_claims(emb, labels)
+        _, nearest, other, own = _claims(*_check(emb, labels))
         flags[rows[result.flags]] = True
         picked = np.flatnonzero(result.flags)
         for j in picked[np.argsort(-result.scores[picked], kind="stable")]:
+            claimed = other[j] > own[j]
             suspects.append({"path": faceset.paths[rows[j]], "identity": names[int(labels[j])],
-                             "looks_like": names[int(nearest[j])] if margin[j] > 0 else None,
+                             "looks_like": names[int(nearest[j])] if claimed else None,
+                             "looks_like_cosine": float(other[j]) if claimed else None,
                              "score": float(result.scores[j])})
         for c, v in result.per_class.items():
             if v["suspect"]:
@@ -63,9 +67,19 @@ def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> d
                 reasons[names[c]] = (f"photos that look like {names[int(v['reason'].split()[-1])]}"
                                      if claimed else v["reason"])
         accuracy = result.centre_accuracy
+        needed = _accuracy_needed(None, labels)
+        if accuracy < needed:
+            warnings.append(
+                f"the embedder does not separate these identities (only {accuracy:.2f} of the "
+                f"photos are nearest their own identity's centre; {needed:.2f} needed): no "
+                "group was judged by which identity it looks like. Is the model a face "
+                "embedder for these photos?")
+        counts = np.bincount(labels, minlength=len(names))
+        unchecked = [names[c] for c in np.unique(labels) if counts[c] < 4]
     return {"method": method, "images": int(len(rows)), "flagged": int(flags.sum()),
             "suspect_identities": list(reasons), "reasons": reasons, "suspects": suspects,
-            "centre_accuracy": accuracy, "flags": flags.tolist()}
+            "centre_accuracy": accuracy, "unchecked": unchecked, "warnings": warnings,
+            "flags": flags.tolist()}
 
 
 def scan_folder(root, *, model, method: str = "activations", detector=None, size: int = 160,
@@ -90,4 +104,5 @@ def scan_folder(root, *, model, method: str = "activations", detector=None, size
         faceset = faces_lib.load_face_folder(root, detector=detector, size=size,
                                              progress=progress)
     return {"folder": str(root), **scan_faceset(model, faceset, method),
-            "skipped": [{"path": p, "reason": r} for p, r in faceset.skipped]}
+            "skipped": [{"path": p, "reason": r} for p, r in
+                        [*faceset.skipped, *faceset.skipped_identities]]}

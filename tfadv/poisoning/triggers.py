@@ -31,6 +31,8 @@ CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
 def _images(x, high):
     """x as images [N, H, W, C] in [0, high], or a ValueError saying what is wrong."""
     x = np.asarray(x)
+    if x.size and not np.isfinite(x).all():
+        raise ValueError("The images hold NaN or inf.")
     if x.ndim != 4:
         raise ValueError(f"Expected images [N, H, W, C]. Received shape {x.shape} (one image: "
                          "pass x[None]; grey images: add a channel axis).")
@@ -63,6 +65,8 @@ class PatchTrigger:
         if int(self.size) != self.size or int(self.margin) != self.margin:
             raise ValueError(f"Expected whole pixels. Received: size={self.size}, "
                              f"margin={self.margin}")
+        object.__setattr__(self, "size", int(self.size))  # 3.0 -> 3: used as an index
+        object.__setattr__(self, "margin", int(self.margin))
         if int(self.size) < 1 or int(self.margin) < 0:
             raise ValueError(f"Expected size >= 1 and margin >= 0. Received: size={self.size}, "
                              f"margin={self.margin}")
@@ -206,10 +210,16 @@ def poison_gallery(x, y, *, attacker: int, victim: int, count: int, trigger,
         `sources` the attacker photos they were made from, `target` the victim).
 
     Raises:
-        ValueError: an unknown or identical attacker and victim, or count
-            outside [0, the attacker's photos].
+        ValueError: labels not [N], an unknown or identical attacker and
+            victim, or count not a whole number in [0, the attacker's photos].
     """
     x, y = np.asarray(x), np.asarray(y)
+    if y.ndim != 1 or len(y) != len(x):
+        raise ValueError(f"Expected int labels [N] for images [N, ...]. Received labels "
+                         f"{y.shape} for images {x.shape}.")
+    if int(count) != count:
+        raise ValueError(f"Expected a whole number of photos. Received: count={count}")
+    count = int(count)
     known = set(np.unique(y).tolist())
     if attacker not in known or victim not in known or attacker == victim:
         raise ValueError(f"Expected two different identities of {sorted(known)}. Received "
