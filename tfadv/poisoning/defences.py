@@ -201,6 +201,17 @@ def _judge(idx, member, small, separated, claims, min_claimed, flags, refine=Tru
     return reason, groups
 
 
+def _prepare(features, labels, min_claimed, min_centre_accuracy):
+    """Checked features and labels, `_claims`, the claim margins, and min_claimed (None
+    when the centres do not separate the classes)."""
+    features, labels = _check(features, labels, min_claimed)
+    claims = _claims(features, labels)
+    margin = claims[2] - claims[3]
+    if np.mean(margin < 0) < _accuracy_needed(min_centre_accuracy, labels):
+        min_claimed = None
+    return features, labels, claims, margin, min_claimed
+
+
 def spectral_signature(features, labels, *, min_claimed: float = MIN_CLAIMED,
                        min_centre_accuracy: float | None = None,
                        max_fraction: float = 0.35, min_bic_gain: float = 0.05,
@@ -239,11 +250,8 @@ def spectral_signature(features, labels, *, min_claimed: float = MIN_CLAIMED,
     """
     from sklearn.mixture import GaussianMixture
 
-    features, labels = _check(features, labels, min_claimed)
-    claims = _claims(features, labels)
-    margin = claims[2] - claims[3]
-    if np.mean(margin < 0) < _accuracy_needed(min_centre_accuracy, labels):
-        min_claimed = None
+    features, labels, claims, margin, min_claimed = _prepare(features, labels, min_claimed,
+                                                             min_centre_accuracy)
     scores, flags, judged = np.zeros(len(labels)), np.zeros(len(labels), bool), {}
     for c, idx in _classes(labels):
         centred = features[idx] - features[idx].mean(0)
@@ -294,11 +302,8 @@ def activation_clustering(features, labels, *, dims: int = 10,
     from sklearn.decomposition import PCA
     from sklearn.metrics import silhouette_score
 
-    features, labels = _check(features, labels, min_claimed)
-    claims = _claims(features, labels)
-    margin = claims[2] - claims[3]
-    if np.mean(margin < 0) < _accuracy_needed(min_centre_accuracy, labels):
-        min_claimed = None
+    features, labels, claims, margin, min_claimed = _prepare(features, labels, min_claimed,
+                                                             min_centre_accuracy)
     scores, flags, judged = margin.copy(), np.zeros(len(labels), bool), {}
     for c, idx in _classes(labels):
         reduced = PCA(min(dims, len(idx) - 1, features.shape[1]),
