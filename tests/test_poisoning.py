@@ -253,8 +253,9 @@ def test_a_clean_example_grouped_with_the_poison_is_not_flagged():
     member = np.r_[np.zeros(20, int), np.ones(8, int)]
     member[0] = 1  # a clean 0 in the poison's group
     flags = np.zeros(len(labels), bool)
-    reason, groups = _judge(idx, member, 1, False, _claims(features, labels), 0.5, flags)
-    assert reason == "claimed by class 1"
+    reason, groups, claimed_by = _judge(idx, member, 1, False, _claims(features, labels), 0.5,
+                                        flags)
+    assert reason == "claimed by class 1" and claimed_by == 1
     np.testing.assert_array_equal(flags, np.r_[np.zeros(40, bool), np.ones(8, bool)])
     assert groups == [{"size": 19, "claimed": 0.0, "flagged": 0},
                       {"size": 9, "claimed": 8 / 9, "flagged": 8}]

@@ -53,9 +53,10 @@ class DetectionResult:
         scores: float [N], higher = more suspect (comparable across classes).
         flags: bool [N], the examples judged poisoned.
         method: the defence's name.
-        per_class: {label: {"size", "flagged", "suspect", "reason", "groups"}}
-            (suspect: a group of the class was flagged; reason: "claimed by
-            class K" or "separated minority"; groups: the class's two groups,
+        per_class: {label: {"size", "flagged", "suspect", "reason",
+            "claimed_by", "groups"}} (suspect: a group of the class was flagged;
+            reason: "claimed by class K" or "separated minority"; claimed_by:
+            K or None; groups: the class's two groups,
             [{"size", "claimed" (share nearer another class's centre),
             "flagged" (how many)}]).
         centre_accuracy: the share of examples strictly nearer their own class's
@@ -108,10 +109,11 @@ def _classes(labels):
 def _finish(scores, flags, method, labels, judged, margin):
     per_class = {}
     for c in np.unique(labels):
-        reason, groups = judged.get(int(c), (None, []))
+        reason, groups, claimed_by = judged.get(int(c), (None, [], None))
         per_class[int(c)] = {"size": int(np.sum(labels == c)),
                              "flagged": int(np.sum(flags[labels == c])),
-                             "suspect": reason is not None, "reason": reason, "groups": groups}
+                             "suspect": reason is not None, "reason": reason,
+                             "claimed_by": claimed_by, "groups": groups}
     return DetectionResult(scores, flags, method, per_class, float(np.mean(margin < 0)))
 
 
@@ -180,9 +182,10 @@ def _judge(idx, member, small, separated, claims, min_claimed, flags, refine=Tru
     another class's centre than to the centre of the rest of their class (the class
     without the claimed group; `refine` False: all of them); the smaller group `small`
     whole when `separated`.
-    Returns (reason or None, [{"size", "claimed", "flagged"}] per group)."""
+    Returns (reason or None, [{"size", "claimed", "flagged"}] per group, the claiming
+    class or None)."""
     unit, nearest, other_cosine, own_cosine = claims
-    reason, groups = None, []
+    reason, groups, claimed_by = None, [], None
     for k in (0, 1):
         rows, rest = idx[member == k], idx[member != k]
         claimed = other_cosine[rows] > own_cosine[rows]
@@ -192,13 +195,14 @@ def _judge(idx, member, small, separated, claims, min_claimed, flags, refine=Tru
             hit = (other_cosine[rows] > unit[rows] @ _centre(unit[rest])
                    if refine and len(rest) else np.ones(len(rows), bool))
             votes, counts = np.unique(nearest[rows][claimed], return_counts=True)
-            reason = f"claimed by class {int(votes[np.argmax(counts)])}"
+            claimed_by = int(votes[np.argmax(counts)])
+            reason = f"claimed by class {claimed_by}"
         elif k == small and separated and len(rows):
             hit[:] = True
             reason = reason or "separated minority"
         flags[rows[hit]] = True
         groups.append({"size": int(len(rows)), "claimed": share, "flagged": int(hit.sum())})
-    return reason, groups
+    return reason, groups, claimed_by
 
 
 def _prepare(features, labels, min_claimed, min_centre_accuracy):

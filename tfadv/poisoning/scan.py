@@ -31,12 +31,12 @@ def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> d
 
     Returns:
         {"method", "images", "flagged", "suspect_identities", "reasons": {identity:
-        why}, "suspects": [{"path", "identity", "looks_like", "score"}] most suspect
-        first ("looks_like": the enrolled identity whose centre is nearer than the
-        photo's own, or None; "looks_like_cosine" the photo's cosine to its
-        centre), "centre_accuracy" (`DetectionResult`), "unchecked": identities
-        with fewer than 4 photos (too few to split), "warnings": list of str,
-        "flags": bool list [N]}.
+        why}, "suspects": [{"path", "identity", "looks_like", "looks_like_cosine",
+        "score"}] most suspect first ("looks_like": the enrolled identity whose
+        centre is nearer than the photo's own, or None; "looks_like_cosine": the
+        photo's cosine to that centre), "centre_accuracy" (`DetectionResult`),
+        "unchecked": identities with fewer than 4 photos (too few to split),
+        "warnings": list of str, "flags": bool list [N]}.
 
     Raises:
         ValueError: an unknown method.
@@ -63,9 +63,8 @@ def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> d
                              "score": float(result.scores[j])})
         for c, v in result.per_class.items():
             if v["suspect"]:
-                claimed = v["reason"].startswith("claimed by class ")
-                reasons[names[c]] = (f"photos that look like {names[int(v['reason'].split()[-1])]}"
-                                     if claimed else v["reason"])
+                reasons[names[c]] = (v["reason"] if v["claimed_by"] is None else
+                                     f"photos that look like {names[v['claimed_by']]}")
         accuracy = result.centre_accuracy
         needed = _accuracy_needed(None, labels)
         if accuracy < needed:
