@@ -24,9 +24,9 @@ tfadv PGD-10's time (and so at least 10x faster than ART), at clean accuracy
 
 Every finished epoch is kept in `--state DIR/METHOD/` (the training backup and
 `epochs.json`); a killed run resumes at the epoch it was in, and a method
-whose epochs are all done is not trained again. The finished methods'
-`epochs.json` and `run.json` are committed in bench/results/ttr/METHOD/
-(`cp -r bench/results/ttr/. runs/bench-ttr/` before a run skips them).
+whose epochs are all done is not trained again: a finished method's
+`epochs.json` and `run.json` alone (without the backup) carry it to another
+machine (copy them into `--state DIR/METHOD/`).
 
     python bench/time_to_robustness.py --state runs/bench-ttr --json runs/bench-ttr/summary.json
 """
