@@ -62,6 +62,12 @@ class DetectionResult:
         centre_accuracy: the share of examples strictly nearer their own class's
             centre (`class_claims`); below `min_centre_accuracy` the features
             do not separate the classes and no group is flagged as claimed.
+        centre_accuracy_needed: the centre accuracy claims need
+            (`min_centre_accuracy`); `claims_used` says whether it was met.
+        nearest_class: int [N], each example's nearest other class
+            (`class_claims`); nearest_cosine: float [N], its cosine to that
+            class's centre; claim_margin: float [N], that cosine minus the
+            cosine to the example's own class's centre (> 0: claimed).
     """
 
     scores: np.ndarray
@@ -69,6 +75,16 @@ class DetectionResult:
     method: str
     per_class: dict = field(default_factory=dict)
     centre_accuracy: float | None = None
+    centre_accuracy_needed: float | None = None
+    nearest_class: np.ndarray | None = None
+    nearest_cosine: np.ndarray | None = None
+    claim_margin: np.ndarray | None = None
+
+    @property
+    def claims_used(self) -> bool:
+        """Whether groups were judged by which class claims them."""
+        return (self.centre_accuracy is not None
+                and self.centre_accuracy >= self.centre_accuracy_needed)
 
     def summary(self) -> dict:
         """JSON-ready counts: examples, flagged, and the classes with a suspect group."""
@@ -97,16 +113,19 @@ def _check(features, labels, min_claimed=0.5):
     return features, labels
 
 
+# Classes with fewer examples are not split (a split of fewer says nothing).
+MIN_SPLIT = 4
+
+
 def _classes(labels):
-    """(class, its row indices) for every class with at least 4 examples (a split of
-    fewer says nothing)."""
+    """(class, its row indices) for every class with at least MIN_SPLIT examples."""
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        if len(idx) >= 4:
+        if len(idx) >= MIN_SPLIT:
             yield int(c), idx
 
 
-def _finish(scores, flags, method, labels, judged, margin):
+def _finish(scores, flags, method, labels, judged, prepared):
     per_class = {}
     for c in np.unique(labels):
         reason, groups, claimed_by = judged.get(int(c), (None, [], None))
@@ -114,7 +133,9 @@ def _finish(scores, flags, method, labels, judged, margin):
                              "flagged": int(np.sum(flags[labels == c])),
                              "suspect": reason is not None, "reason": reason,
                              "claimed_by": claimed_by, "groups": groups}
-    return DetectionResult(scores, flags, method, per_class, float(np.mean(margin < 0)))
+    _, nearest, other_cosine, _ = prepared.claims
+    return DetectionResult(scores, flags, method, per_class, prepared.accuracy,
+                           prepared.needed, nearest, other_cosine, prepared.margin)
 
 
 MIN_CLASS_SIZE = 20
@@ -205,15 +226,27 @@ def _judge(idx, member, small, separated, claims, min_claimed, flags, refine=Tru
     return reason, groups, claimed_by
 
 
-def _prepare(features, labels, min_claimed, min_centre_accuracy):
-    """Checked features and labels, `_claims`, the claim margins, and min_claimed (None
-    when the centres do not separate the classes)."""
+@dataclass
+class _Prepared:
+    """What both defences start from: checked inputs and the class claims."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    claims: tuple  # `_claims`
+    margin: np.ndarray  # nearest other cosine - own cosine
+    accuracy: float  # centre accuracy
+    needed: float  # the centre accuracy claims need
+    min_claimed: float | None  # None: the centres do not separate the classes
+
+
+def _prepare(features, labels, min_claimed, min_centre_accuracy) -> _Prepared:
     features, labels = _check(features, labels, min_claimed)
     claims = _claims(features, labels)
     margin = claims[2] - claims[3]
-    if np.mean(margin < 0) < _accuracy_needed(min_centre_accuracy, labels):
-        min_claimed = None
-    return features, labels, claims, margin, min_claimed
+    accuracy = float(np.mean(margin < 0))
+    needed = _accuracy_needed(min_centre_accuracy, labels)
+    return _Prepared(features, labels, claims, margin, accuracy, needed,
+                     min_claimed if accuracy >= needed else None)
 
 
 def spectral_signature(features, labels, *, min_claimed: float = MIN_CLAIMED,
@@ -254,8 +287,8 @@ def spectral_signature(features, labels, *, min_claimed: float = MIN_CLAIMED,
     """
     from sklearn.mixture import GaussianMixture
 
-    features, labels, claims, margin, min_claimed = _prepare(features, labels, min_claimed,
-                                                             min_centre_accuracy)
+    prep = _prepare(features, labels, min_claimed, min_centre_accuracy)
+    features, labels = prep.features, prep.labels
     scores, flags, judged = np.zeros(len(labels)), np.zeros(len(labels), bool), {}
     for c, idx in _classes(labels):
         centred = features[idx] - features[idx].mean(0)
@@ -270,9 +303,9 @@ def spectral_signature(features, labels, *, min_claimed: float = MIN_CLAIMED,
         small = int(np.argmin(np.bincount(member, minlength=2)))
         separated = (gain >= min_bic_gain and np.mean(member == small) <= max_fraction
                      and len(idx) >= min_class_size)
-        judged[c] = _judge(idx, member, small, separated, claims, min_claimed, flags,
-                           refine)
-    return _finish(scores, flags, "spectral", labels, judged, margin)
+        judged[c] = _judge(idx, member, small, separated, prep.claims, prep.min_claimed,
+                           flags, refine)
+    return _finish(scores, flags, "spectral", labels, judged, prep)
 
 
 def activation_clustering(features, labels, *, dims: int = 10,
@@ -306,9 +339,9 @@ def activation_clustering(features, labels, *, dims: int = 10,
     from sklearn.decomposition import PCA
     from sklearn.metrics import silhouette_score
 
-    features, labels, claims, margin, min_claimed = _prepare(features, labels, min_claimed,
-                                                             min_centre_accuracy)
-    scores, flags, judged = margin.copy(), np.zeros(len(labels), bool), {}
+    prep = _prepare(features, labels, min_claimed, min_centre_accuracy)
+    features, labels = prep.features, prep.labels
+    scores, flags, judged = prep.margin.copy(), np.zeros(len(labels), bool), {}
     for c, idx in _classes(labels):
         reduced = PCA(min(dims, len(idx) - 1, features.shape[1]),
                       random_state=seed).fit_transform(features[idx])
@@ -319,10 +352,9 @@ def activation_clustering(features, labels, *, dims: int = 10,
         quality = float(silhouette_score(reduced, km.labels_, random_state=seed))
         dist = np.linalg.norm(reduced[:, None, :] - km.cluster_centers_[None], axis=-1)
         towards = (dist[:, 1 - small] - dist[:, small]) / np.maximum(dist.max(1), 1e-12)
-        scores[idx] = np.maximum(margin[idx], towards * max(quality, 0.0))
+        scores[idx] = np.maximum(prep.margin[idx], towards * max(quality, 0.0))
         separated = (np.mean(km.labels_ == small) <= max_fraction and quality >= min_silhouette
                      and len(idx) >= min_class_size)
-        judged[c] = _judge(idx, km.labels_, small, separated, claims, min_claimed, flags,
-                           refine)
-    return _finish(scores, flags, "activation_clustering", labels, judged,
-                   margin)
+        judged[c] = _judge(idx, km.labels_, small, separated, prep.claims, prep.min_claimed,
+                           flags, refine)
+    return _finish(scores, flags, "activation_clustering", labels, judged, prep)

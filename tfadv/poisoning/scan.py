@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from tfadv.evaluation import faces as face_eval
-from tfadv.poisoning.defences import _accuracy_needed, _check, _claims
+from tfadv.poisoning.defences import MIN_SPLIT
 from tfadv.poisoning.detect import METHODS
 
 __all__ = ["scan_faceset", "scan_folder"]
@@ -35,7 +35,8 @@ def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> d
         "score"}] most suspect first ("looks_like": the enrolled identity whose
         centre is nearer than the photo's own, or None; "looks_like_cosine": the
         photo's cosine to that centre), "centre_accuracy" (`DetectionResult`),
-        "unchecked": identities with fewer than 4 photos (too few to split),
+        "unchecked": identities with fewer than MIN_SPLIT (4) photos (too few
+        to split),
         "warnings": list of str, "flags": bool list [N]}.
 
     Raises:
@@ -52,29 +53,27 @@ def scan_faceset(model, faceset, method: str = "activations", *, keep=None) -> d
         emb = face_eval.embed(model, faceset.images[rows])
         labels = faceset.labels[rows]
         result = METHODS[method](emb, labels)
-        _, nearest, other, own = _claims(*_check(emb, labels))
         flags[rows[result.flags]] = True
         picked = np.flatnonzero(result.flags)
         for j in picked[np.argsort(-result.scores[picked], kind="stable")]:
-            claimed = other[j] > own[j]
-            suspects.append({"path": faceset.paths[rows[j]], "identity": names[int(labels[j])],
-                             "looks_like": names[int(nearest[j])] if claimed else None,
-                             "looks_like_cosine": float(other[j]) if claimed else None,
-                             "score": float(result.scores[j])})
+            claimed = result.claim_margin[j] > 0
+            suspects.append({
+                "path": faceset.paths[rows[j]], "identity": names[int(labels[j])],
+                "looks_like": names[int(result.nearest_class[j])] if claimed else None,
+                "looks_like_cosine": float(result.nearest_cosine[j]) if claimed else None,
+                "score": float(result.scores[j])})
         for c, v in result.per_class.items():
             if v["suspect"]:
                 reasons[names[c]] = (v["reason"] if v["claimed_by"] is None else
                                      f"photos that look like {names[v['claimed_by']]}")
         accuracy = result.centre_accuracy
-        needed = _accuracy_needed(None, labels)
-        if accuracy < needed:
+        if not result.claims_used:
             warnings.append(
                 f"the embedder does not separate these identities (only {accuracy:.2f} of the "
-                f"photos are nearest their own identity's centre; {needed:.2f} needed): no "
-                "group was judged by which identity it looks like. Is the model a face "
-                "embedder for these photos?")
-        counts = np.bincount(labels, minlength=len(names))
-        unchecked = [names[c] for c in np.unique(labels) if counts[c] < 4]
+                f"photos are nearest their own identity's centre; "
+                f"{result.centre_accuracy_needed:.2f} needed): no group was judged by which "
+                "identity it looks like. Is the model a face embedder for these photos?")
+        unchecked = [names[c] for c, v in result.per_class.items() if v["size"] < MIN_SPLIT]
     return {"method": method, "images": int(len(rows)), "flagged": int(flags.sum()),
             "suspect_identities": list(reasons), "reasons": reasons, "suspects": suspects,
             "centre_accuracy": accuracy, "unchecked": unchecked, "warnings": warnings,
