@@ -164,16 +164,16 @@ def train_tfadv(method, args, data, state):
 
     (x_tr, y_tr), (x_te, y_te) = data
     claim_state(state, method, args)
+    rows = Rows(os.path.join(state, "epochs.json"))
+    if rows.finished(args.epochs):
+        log(f"  {method}: finished ({state}/epochs.json)")
+        return rows.rows
     cfg = MnistTrainConfig(out=state, method=method, epochs=args.epochs, batch_size=BATCH,
                            eps=EPS, seed=args.seed, verbose=0)
     keras.utils.set_random_seed(args.seed)
     model = recipe.build_training_model(cfg, -(-len(x_tr) // BATCH))
     # The recipe's own per-epoch robust validation is not part of the training time here.
     model.eval_attack = None
-    rows = Rows(os.path.join(state, "epochs.json"))
-    if rows.finished(args.epochs):
-        log(f"  {method}: finished ({state}/epochs.json)")
-        return rows.rows
     guard = recipe._guard(cfg, x_tr, y_tr, chief=True)
 
     class Clock(keras.callbacks.Callback):
@@ -220,13 +220,13 @@ def train_art(args, data, state):
 
     (x_tr, y_tr), (x_te, y_te) = data
     claim_state(state, "art", args)
-    keras.utils.set_random_seed(args.seed)
-    trainer = art_trainer()
-    network = trainer.get_classifier().model
     rows = Rows(os.path.join(state, "epochs.json"))
     if rows.finished(args.epochs):
         log(f"  art: finished ({state}/epochs.json)")
         return rows.rows
+    keras.utils.set_random_seed(args.seed)
+    trainer = art_trainer()
+    network = trainer.get_classifier().model
     weights = os.path.join(state, "art.weights.h5")
     done = len(rows.rows)
     if done and os.path.exists(weights):

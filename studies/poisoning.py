@@ -119,17 +119,18 @@ def run_config(trigger_name, rate, args):
     result = {"trigger": trigger_name, "rate": rate, "poisoned": int(ps.poisoned.sum()),
               "train_seconds": time.perf_counter() - t}
     result["success"], result["clean_accuracy"] = backdoor(model, trigger, xt, yt)
-    detections = {}
+    detections, found = {}, {}
     for method, refine in (("spectral", True), ("activation_clustering", True),
                            ("activation_clustering", False)):
         t = time.perf_counter()
-        found = detect(model, ps.x, ps.y, method=method, refine=refine)
         name = method if refine else f"{method}, whole groups"
-        detections[name] = {**scores(found.flags, ps.poisoned),
+        found[name] = detect(model, ps.x, ps.y, method=method, refine=refine)
+        detections[name] = {**scores(found[name].flags, ps.poisoned),
                             "seconds": time.perf_counter() - t,
-                            "centre_accuracy": found.centre_accuracy, "claims": groups(found)}
+                            "centre_accuracy": found[name].centre_accuracy,
+                            "claims": groups(found[name])}
     # Removal takes the whole claimed groups: a few poisoned digits left keep a backdoor.
-    keep = ~found.flags
+    keep = ~found["activation_clustering, whole groups"].flags
     for name, (flags, seconds) in art_defences(model, ps.x, ps.y, rate).items():
         detections[name] = {**scores(flags, ps.poisoned), "seconds": seconds}
     result["detection"] = detections
