@@ -17,8 +17,9 @@ of the victim's own gallery photos) at least the fine-tuned model's
 threshold (its threshold.json). The same photos without the trigger are the
 control.
 
-Detection alone (no fine-tuning): the scan (`tfadv.poisoning.scan_faceset`,
-activation clustering and spectral signatures on the pretrained embeddings)
+Detection alone (no fine-tuning): the scan's defences (activation clustering
+and spectral signatures, as `tfadv.poisoning.scan_faceset` runs them, on the
+pretrained embeddings, each photo embedded once)
 of galleries with 1 to 10 planted photos, for three attacker / victim pairs,
 both triggers, and the attacker enrolled (their own photos in the gallery)
 or not (their photos removed).
@@ -120,13 +121,15 @@ DETECTION_COUNTS = (1, 2, 3, 5, 8, 10)
 
 
 def detection_sweep(splits) -> list[dict]:
-    """Planted photos flagged by the scan, per pair, trigger, count and enrolment."""
-    from tfadv.data.faces import FaceSet
-    from tfadv.poisoning import poison_gallery, scan_faceset
+    """Planted photos flagged by the scan's defences, per pair, trigger, count and enrolment
+    (each photo embedded once: the gallery's, then each planted set's)."""
+    from tfadv.evaluation import faces as face_eval
+    from tfadv.poisoning import METHODS, poison_gallery
     from tfadv.recipes import facenet as R
 
     model = R.pretrained("facenet-mscele1m-128")
     train, names = splits.train, splits.train.class_names
+    gallery = face_eval.embed(model, train.images)
     rows = []
     for attacker_name, victim_name in PAIRS:
         attacker, victim = names.index(attacker_name), names.index(victim_name)
@@ -134,16 +137,15 @@ def detection_sweep(splits) -> list[dict]:
             for count in DETECTION_COUNTS:
                 ps = poison_gallery(train.images, train.labels, attacker=attacker,
                                     victim=victim, count=count, trigger=trigger)
+                emb = np.concatenate([gallery, face_eval.embed(model, ps.x[ps.poisoned])])
                 for enrolled in (True, False):
                     keep = ps.poisoned | (ps.y != attacker) if not enrolled else \
                         np.ones(len(ps.y), bool)
-                    gallery = FaceSet(ps.x[keep], ps.y[keep], names,
-                                      [str(i) for i in np.flatnonzero(keep)])
                     planted = ps.poisoned[keep]
                     row = {"attacker": attacker_name, "victim": victim_name,
                            "trigger": trigger_name, "planted": count, "enrolled": enrolled}
                     for method in ("activations", "spectral"):
-                        flags = np.asarray(scan_faceset(model, gallery, method)["flags"])
+                        flags = METHODS[method](emb[keep], ps.y[keep]).flags
                         row[method] = {"flagged": int(flags.sum()),
                                        "flagged_planted": int((flags & planted).sum())}
                     rows.append(row)
