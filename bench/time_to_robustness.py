@@ -12,10 +12,12 @@ epochs:
 
 After every epoch the model is checked (the checking time is not counted):
 ART's PGD-40 (step 0.01, random start) on the 1,000 test digits, then, when
-that leaves at least `--target`, AutoAttack's APGD-CE on the digits PGD-40 did
-not break, and when that still leaves the target, our AutoAttack (standard) on
-the rest. The robust accuracy is the worst case of all, per digit (the screens
-only skip the full cascade on epochs already below the target).
+that leaves at least `--target`, our AutoAttack (standard) on the digits
+PGD-40 did not break, run by run (APGD-CE, APGD-T's targets, FAB-T, Square)
+and stopped as soon as fewer than `--target` of the 1,000 stand: each run only
+lowers the accuracy, so a stopped epoch is below the target, and only a
+cascade run to its end counts as reaching it. The robust accuracy is the
+worst case of all, per digit.
 Once a method has reached the target, only its last epoch is checked again.
 Training wall and CPU seconds are summed up to the first epoch that reaches
 the target. Targets: the fastest tfadv method reaches it in at most 1/3 of
@@ -74,8 +76,6 @@ def check(network, x, y, target):
     warnings.filterwarnings("ignore", message=".*PyTorch not found.*")
     from art.attacks.evasion import ProjectedGradientDescent
 
-    from tfadv.evaluation.autoattack import autoattack, autoattack_suite
-
     start = time.perf_counter()
     classifier = art_classifier(network)
     clean = np.argmax(classifier.predict(x, batch_size=500), 1) == y
@@ -86,28 +86,45 @@ def check(network, x, y, target):
     out = {"clean": float(clean.mean()), "art_pgd40": float(standing.mean()),
            "autoattack": None, "worst": float(standing.mean())}
     if standing.mean() >= target and standing.any():
-        # Screen with AutoAttack's first attack (APGD-CE, 100 steps): the full cascade is at
-        # most what APGD-CE leaves, so an epoch it takes below the target is below it; the
-        # full cascade (about 20 minutes on 2 cores) runs only on epochs that pass.
-        idx = np.flatnonzero(standing)
-        with contextlib.redirect_stdout(io.StringIO()):
-            screen = autoattack(network, x[idx], y[idx], norm="inf", eps=EPS, batch_size=500,
-                                checks=False, suite={"apgd-ce": autoattack_suite(
-                                    "inf", EPS, num_classes=10)["apgd-ce"]})
-        standing = standing.copy()
-        standing[idx] = screen.correct
-        out["apgd_ce"] = out["worst"] = float(standing.mean())
-    if standing.mean() >= target and standing.any():
-        idx = np.flatnonzero(standing)
-        with contextlib.redirect_stdout(io.StringIO()):
-            result = autoattack(network, x[idx], y[idx], norm="inf", eps=EPS, batch_size=500)
-        survived = np.zeros(len(y), bool)
-        survived[idx] = result.correct
-        out["autoattack_on_survivors"] = float(result.robust_accuracy)
-        out["worst"] = float(survived.mean())
-        out["autoattack"] = out["worst"]
+        standing = cascade(network, x, y, standing, target, out)
     out["check_s"] = time.perf_counter() - start
     return out
+
+
+def cascade(network, x, y, standing, target, out):
+    """AutoAttack (standard) run by run on the digits still standing, stopped early.
+
+    The cascade's runs (APGD-CE, APGD-T's 9 targets, FAB-T, Square) only ever
+    lower the accuracy, so once fewer than `target` of all digits stand the
+    epoch is below the target and the rest is skipped (about a quarter of the
+    cascade's time instead of 20 minutes on 2 cores). Only a cascade run to
+    its end sets out["autoattack"]; a stopped one leaves its upper bound in
+    out["worst"] and says where it stopped.
+    """
+    from tfadv.evaluation.autoattack import autoattack, autoattack_suite
+
+    standing = standing.copy()
+    need = int(np.ceil(target * len(y) - 1e-9))
+    square_broke = 0
+    for name, runs in autoattack_suite("inf", EPS, num_classes=10).items():
+        for run in runs:
+            idx = np.flatnonzero(standing)
+            with contextlib.redirect_stdout(io.StringIO()):
+                result = autoattack(network, x[idx], y[idx], norm="inf", eps=EPS,
+                                    batch_size=500, checks=False, suite={name: [run]})
+            standing[idx] = result.correct
+            out["worst"] = float(standing.mean())
+            if name == "apgd-ce":
+                out["apgd_ce"] = out["worst"]
+            if name == "square":
+                square_broke = int((~result.correct).sum())
+            if standing.sum() < need:
+                out["stopped_after"] = name
+                return standing
+    # Square, the black-box part, breaking digits the gradient attacks left is the masking sign.
+    out["square_broke"] = square_broke
+    out["autoattack"] = out["worst"]
+    return standing
 
 
 class Rows:
@@ -257,9 +274,13 @@ def fmt(row):
     if "clean" in row:
         parts.append(f"clean {row['clean']:.3f}, ART PGD-40 {row['art_pgd40']:.3f}")
         if row.get("apgd_ce") is not None:
-            parts.append(f"APGD-CE screen {row['apgd_ce']:.3f}")
+            parts.append(f"APGD-CE {row['apgd_ce']:.3f}")
         if row.get("autoattack") is not None:
-            parts.append(f"worst with AutoAttack {row['worst']:.3f}")
+            parts.append(f"worst with AutoAttack {row['worst']:.3f}"
+                         + (f" (Square broke {row['square_broke']} the gradients left)"
+                            if row.get("square_broke") else ""))
+        elif row.get("stopped_after"):
+            parts.append(f"below the target after {row['stopped_after']}: {row['worst']:.3f}")
     if "guard" in row:
         parts.append(f"guard {row['guard']:.3f}")
     return "; ".join(parts)
