@@ -169,30 +169,6 @@ def test_finetune_writes_the_contract_files(splits, tiny_pretrained, tmp_path, m
     assert "| metric | pretrained | fine-tuned |" in report and "dodging" in report
 
 
-def test_sweep_resumes(splits, tiny_pretrained, tmp_path, monkeypatch):
-    calls = []
-
-    def fake_finetune(cfg, progress=True, splits=None):
-        calls.append(cfg.out)
-        m = {"pretrained": {"groups": {"all": {"verification_accuracy": 0.9}},
-                            "attacks": {"dodging": {"all": {"pgd": {"success": 1.0}}}}},
-             "finetuned": {"groups": {"all": {"verification_accuracy": 0.88}},
-                           "attacks": {"dodging": {"all": {"pgd": {"success": 0.3}}}}}}
-        return m
-
-    monkeypatch.setattr(R, "finetune", fake_finetune)
-    monkeypatch.setattr(R, "load_splits", lambda *a, **k: splits)
-    table = R.sweep(tmp_path / "sw", eps_list=[2.0, 4.0], steps_list=[1], lr_list=[1e-4],
-                    progress=False)
-    assert len(calls) == 2 and "1.000 -> 0.300" in table
-    state = json.loads((tmp_path / "sw" / "sweep.json").read_text())
-    state.pop("eps4_steps1_lr0.0001")
-    (tmp_path / "sw" / "sweep.json").write_text(json.dumps(state))
-    R.sweep(tmp_path / "sw", eps_list=[2.0, 4.0], steps_list=[1], lr_list=[1e-4],
-            progress=False)
-    assert len(calls) == 3 and calls[-1].endswith("eps4_steps1_lr0.0001")
-
-
 def test_embed_files_reports_errors_per_file(face_root, tmp_path):
     model = tiny_embedder()
     path = tmp_path / "tiny.keras"

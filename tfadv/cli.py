@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "demo set)")
 
     sw = add_command(f, "sweep", cmd_facenet_sweep, configs=(SweepConfig,),
-                     help="eps x steps x learning-rate grid (resumable)")
+                     help="method x eps x steps x learning-rate grid (resumable), and an "
+                          "ensemble of its best points")
     sw.set_defaults(resume_hint="Run the same command again: finished grid points are kept and "
                                 "the running one resumes from its last finished epoch.")
 
@@ -394,9 +395,13 @@ def cmd_facenet_export_pretrained(args):
 
 
 def cmd_facenet_sweep(args):
+    from tfadv.recipes import facenet_sweep
+
     cfg = build(SweepConfig, args)
-    table = facenet_recipe.sweep(cfg.out, preset=cfg.preset, faces=cfg.faces, eps_list=cfg.eps,
-                                 steps_list=cfg.steps, lr_list=cfg.lr, epochs=cfg.epochs)
+    table = facenet_sweep.sweep(cfg.out, preset=cfg.preset, faces=cfg.faces, eps_list=cfg.eps,
+                                steps_list=cfg.steps, lr_list=cfg.lr, methods=cfg.methods,
+                                epochs=cfg.epochs, ensemble=cfg.ensemble,
+                                ensemble_drop=cfg.ensemble_drop)
     print(table)
 
 

@@ -176,11 +176,27 @@ class SweepConfig:
     eps: tuple = setting((2.0, 4.0), type=comma_list(_nonneg), help="training budgets (pixels)")
     steps: tuple = setting((1, 3), type=comma_list(_pos), help="training PGD steps")
     lr: tuple = setting((1e-4,), type=comma_list(_nonneg), help="learning rates")
+    methods: tuple = setting(("pgd",), choices=("pgd", *FAST_METHODS),
+                             help="training methods (free: --steps are its replays; fgsm_rs and "
+                                  "n_fgsm take one step whatever --steps says)")
     epochs: int = setting(3, type=_pos, help="epochs per grid point")
+    ensemble: int = setting(0, help="also combine the N grid points with the lowest dodging "
+                                    "success whose verification accuracy stays within "
+                                    "--ensemble-drop of the pretrained model's into "
+                                    "ensemble.keras (mean embedding; 0: none)")
+    ensemble_drop: float = setting(0.05, type=_nonneg,
+                                   help="largest verification-accuracy drop of a member")
 
     def __post_init__(self):
         for e in self.eps:
             check_pixel_budget(e, name="eps")
+        bad = [m for m in self.methods if m not in ("pgd", *FAST_METHODS)]
+        if bad or not self.methods:
+            raise ValueError(f"Expected methods from pgd, {', '.join(FAST_METHODS)}. "
+                             f"Received: {self.methods}")
+        if self.ensemble < 0 or self.ensemble == 1:
+            raise ValueError(f"Expected ensemble 0 (none) or at least 2 members. "
+                             f"Received: {self.ensemble}")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ suite, minimal eps and curves) and writes what the report views
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 import shutil
@@ -40,7 +39,7 @@ from tfadv.evaluation import faces as face_eval
 from tfadv.evaluation import verification as V
 from tfadv.evaluation.faces import identity_references  # noqa: F401 (re-exported)
 from tfadv.models.facenet import facenet, freeze_backbone, load_embedder
-from tfadv.reports.facenet import plot_curves, report_markdown, sweep_row, sweep_table
+from tfadv.reports.facenet import plot_curves, report_markdown
 from tfadv.trainers.callbacks import JSONHistory, backup_and_restore
 from tfadv.trainers.embedding import EmbeddingAdversarialModel
 
@@ -384,40 +383,3 @@ def embed_files(paths, *, preset=None, model=None, detector=None) -> list[dict]:
     return faces_lib.embed_files(
         paths, lambda crops: face_eval.embed(net, crops.astype("float32")),
         size=int(net.input_shape[1]), detector=detector)
-
-
-# -- hyper-parameter sweep -------------------------------------------------------
-
-def sweep(out, *, preset="facenet-mscele1m-128", faces=None, eps_list=(2.0, 4.0),
-          steps_list=(1, 3), lr_list=(1e-4,), epochs=3, holdout=0, seed=0,
-          evaluation: FaceEvalConfig | None = None, progress=True) -> str:
-    """Fine-tunes on an eps x steps x learning-rate grid; returns a Markdown table.
-
-    Each grid point writes `out/<point>/metrics.json`; a killed sweep resumes
-    and skips finished points (`out/sweep.json` holds the table rows).
-    """
-    out = Path(out)
-    output_dir(out)
-    evaluation = evaluation or FaceEvalConfig(attacks=("pgd",), curve_eps=(4.0,),
-                                              min_eps_search=3)
-    splits = load_splits(faces, holdout=holdout, seed=seed, progress=progress)
-    state_path = out / "sweep.json"
-    rows = json.loads(state_path.read_text()) if state_path.exists() else {}
-    for eps, steps, lr in itertools.product(eps_list, steps_list, lr_list):
-        key = f"eps{eps:g}_steps{steps}_lr{lr:g}"
-        if key in rows:
-            continue
-        cfg = FaceFinetuneConfig(out=str(out / key), preset=preset, faces=faces,
-                                 holdout=holdout, epochs=epochs, learning_rate=lr,
-                                 train_eps=eps, train_steps=steps, seed=seed,
-                                 evaluation=evaluation)
-        metrics_path = out / key / "metrics.json"
-        if metrics_path.exists():
-            m = json.loads(metrics_path.read_text())
-        else:
-            m = finetune(cfg, progress=progress, splits=splits)
-        rows[key] = sweep_row(eps, steps, lr, m)
-        write_json(state_path, rows)
-    table = sweep_table(rows)
-    write_text(out / "sweep.md", table + "\n")
-    return table

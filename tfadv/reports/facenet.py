@@ -257,9 +257,9 @@ def add_endpoint_attack(report_dir, model: str, result: dict) -> Path:
 
 # -- the sweep -------------------------------------------------------------------
 
-def sweep_row(eps, steps, lr, m) -> dict:
+def sweep_row(eps, steps, lr, m, *, method="pgd") -> dict:
     """One grid point of a sweep: its settings and the before/after PGD figures."""
-    row = {"eps": eps, "steps": steps, "lr": lr}
+    row = {"method": method, "eps": eps, "steps": steps, "lr": lr}
     for model in MODELS:
         row[f"{model}_verification"] = _get(m, model, "groups", "all", "verification_accuracy")
         row[f"{model}_dodging"] = _get(m, model, "attacks", "dodging", "all", "pgd", "success")
@@ -272,14 +272,15 @@ def sweep_row(eps, steps, lr, m) -> dict:
 
 def sweep_table(rows: dict) -> str:
     """The Markdown table of a sweep's rows ({key: `sweep_row(...)`})."""
-    head = ("| eps | steps | lr | verification acc | dodging success | impersonation success "
-            "| held-out dodging |\n|---|---|---|---|---|---|---|")
+    head = ("| method | eps | steps (free: replays) | lr | verification acc | dodging success "
+            "| impersonation success | held-out dodging |\n|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows.values():
         def pair(k):
             return f"{fmt(r.get('pretrained_' + k))} -> {fmt(r.get('finetuned_' + k))}"
-        lines.append(f"| {r['eps']:g} | {r['steps']} | {r['lr']:g} | {pair('verification')} | "
-                     f"{pair('dodging')} | {pair('impersonation')} | {pair('heldout_dodging')} |")
+        lines.append(f"| {r.get('method', 'pgd')} | {r['eps']:g} | {r['steps']} | {r['lr']:g} "
+                     f"| {pair('verification')} | {pair('dodging')} | {pair('impersonation')} "
+                     f"| {pair('heldout_dodging')} |")
     return "\n".join(lines)
 
 
