@@ -62,8 +62,8 @@ def test_detects_restores_the_best_weights_and_stops(tmp_path):
     # The best epoch's weights (the second epoch's) are back.
     for got, want in zip(model.network.get_weights(), sabotage.weights[1]):
         np.testing.assert_array_equal(got, want)
-    assert guard.events == [{"epoch": 2, "robust_accuracy": 0.0, "best_accuracy": 1.0,
-                             "best_epoch": 1, "action": "stop"}]
+    assert guard.events == [{"epoch": 2, "rule": "drop", "robust_accuracy": 0.0,
+                             "best_accuracy": 1.0, "best_epoch": 1, "action": "stop"}]
     assert guard.robust_accuracy() == 1.0
 
 
@@ -93,9 +93,89 @@ def test_no_collapse_no_event(tmp_path):
     assert hist["catastrophic_overfitting"] == [0.0, 0.0] and guard.events == []
 
 
+class Scripted:
+    """A stand-in attack whose adversaries are the clean batch (accuracy 1.0) or its
+    mirror image 1 - x (accuracy 0.0 on X), epoch by epoch as scripted."""
+
+    def __init__(self, breaks):
+        self.breaks, self.calls = list(breaks), 0
+
+    def __call__(self, model, x, y):
+        import tensorflow as tf
+
+        adv = tf.py_function(self._adv, [x], tf.float32)
+        adv.set_shape(x.shape)
+        return adv
+
+    def _adv(self, x):
+        # One call per epoch: the guard's batch (64) is within one attack call.
+        self.calls += 1
+        epoch = min(self.calls - 1, len(self.breaks) - 1)
+        return 1.0 - x if self.breaks[epoch] else x
+
+
+def scripted_guard(tmp_path, pgd_breaks, one_step_breaks, **kwargs):
+    model = trainer()
+    # Trained first, so that the mirror image of every example is misclassified.
+    model.fit(X, Y, batch_size=16, epochs=5, verbose=0)
+    pgd, one_step = Scripted(pgd_breaks), Scripted(one_step_breaks)
+    guard = CatastrophicOverfittingGuard(X, Y, pgd, one_step=one_step,
+                                         state_dir=tmp_path / "guard", **kwargs)
+    return model, guard, pgd
+
+
+def test_gap_two_epochs_in_a_row_is_caught_without_a_drop(tmp_path):
+    """PGD breaks everything from the start (no best to drop from) while the one-step attack
+    breaks nothing: caught at the second epoch of the gap, weights kept (none was better)."""
+    model, guard, _ = scripted_guard(tmp_path, [True] * 5, [False] * 5)
+    before = {}
+
+    class Keep(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            before[epoch] = self.model.network.get_weights()
+
+    with pytest.warns(CatastrophicOverfittingWarning, match="epoch 2: on the guard batch the "
+                      "one-step attack leaves 1.000 but PGD 0.000.*No earlier epoch was better"):
+        hist = model.fit(X, Y, batch_size=16, epochs=5, verbose=0,
+                         callbacks=[Keep(), guard]).history
+    assert hist["catastrophic_overfitting"] == [0.0, 1.0]
+    assert hist["guard_one_step_accuracy"] == [1.0, 1.0]
+    assert guard.events == [{"epoch": 1, "rule": "gap", "robust_accuracy": 0.0,
+                             "best_accuracy": 0.0, "best_epoch": 0, "action": "stop",
+                             "one_step_accuracy": 1.0}]
+    for got, want in zip(model.network.get_weights(), before[1]):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_one_epoch_gap_is_not_a_collapse_and_the_streak_survives_a_resume(tmp_path):
+    # Gap in epoch 1 only (a healthy run's first epoch), then closed: nothing.
+    model, guard, _ = scripted_guard(tmp_path, [True, False, False], [False] * 3)
+    hist = model.fit(X, Y, batch_size=16, epochs=3, verbose=0, callbacks=[guard]).history
+    assert hist["catastrophic_overfitting"] == [0.0, 0.0, 0.0] and guard.events == []
+    # A gap in the last epoch of a killed run counts with the first epoch of its resumption.
+    model, guard, _ = scripted_guard(tmp_path / "b", [True], [False], gap_epochs=3,
+                                     on_overfit="reduce_step")
+    model.fit(X, Y, batch_size=16, epochs=2, verbose=0, callbacks=[guard])
+    assert guard.gap_streak == 2
+    again, fresh, _ = scripted_guard(tmp_path / "b", [True], [False], gap_epochs=3,
+                                     on_overfit="reduce_step")
+    with pytest.warns(CatastrophicOverfittingWarning, match="for 3 epochs in a row"):
+        hist = again.fit(X, Y, batch_size=16, epochs=1, verbose=0, callbacks=[fresh]).history
+    assert hist["catastrophic_overfitting"] == [1.0] and fresh.gap_streak == 0
+    assert float(again.step_scale.numpy()) == 0.5
+
+
+def test_no_one_step_attack_no_gap_rule(tmp_path):
+    model = trainer()
+    guard = CatastrophicOverfittingGuard(X, Y, Scripted([True]))
+    hist = model.fit(X, Y, batch_size=16, epochs=3, verbose=0, callbacks=[guard]).history
+    assert hist["catastrophic_overfitting"] == [0.0] * 3 and "guard_one_step_accuracy" not in hist
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(threshold=0.0), "threshold"), (dict(on_overfit="restart"), "on_overfit"),
-    (dict(step_factor=1.0), "step_factor")])
+    (dict(step_factor=1.0), "step_factor"), (dict(gap=0.0), "gap"),
+    (dict(gap=1.5), "gap"), (dict(gap_epochs=0), "gap_epochs")])
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CatastrophicOverfittingGuard(X, Y, GUARD_ATTACK, **kwargs)
@@ -166,3 +246,25 @@ def test_a_new_run_in_a_finished_runs_folder_starts_the_guard_afresh(tmp_path):
     (tmp_path / "backup").rmdir()
     guard = recipe._guard(cfg, X[:16, :1], Y[:16], chief=True)
     assert not state.exists() and guard.state_dir == str(state)
+
+
+@pytest.mark.slow
+def test_overfitting_from_the_start_is_caught_by_the_gap(tmp_path):
+    """`tfadv train mnist --method fgsm_rs` on the embedded digits (eps 0.3) overfits before it
+    is ever robust (measured: guard-batch PGD accuracy 0.02, 0.21, 0.14 while FGSM's rose
+    0.39, 0.73, 0.86): no drop from a best, but the gap rule stops it at epoch 3."""
+    from tfadv.config.mnist import MnistTrainConfig
+    from tfadv.recipes.mnist import train_mnist
+
+    cfg = MnistTrainConfig(out=str(tmp_path / "run"), method="fgsm_rs", epochs=6, seed=0,
+                           verbose=0, val_limit=200, eval_steps=5)
+    with pytest.warns(CatastrophicOverfittingWarning, match="one-step attack leaves"):
+        train_mnist(cfg)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    pgd, fgsm = history["guard_robust_accuracy"], history["guard_one_step_accuracy"]
+    stopped = len(pgd)
+    assert stopped <= 4 and history["catastrophic_overfitting"][-1] == 1.0
+    assert all(f - p > 0.4 for f, p in zip(fgsm[-2:], pgd[-2:]))
+    assert max(pgd) < 0.5
+    guard = json.loads((tmp_path / "run" / "guard" / "guard.json").read_text())
+    assert [e["rule"] for e in guard["events"]] == ["gap"]

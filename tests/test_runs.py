@@ -39,6 +39,39 @@ def test_resume_with_other_settings_is_refused_and_names_them(tmp_path, change, 
     assert json.loads((tmp_path / RUN_FILE).read_text()) == CFG
 
 
+def test_a_setting_added_since_counts_as_its_default(tmp_path):
+    """A run recorded before a setting existed resumes when the setting is at its default
+    (it ran as the default); another value is still a difference."""
+    claim(tmp_path, CFG, finished="metrics.json")
+    (tmp_path / "backup").mkdir()
+    newer = dict(CFG, guard_gap=0.4, nested={"eps": 4.0, "added": "x"})
+    defaults = {"guard_gap": 0.4, "epochs": 1, "nested": {"added": "x"}}
+    assert claim(tmp_path, newer, finished="metrics.json", defaults=defaults) == "resume"
+    (tmp_path / RUN_FILE).write_text(json.dumps(CFG))
+    with pytest.raises(ValueError, match=r"guard_gap: 0.4 -> 0.6"):
+        claim(tmp_path, dict(newer, guard_gap=0.6), finished="metrics.json", defaults=defaults)
+    # A recorded setting is the run's, whatever the default.
+    with pytest.raises(ValueError, match=r"epochs: 5 -> 1"):
+        claim(tmp_path, dict(newer, epochs=1), finished="metrics.json", defaults=defaults)
+
+
+def test_an_mnist_record_from_before_guard_gap_resumes_with_the_config_defaults(tmp_path):
+    """What `train_mnist` passes (its config's defaults): a run.json written before guard_gap
+    existed, the other settings equal, is resumed, not refused."""
+    import dataclasses
+
+    from tfadv.config.mnist import MnistTrainConfig
+
+    cfg = dataclasses.asdict(MnistTrainConfig(out=str(tmp_path)))
+    old = {k: v for k, v in cfg.items() if k != "guard_gap"}
+    (tmp_path / RUN_FILE).write_text(json.dumps(old))
+    (tmp_path / "backup").mkdir()
+    with pytest.raises(ValueError, match="guard_gap"):
+        claim(tmp_path, cfg, finished="metrics.json")
+    assert claim(tmp_path, cfg, finished="metrics.json",
+                 defaults=dataclasses.asdict(MnistTrainConfig(out="elsewhere"))) == "resume"
+
+
 def test_refusal_names_the_options_the_user_typed(tmp_path):
     """The message names command-line options (--lr, --eval-eps), not config fields."""
     from tfadv.config.faces import FaceFinetuneConfig

@@ -31,11 +31,13 @@ def _flat(config: dict, key: str = "") -> dict:
     return out
 
 
-def _differences(old: dict, new: dict, mutable, options) -> list[str]:
-    old, new = _flat(old), _flat(new)
+def _differences(old: dict, new: dict, mutable, options, defaults=None) -> list[str]:
+    missing = object()
+    # A setting added after the run was recorded: the run ran as its default.
+    old = {**_flat(defaults or {}), **_flat(old)}
+    new = _flat(new)
     keys = sorted(k for k in set(old) | set(new)
                   if k not in mutable and k.split(".")[0] not in mutable)
-    missing = object()
 
     def show(value):
         return "(unset)" if value is missing else repr(value)
@@ -45,7 +47,7 @@ def _differences(old: dict, new: dict, mutable, options) -> list[str]:
 
 
 def claim(out, config: dict, *, finished: str | None, mutable=(), overwrite=False,
-          backup="backup", options=None, epochs=None) -> str:
+          backup="backup", options=None, epochs=None, defaults=None) -> str:
     """Checks that a run may write to `out`, and records its settings there.
 
     Args:
@@ -62,6 +64,9 @@ def claim(out, config: dict, *, finished: str | None, mutable=(), overwrite=Fals
             by dotted key.
         epochs: the epochs the run asks for; a resumed run may not ask for
             fewer than it finished (`check_resumed_epochs`).
+        defaults: the settings' defaults, shaped like `config`: a setting
+            missing from an older run's record (added to the program since)
+            counts as its default, so the run still resumes.
 
     Returns:
         "resume" (a backup of the same run is there), "overwrite" (a finished
@@ -81,7 +86,8 @@ def claim(out, config: dict, *, finished: str | None, mutable=(), overwrite=Fals
     state = "new"
     if os.path.exists(os.path.join(out, backup)):
         old = read_json_or_empty(record)
-        diff = _differences(old, config, mutable, options or {}) if old else []
+        defaults = json.loads(json.dumps(defaults or {}))
+        diff = _differences(old, config, mutable, options or {}, defaults) if old else []
         if diff:
             raise ValueError(
                 f"{out} holds a killed run with other settings ({'; '.join(diff)}). Run the "

@@ -80,6 +80,10 @@ class MnistTrainConfig:
     guard_threshold: float = setting(0.2, type=argtypes.positive_float,
                                      help="accuracy drop from the best that counts as a "
                                           "collapse")
+    guard_gap: float = setting(0.4, type=argtypes.positive_float,
+                               help="FGSM accuracy above the PGD accuracy by more than this, two "
+                                    "epochs in a row, also counts as a collapse (catastrophic "
+                                    "overfitting before the run was robust; 1: never)")
     # PGD at the full budget from a random init can collapse to a constant
     # prediction (measured: seed 0, Adam 1e-3, loss stuck at log 10 for 20 epochs).
     eps_warmup_epochs: float = setting(
@@ -131,6 +135,8 @@ class MnistTrainConfig:
                 raise ValueError(f"Expected {name} >= 1. Received: {name}={getattr(self, name)}")
         if self.eps < 0 or self.step_size < 0:
             raise ValueError(f"Expected eps, step_size >= 0. Received: {self.eps}, {self.step_size}")
+        if not 0.0 < self.guard_gap <= 1.0:
+            raise ValueError(f"Expected 0 < guard_gap <= 1. Received: {self.guard_gap}")
         if not 0.0 < self.guard_threshold <= 1.0:
             raise ValueError(f"Expected 0 < guard_threshold <= 1. "
                              f"Received: {self.guard_threshold}")

@@ -279,7 +279,8 @@ def finetune(cfg: FaceFinetuneConfig, *, progress=True, evaluate=True, splits=No
     # After the faces loaded: a bad --faces leaves no output folder behind.
     state = runs.claim(out, dataclasses.asdict(cfg), finished="metrics.json",
                        mutable=RESUMABLE_CHANGES, overwrite=cfg.overwrite,
-                       options=option_names(FaceFinetuneConfig), epochs=cfg.epochs)
+                       options=option_names(FaceFinetuneConfig), epochs=cfg.epochs,
+                       defaults=dataclasses.asdict(FaceFinetuneConfig(out=cfg.out)))
     if state == "resume":
         say(f"Resuming the killed run in {out} from its last finished epoch")
     names = splits.train.class_names

@@ -109,7 +109,8 @@ def _guard(cfg: MnistTrainConfig, x_tr, y_tr, chief):
     """The catastrophic-overfitting guard of `cfg.guard_action`, or None.
 
     It attacks a fixed random sample of `guard_size` training digits with
-    PGD-10 at the training eps (Wong et al. check a training minibatch), and
+    PGD-10 at the training eps (Wong et al. check a training minibatch) and
+    with FGSM (its gap rule: `guard_gap`), and
     keeps its state in `out/guard` so that a resumed run continues it. A run
     with no training backup to resume from (a new run, or the same command
     after a finished one) starts the guard afresh: another run's best weights
@@ -125,6 +126,7 @@ def _guard(cfg: MnistTrainConfig, x_tr, y_tr, chief):
     return CatastrophicOverfittingGuard(
         x_tr[rows], y_tr[rows], PGD(eps=cfg.eps, steps=10, norm=cfg.norm, random_start=True),
         threshold=cfg.guard_threshold, on_overfit=cfg.guard_action,
+        one_step=FGSM(eps=cfg.eps, norm=cfg.norm), gap=cfg.guard_gap,
         state_dir=state if chief else tempfile.mkdtemp())
 
 
@@ -163,7 +165,8 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
                        if k != "epochs" or cfg.lr_schedule == "flat"]
             runs.claim(cfg.out, dataclasses.asdict(cfg), finished="metrics.json",
                        mutable=mutable, overwrite=cfg.overwrite,
-                       options=option_names(MnistTrainConfig), epochs=cfg.epochs)
+                       options=option_names(MnistTrainConfig), epochs=cfg.epochs,
+                       defaults=dataclasses.asdict(MnistTrainConfig(out=cfg.out)))
         # Batches are global: each of the R replicas gets batch_size / R.
         train_ds = mnist_data.to_dataset(x_tr, y_tr, batch_size=cfg.batch_size, shuffle=True,
                                          seed=cfg.seed)

@@ -195,10 +195,24 @@ class CatastrophicOverfittingGuard(keras.callbacks.Callback):
     (`on_overfit="stop"`) or continues with the fast step multiplied by
     `step_factor` (`"reduce_step"`, through the trainer's `step_scale`).
 
+    A run can also overfit before it was ever robust (measured: FGSM-RS on
+    MNIST at eps 0.3 from its second epoch, PGD accuracy 0.06-0.14 while FGSM
+    accuracy rose to 0.87): there is no best to fall from. With `one_step`
+    (FGSM at the training eps) the guard also measures the one-step
+    attack's accuracy on the batch, and counts it as catastrophic
+    overfitting when it exceeds the PGD accuracy by more than `gap` for
+    `gap_epochs` epochs in a row: the model resists the adversary it trains
+    against but not PGD, the gradient masking Wong et al. describe. One epoch
+    is not enough: a healthy run's first epoch can show the same gap (free
+    training, measured: FGSM 0.55 / PGD 0.00 in epoch 1, 0.82 / 0.56 in
+    epoch 2). The action is the same; the best epoch's weights are restored
+    when there is a better one.
+
     Each epoch's logs (and so `JSONHistory`'s history.json, when this callback
-    comes before it) get `guard_robust_accuracy` and
-    `catastrophic_overfitting` (1.0 in an epoch where it was detected); the
-    events are in `events`. With `state_dir` the best weights, the best
+    comes before it) get `guard_robust_accuracy`, `guard_one_step_accuracy`
+    (with `one_step`) and `catastrophic_overfitting` (1.0 in an epoch where
+    it was detected); the events are in `events`, each with the `rule`
+    that fired ("drop" or "gap"). With `state_dir` the best weights, the best
     accuracy, the step scale and the events are kept on disk and reloaded by a
     resumed run (put the callback before `BackupAndRestore`, so a backup
     holds the restored weights).
@@ -210,6 +224,10 @@ class CatastrophicOverfittingGuard(keras.callbacks.Callback):
         attack: the PGD that measures it, e.g. `PGD(eps=0.3, steps=10)`.
         threshold: the drop from the best accuracy that counts as
             catastrophic (0.2: twenty points).
+        one_step: the one-step attack of the gap rule, e.g.
+            `FGSM(eps=0.3)`; None: the gap rule is off.
+        gap: the one-step accuracy minus the PGD accuracy that counts.
+        gap_epochs: epochs in a row the gap must last.
         on_overfit: "stop" or "reduce_step".
         step_factor: multiplies the step on each detection ("reduce_step").
         state_dir: directory for the guard's state (None: memory only).
@@ -217,15 +235,20 @@ class CatastrophicOverfittingGuard(keras.callbacks.Callback):
         verbose: print each epoch's guard accuracy (detections always print).
 
     Raises:
-        ValueError: threshold outside (0, 1], an unknown on_overfit, a
-            step_factor outside (0, 1), or x and y of different lengths.
+        ValueError: threshold or gap outside (0, 1], gap_epochs below 1, an
+            unknown on_overfit, a step_factor outside (0, 1), or x and y of
+            different lengths.
     """
 
     def __init__(self, x, y, attack, *, threshold=0.2, on_overfit="stop", step_factor=0.5,
-                 state_dir=None, batch_size=500, verbose=0):
+                 one_step=None, gap=0.4, gap_epochs=2, state_dir=None, batch_size=500,
+                 verbose=0):
         super().__init__()
         if not 0.0 < float(threshold) <= 1.0:
             raise ValueError(f"Expected 0 < threshold <= 1. Received: threshold={threshold}")
+        if not 0.0 < float(gap) <= 1.0 or int(gap_epochs) < 1:
+            raise ValueError(f"Expected 0 < gap <= 1 and gap_epochs >= 1. Received: gap={gap}, "
+                             f"gap_epochs={gap_epochs}")
         if on_overfit not in GUARD_ACTIONS:
             raise ValueError(f"Expected on_overfit in {GUARD_ACTIONS}. Received: {on_overfit!r}")
         if not 0.0 < float(step_factor) < 1.0:
@@ -236,6 +259,8 @@ class CatastrophicOverfittingGuard(keras.callbacks.Callback):
             raise ValueError(f"Expected x and y of one non-zero length. Received: "
                              f"{len(self.x)} and {len(self.y)}")
         self.attack = attack
+        self.one_step = one_step
+        self.gap, self.gap_epochs, self.gap_streak = float(gap), int(gap_epochs), 0
         self.threshold = float(threshold)
         self.on_overfit = on_overfit
         self.step_factor = float(step_factor)
@@ -246,7 +271,7 @@ class CatastrophicOverfittingGuard(keras.callbacks.Callback):
         self.best_epoch = None
         self.best_weights = None
         self.events: list[dict] = []
-        self._predict = None
+        self._predict = {}
 
     # -- state -----------------------------------------------------------------
     def _paths(self):
@@ -264,11 +289,12 @@ class CatastrophicOverfittingGuard(keras.callbacks.Callback):
         files.write_json(meta, {"best_accuracy": self.best_accuracy,
                                 "best_epoch": self.best_epoch,
                                 "step_scale": float(self.model.step_scale.numpy()),
+                                "gap_streak": self.gap_streak,
                                 "events": self.events})
 
     def on_train_begin(self, logs=None):
         network = self.model.network
-        self._predict = None
+        self._predict = {}
         if self.state_dir is None:
             return
         meta, weights = self._paths()
@@ -279,6 +305,7 @@ class CatastrophicOverfittingGuard(keras.callbacks.Callback):
         self.best_accuracy = float(state["best_accuracy"])
         self.best_epoch = state["best_epoch"]
         self.events = list(state["events"])
+        self.gap_streak = int(state.get("gap_streak", 0))
         self.model.step_scale.assign(float(state["step_scale"]))
         current = network.get_weights()
         network.load_weights(weights)
@@ -288,57 +315,86 @@ class CatastrophicOverfittingGuard(keras.callbacks.Callback):
     # -- measuring -------------------------------------------------------------
     def robust_accuracy(self):
         """The network's accuracy on the fixed batch under the guard's attack."""
-        network = self.model.network
-        if self._predict is None:
-            attack = self.attack
+        return self._accuracy(self.attack)
 
+    def one_step_accuracy(self):
+        """The network's accuracy on the fixed batch under `one_step` (None without it)."""
+        return None if self.one_step is None else self._accuracy(self.one_step)
+
+    def _accuracy(self, attack):
+        network = self.model.network
+        predict = self._predict.get(id(attack))
+        if predict is None:
             @tf.function(reduce_retracing=True)
             def predict(x, y):
                 x_adv = attack(network, x, y)
                 return tf.argmax(network(x_adv, training=False), axis=-1)
 
-            self._predict = predict
+            self._predict[id(attack)] = predict
         correct = 0
         for i in range(0, len(self.x), self.batch_size):
             x, y = self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
-            correct += int(np.sum(self._predict(tf.constant(x), tf.constant(y)).numpy() == y))
+            correct += int(np.sum(predict(tf.constant(x), tf.constant(y)).numpy() == y))
         return correct / len(self.x)
 
     def on_epoch_end(self, epoch, logs=None):
-        accuracy = self.robust_accuracy()
+        accuracy, one_step = self.robust_accuracy(), self.one_step_accuracy()
         network = self.model.network
-        detected = (self.best_weights is not None
-                    and accuracy < self.best_accuracy - self.threshold)
+        dropped = (self.best_weights is not None
+                   and accuracy < self.best_accuracy - self.threshold)
+        if one_step is not None:
+            self.gap_streak = self.gap_streak + 1 if one_step - accuracy > self.gap else 0
+        masked = self.gap_streak >= self.gap_epochs
+        detected = dropped or masked
         if logs is not None:
             logs["guard_robust_accuracy"] = accuracy
+            if one_step is not None:
+                logs["guard_one_step_accuracy"] = one_step
             logs["catastrophic_overfitting"] = float(detected)
         if self.verbose:
             print(f"guard: epoch {epoch + 1} PGD accuracy {accuracy:.3f} "
-                  f"(best {max(self.best_accuracy, accuracy):.3f})")
-        if detected:
-            network.set_weights(self.best_weights)
-            event = {"epoch": int(epoch), "robust_accuracy": accuracy,
-                     "best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
-                     "action": self.on_overfit}
-            if self.on_overfit == "stop":
-                self.model.stop_training = True
-                then = "training stops"
-            else:
-                scale = float(self.model.step_scale.numpy()) * self.step_factor
-                self.model.step_scale.assign(scale)
-                event["step_scale"] = scale
-                then = f"training continues with the step times {scale:g}"
-            self.events.append(event)
-            message = (f"Catastrophic overfitting at epoch {epoch + 1}: PGD accuracy on the "
-                       f"guard batch fell to {accuracy:.3f} from {self.best_accuracy:.3f} "
-                       f"(epoch {self.best_epoch + 1}). The weights of epoch "
-                       f"{self.best_epoch + 1} are restored and {then}.")
-            print(f"\n*** {message} ***\n")
-            warnings.warn(message, CatastrophicOverfittingWarning, stacklevel=2)
-            self._save_state(weights_changed=False)
-            return
+                  f"(best {max(self.best_accuracy, accuracy):.3f})"
+                  + ("" if one_step is None else f", one-step accuracy {one_step:.3f}"))
         improved = accuracy > self.best_accuracy
         if improved:
             self.best_accuracy, self.best_epoch = accuracy, int(epoch)
             self.best_weights = network.get_weights()
+        if detected:
+            self._act(epoch, accuracy, one_step, rule="drop" if dropped else "gap")
         self._save_state(weights_changed=improved)
+
+    def _act(self, epoch, accuracy, one_step, rule):
+        """Restores the best epoch's weights (when an earlier epoch was better), then stops or
+        shrinks the step; records, prints and warns."""
+        restore = (self.best_epoch is not None and self.best_epoch != int(epoch)
+                   and self.best_accuracy > accuracy)
+        if restore:
+            self.model.network.set_weights(self.best_weights)
+        event = {"epoch": int(epoch), "rule": rule, "robust_accuracy": accuracy,
+                 "best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
+                 "action": self.on_overfit}
+        if one_step is not None:
+            event["one_step_accuracy"] = one_step
+        if self.on_overfit == "stop":
+            self.model.stop_training = True
+            then = "training stops"
+        else:
+            scale = float(self.model.step_scale.numpy()) * self.step_factor
+            self.model.step_scale.assign(scale)
+            event["step_scale"] = scale
+            then = f"training continues with the step times {scale:g}"
+        self.events.append(event)
+        self.gap_streak = 0
+        if rule == "drop":
+            seen = (f"PGD accuracy on the guard batch fell to {accuracy:.3f} from "
+                    f"{self.best_accuracy:.3f} (epoch {self.best_epoch + 1})")
+        else:
+            seen = (f"on the guard batch the one-step attack leaves {one_step:.3f} but PGD "
+                    f"{accuracy:.3f}, a gap above {self.gap:g} for {self.gap_epochs} epochs "
+                    "in a row: the model resists the adversary it trains against, not PGD")
+        kept = (f"The weights of epoch {self.best_epoch + 1} (PGD accuracy "
+                f"{self.best_accuracy:.3f}) are restored" if restore
+                else "No earlier epoch was better; the weights are kept")
+        message = f"Catastrophic overfitting at epoch {epoch + 1}: {seen}. {kept} and {then}."
+        print(f"\n*** {message} ***\n")
+        warnings.warn(message, CatastrophicOverfittingWarning, stacklevel=3)
