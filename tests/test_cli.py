@@ -357,9 +357,10 @@ def test_documented_command_lines_parse():
     sweep = build(SweepConfig, parse(
         "facenet sweep --out o --methods pgd,free --ensemble 3 --ensemble-drop 0.02".split()))
     assert (sweep.methods, sweep.ensemble, sweep.ensemble_drop) == (("pgd", "free"), 3, 0.02)
-    for bad in ("--methods fgsm", "--ensemble 1", "--ensemble -2"):
+    for bad in (["--methods", "fgsm"], ["--ensemble", "1"], ["--ensemble", "-2"], ["--lr", ""],
+                ["--methods", ""]):
         with pytest.raises((ValueError, SystemExit)):
-            build(SweepConfig, parse(f"facenet sweep --out o {bad}".split()))
+            build(SweepConfig, parse(["facenet", "sweep", "--out", "o", *bad]))
     gen_args = parse(
         "facenet generate --model m --faces f --out o --attacks pgd cleverhans_fgsm --eps 2 4 "
         "--modes dodging --limit 3 --steps 2 --detector none --no-progress --no-random-start "

@@ -85,6 +85,48 @@ def test_sweep_ensemble_of_the_best_points(fake, tmp_path):
                                mean / np.linalg.norm(mean, axis=1, keepdims=True), atol=1e-5)
 
 
+def test_sweep_refusals_come_before_any_training(fake, tmp_path):
+    calls, _ = fake
+    with pytest.raises(ValueError, match="at most the grid's 2 points"):
+        S.sweep(tmp_path / "sw", eps_list=[2.0, 4.0], steps_list=[1], ensemble=3,
+                progress=False)
+    with pytest.raises(ValueError, match="empty list"):
+        S.sweep(tmp_path / "sw", eps_list=[], progress=False)
+    assert calls == [] and not (tmp_path / "sw").exists()
+
+
+def test_a_folder_holds_one_sweep_and_the_ensemble_picks_from_this_grid(fake, tmp_path):
+    calls, outcome = fake
+    outcome.update({"eps2_steps1_lr0.0001": metrics(0.9, 0.1),
+                    "free_eps4_steps1_lr0.0001": metrics(0.9, 0.5),
+                    "free_eps6_steps1_lr0.0001": metrics(0.9, 0.6)})
+    S.sweep(tmp_path / "sw", eps_list=[2.0], steps_list=[1], progress=False)
+    table = S.sweep(tmp_path / "sw", eps_list=[4.0, 6.0], steps_list=[1], methods=("free",),
+                    ensemble=2, progress=False)
+    # The earlier PGD point (dodging 0.1) is not this grid's: not in the table or ensemble.
+    assert "| pgd |" not in table
+    assert json.loads((tmp_path / "sw" / "ensemble.json").read_text())["members"] == [
+        "free_eps4_steps1_lr0.0001", "free_eps6_steps1_lr0.0001"]
+    # Other shared settings in the same folder are refused, naming them.
+    with pytest.raises(ValueError, match="epochs: 3 -> 7"):
+        S.sweep(tmp_path / "sw", eps_list=[4.0], steps_list=[1], methods=("free",), epochs=7,
+                progress=False)
+    assert len(calls) == 3
+    # A member's folder deleted: what to do.
+    import shutil
+
+    shutil.rmtree(tmp_path / "sw" / "free_eps6_steps1_lr0.0001")
+    with pytest.raises(FileNotFoundError, match="Remove their rows"):
+        S.sweep(tmp_path / "sw", eps_list=[4.0, 6.0], steps_list=[1], methods=("free",),
+                ensemble=2, progress=False)
+
+
+def test_nearly_equal_budgets_are_one_point(fake, tmp_path):
+    calls, _ = fake
+    S.sweep(tmp_path / "sw", eps_list=[2.0, 2.0000001], steps_list=[1], progress=False)
+    assert len(calls) == 1
+
+
 def test_ensemble_members_says_what_was_left_out():
     rows = {"a": {"pretrained_verification": 0.9, "finetuned_verification": 0.80,
                   "finetuned_dodging": 0.1},

@@ -152,7 +152,8 @@ def test_a_one_epoch_gap_is_not_a_collapse_and_the_streak_survives_a_resume(tmp_
     model, guard, _ = scripted_guard(tmp_path, [True, False, False], [False] * 3)
     hist = model.fit(X, Y, batch_size=16, epochs=3, verbose=0, callbacks=[guard]).history
     assert hist["catastrophic_overfitting"] == [0.0, 0.0, 0.0] and guard.events == []
-    # A gap in the last epoch of a killed run counts with the first epoch of its resumption.
+    # The gaps of a killed run's last epochs count with the first epoch of its resumption
+    # (which continues at the next epoch, as BackupAndRestore resumes it).
     model, guard, _ = scripted_guard(tmp_path / "b", [True], [False], gap_epochs=3,
                                      on_overfit="reduce_step")
     model.fit(X, Y, batch_size=16, epochs=2, verbose=0, callbacks=[guard])
@@ -160,7 +161,8 @@ def test_a_one_epoch_gap_is_not_a_collapse_and_the_streak_survives_a_resume(tmp_
     again, fresh, _ = scripted_guard(tmp_path / "b", [True], [False], gap_epochs=3,
                                      on_overfit="reduce_step")
     with pytest.warns(CatastrophicOverfittingWarning, match="for 3 epochs in a row"):
-        hist = again.fit(X, Y, batch_size=16, epochs=1, verbose=0, callbacks=[fresh]).history
+        hist = again.fit(X, Y, batch_size=16, epochs=3, initial_epoch=2, verbose=0,
+                         callbacks=[fresh]).history
     assert hist["catastrophic_overfitting"] == [1.0] and fresh.gap_streak == 0
     assert float(again.step_scale.numpy()) == 0.5
 
@@ -175,10 +177,46 @@ def test_no_one_step_attack_no_gap_rule(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(threshold=0.0), "threshold"), (dict(on_overfit="restart"), "on_overfit"),
     (dict(step_factor=1.0), "step_factor"), (dict(gap=0.0), "gap"),
-    (dict(gap=1.5), "gap"), (dict(gap_epochs=0), "gap_epochs")])
+    (dict(gap=1.5), "gap"), (dict(gap_epochs=0), "gap_epochs"), (dict(gap="abc"), "gap"),
+    (dict(gap=None), "gap"), (dict(gap=float("nan")), "gap"), (dict(gap_epochs=1.9), "gap_epochs"),
+    (dict(gap_epochs=True), "gap_epochs"), (dict(gap_epochs=float("inf")), "gap_epochs"),
+    (dict(batch_size=0), "batch_size"), (dict(batch_size=-5), "batch_size")])
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CatastrophicOverfittingGuard(X, Y, GUARD_ATTACK, **kwargs)
+
+
+def test_float_labels_and_a_plain_keras_model_are_refused():
+    with pytest.raises(ValueError, match="integer class labels"):
+        CatastrophicOverfittingGuard(X, Y * 0.7, GUARD_ATTACK)
+    plain = keras.Sequential([keras.Input((16,)), keras.layers.Dense(2)])
+    plain.compile("sgd", "sparse_categorical_crossentropy")
+    guard = CatastrophicOverfittingGuard(X, Y, GUARD_ATTACK)
+    with pytest.raises(ValueError, match="watches a tfadv trainer"):
+        plain.fit(X, Y, epochs=1, verbose=0, callbacks=[guard])
+
+
+def test_an_epoch_trained_again_after_a_kill_is_not_counted_twice(tmp_path):
+    """The guard saves its state before the backup: a kill in between trains the epoch again,
+    and its gap (and any event) replaces the first record instead of adding to it."""
+    model, guard, _ = scripted_guard(tmp_path, [True], [False], gap_epochs=3)
+    guard.set_model(model)
+    guard.on_train_begin()
+    logs = {}
+    guard.on_epoch_end(0, logs)
+    guard.on_epoch_end(1, logs)
+    assert guard.gap_streak == 2
+    guard.on_epoch_end(1, logs)  # epoch 1 again
+    assert guard.gap_streak == 2 and guard.events == []
+    state = json.loads((tmp_path / "guard" / "guard.json").read_text())
+    assert state["gaps"] == {"0": True, "1": True}
+    with pytest.warns(CatastrophicOverfittingWarning):
+        guard.on_epoch_end(2, logs)
+    with pytest.warns(CatastrophicOverfittingWarning):
+        guard.on_epoch_end(2, logs)  # the stop epoch again: one event, not two
+    assert [e["epoch"] for e in guard.events] == [2]
+    assert CatastrophicOverfittingGuard.stopped_after(tmp_path / "guard") == 3
+    assert CatastrophicOverfittingGuard.stopped_after(tmp_path / "nothing") is None
 
 
 def test_mismatched_batch():
@@ -256,14 +294,28 @@ def test_overfitting_from_the_start_is_caught_by_the_gap(tmp_path):
     from tfadv.config.mnist import MnistTrainConfig
     from tfadv.recipes.mnist import train_mnist
 
+    import tfadv.recipes.mnist as recipe
+
     cfg = MnistTrainConfig(out=str(tmp_path / "run"), method="fgsm_rs", epochs=6, seed=0,
                            verbose=0, val_limit=200, eval_steps=5)
-    with pytest.warns(CatastrophicOverfittingWarning, match="one-step attack leaves"):
-        train_mnist(cfg)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # a kill in the final evaluation
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recipe, "evaluate_robustness", killed)
+        with pytest.warns(CatastrophicOverfittingWarning, match="one-step attack leaves"):
+            with pytest.raises(KeyboardInterrupt):
+                train_mnist(cfg)
+    assert (tmp_path / "run" / "backup").is_dir()
+    # The same command again: straight to the final evaluation, nothing more trained.
+    train_mnist(cfg)
+    assert (tmp_path / "run" / "metrics.json").is_file()
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     pgd, fgsm = history["guard_robust_accuracy"], history["guard_one_step_accuracy"]
     stopped = len(pgd)
     assert stopped <= 4 and history["catastrophic_overfitting"][-1] == 1.0
+    assert history["epoch"] == list(range(stopped))
     assert all(f - p > 0.4 for f, p in zip(fgsm[-2:], pgd[-2:]))
     assert max(pgd) < 0.5
     guard = json.loads((tmp_path / "run" / "guard" / "guard.json").read_text())

@@ -177,8 +177,9 @@ class SweepConfig:
     steps: tuple = setting((1, 3), type=comma_list(_pos), help="training PGD steps")
     lr: tuple = setting((1e-4,), type=comma_list(_nonneg), help="learning rates")
     methods: tuple = setting(("pgd",), choices=("pgd", *FAST_METHODS),
-                             help="training methods (free: --steps are its replays; fgsm_rs and "
-                                  "n_fgsm take one step whatever --steps says)")
+                             help="training methods, comma-separated (free: --steps are its "
+                                  "replays; fgsm_rs and n_fgsm take one step whatever --steps "
+                                  "says)")
     epochs: int = setting(3, type=_pos, help="epochs per grid point")
     ensemble: int = setting(0, help="also combine the N grid points with the lowest dodging "
                                     "success whose verification accuracy stays within "
@@ -190,8 +191,12 @@ class SweepConfig:
     def __post_init__(self):
         for e in self.eps:
             check_pixel_budget(e, name="eps")
+        empty = [n for n in ("eps", "steps", "lr", "methods") if not getattr(self, n)]
+        if empty:
+            raise ValueError(f"Expected at least one value of {', '.join(empty)}. Received an "
+                             "empty list.")
         bad = [m for m in self.methods if m not in ("pgd", *FAST_METHODS)]
-        if bad or not self.methods:
+        if bad:
             raise ValueError(f"Expected methods from pgd, {', '.join(FAST_METHODS)}. "
                              f"Received: {self.methods}")
         if self.ensemble < 0 or self.ensemble == 1:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 from tfadv import argtypes
 from tfadv.config.core import FAST_METHODS, METHODS, NOISE_METHODS, check_unit_budget
@@ -136,7 +137,21 @@ class MnistTrainConfig:
         if self.eps < 0 or self.step_size < 0:
             raise ValueError(f"Expected eps, step_size >= 0. Received: {self.eps}, {self.step_size}")
         if not 0.0 < self.guard_gap <= 1.0:
-            raise ValueError(f"Expected 0 < guard_gap <= 1. Received: {self.guard_gap}")
+            raise ValueError(f"Expected 0 < guard_gap <= 1 (1: the gap rule never fires). "
+                             f"Received: {self.guard_gap}")
+        if self.guard == "reduce_step" and self.method not in FAST_METHODS:
+            raise ValueError(f"guard reduce_step shrinks the step of the fast methods "
+                             f"({', '.join(FAST_METHODS)}); method {self.method}'s attack is not "
+                             f"changed by it. Use guard stop.")
+        if self.guard_action is None:
+            changed = [f.name for f in dataclasses.fields(self)
+                       if f.name.startswith("guard_") and getattr(self, f.name) != f.default]
+            if changed:
+                verb = "has" if len(changed) == 1 else "have"
+                warnings.warn(f"{', '.join(changed)} {verb} no effect: the guard is off for "
+                              f"method {self.method} with guard {self.guard} (auto watches the "
+                              "fast methods only; guard stop turns it on).", UserWarning,
+                              stacklevel=3)
         if not 0.0 < self.guard_threshold <= 1.0:
             raise ValueError(f"Expected 0 < guard_threshold <= 1. "
                              f"Received: {self.guard_threshold}")

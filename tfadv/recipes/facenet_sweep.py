@@ -4,10 +4,12 @@ adversarial training parameters and combine their predictions"). Eps in pixels (
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
 
+from tfadv import runs
 from tfadv.config.core import FAST_METHODS
 from tfadv.config.faces import FaceEvalConfig, FaceFinetuneConfig
 from tfadv.files import atomic_path, output_dir, write_json, write_text
@@ -38,17 +40,33 @@ def sweep(out, *, preset="facenet-mscele1m-128", faces=None, eps_list=(2.0, 4.0)
             combined). Judge it with `tfadv facenet evaluate --model`.
 
     Raises:
-        ValueError: an unknown method; fewer than `ensemble` points qualify.
+        ValueError: an unknown method, an empty grid, `ensemble` above the
+            grid's points or above those that qualify, or a folder holding a
+            sweep with other shared settings (preset, faces, epochs, holdout,
+            seed, evaluation).
+        FileNotFoundError: a chosen member's embedder.keras is gone.
     """
     out = Path(out)
+    grid = _grid(methods, eps_list, steps_list, lr_list)
+    if not grid:
+        raise ValueError("Expected at least one method, eps, steps and learning rate in the "
+                         "grid. Received an empty list.")
+    if ensemble and ensemble > len(grid):
+        raise ValueError(f"Expected --ensemble at most the grid's {len(grid)} points. "
+                         f"Received: {ensemble}. Lower --ensemble or add points to the grid.")
     output_dir(out)
     evaluation = evaluation or FaceEvalConfig(attacks=("pgd",), curve_eps=(4.0,),
                                               min_eps_search=3)
+    # The settings every point shares: a folder holds one sweep, so its points (finished or
+    # not) are never mixed with points trained otherwise.
+    runs.claim(out, {"preset": preset, "faces": None if faces is None else str(faces),
+                     "epochs": epochs, "holdout": holdout, "seed": seed,
+                     "evaluation": dataclasses.asdict(evaluation)},
+               finished=None, backup="sweep.json")
     splits = facenet.load_splits(faces, holdout=holdout, seed=seed, progress=progress)
     state_path = out / "sweep.json"
     rows = json.loads(state_path.read_text()) if state_path.exists() else {}
-    for method, eps, steps, lr in _grid(methods, eps_list, steps_list, lr_list):
-        key = sweep_key(method, eps, steps, lr)
+    for key, (method, eps, steps, lr) in grid.items():
         if key in rows:
             continue
         cfg = FaceFinetuneConfig(out=str(out / key), preset=preset, faces=faces,
@@ -64,26 +82,27 @@ def sweep(out, *, preset="facenet-mscele1m-128", faces=None, eps_list=(2.0, 4.0)
             m = facenet.finetune(cfg, progress=progress, splits=splits)
         rows[key] = sweep_row(eps, steps, lr, m, method=method)
         write_json(state_path, rows)
-    table = sweep_table(rows)
+    # This grid's points (the folder may hold more from an earlier, wider grid).
+    current = {key: rows[key] for key in grid}
+    table = sweep_table(current)
     write_text(out / "sweep.md", table + "\n")
     if ensemble:
-        members = ensemble_members(rows, ensemble, max_drop=ensemble_drop)
+        members = ensemble_members(current, ensemble, max_drop=ensemble_drop)
         _write_ensemble(out, members)
         table += (f"\n\nensemble.keras: mean embedding of {', '.join(members)}")
     return table
 
 
-def _grid(methods, eps_list, steps_list, lr_list):
-    """(method, eps, steps, lr) points, one per distinct fine-tuning."""
-    seen = []
+def _grid(methods, eps_list, steps_list, lr_list) -> dict:
+    """{key: (method, eps, steps, lr)}, one per distinct fine-tuning (and folder)."""
+    grid = {}
     for method, eps, steps, lr in itertools.product(methods, eps_list, steps_list, lr_list):
         if method not in ("pgd", *FAST_METHODS):
             raise ValueError(f"Expected methods from pgd, {', '.join(FAST_METHODS)}. "
                              f"Received: {method!r}")
         point = (method, eps, 1 if method in ("fgsm_rs", "n_fgsm") else steps, lr)
-        if point not in seen:
-            seen.append(point)
-    return seen
+        grid.setdefault(sweep_key(*point), point)
+    return grid
 
 
 def sweep_key(method, eps, steps, lr) -> str:
@@ -120,8 +139,14 @@ def ensemble_members(rows, count, *, max_drop=0.05) -> list[str]:
 def _write_ensemble(out, members):
     from tfadv.models.ensemble import ensemble as combine
 
-    model = combine([facenet.load_embedder(out / key / "embedder.keras") for key in members],
-                    combine="mean_embedding", name="sweep_ensemble")
+    paths = [out / key / "embedder.keras" for key in members]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"The ensemble's members {', '.join(missing)} are gone. Remove their rows from "
+            f"{out / 'sweep.json'} and run the sweep again to train them again.")
+    model = combine([facenet.load_embedder(p) for p in paths], combine="mean_embedding",
+                    name="sweep_ensemble")
     with atomic_path(str(out / "ensemble.keras")) as tmp:
         model.save(tmp)
     write_json(out / "ensemble.json", {"combine": "mean_embedding", "members": members})

@@ -194,8 +194,17 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
         history_cb = JSONHistory(os.path.join(cfg.out, "history.json")) if chief else None
         if history_cb:
             callbacks.append(history_cb)
+        epochs = cfg.epochs
+        stopped = (CatastrophicOverfittingGuard.stopped_after(os.path.join(cfg.out, "guard"))
+                   if guard is not None else None)
+        if stopped is not None and stopped < epochs:
+            # The guard stopped this run and it was killed before its final evaluation:
+            # the backup's weights are the ones the guard restored; nothing more is trained.
+            print(f"The catastrophic-overfitting guard stopped this run after epoch {stopped}; "
+                  "resuming at its final evaluation.")
+            epochs = stopped
         t0 = time.perf_counter()
-        model.fit(train_ds, validation_data=test_ds, epochs=cfg.epochs, callbacks=callbacks,
+        model.fit(train_ds, validation_data=test_ds, epochs=epochs, callbacks=callbacks,
                   shuffle=False,  # the pipeline shuffles
                   verbose=cfg.verbose)
         train_seconds = time.perf_counter() - t0

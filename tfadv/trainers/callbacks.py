@@ -182,6 +182,15 @@ class CatastrophicOverfittingWarning(UserWarning):
 GUARD_ACTIONS = ("stop", "reduce_step")
 
 
+def _real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, bool) and bool(np.isfinite(value))
+
+
+def _integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 class CatastrophicOverfittingGuard(keras.callbacks.Callback):
     """Detects catastrophic overfitting of fast adversarial training, and undoes it.
 
@@ -246,21 +255,30 @@ class CatastrophicOverfittingGuard(keras.callbacks.Callback):
         super().__init__()
         if not 0.0 < float(threshold) <= 1.0:
             raise ValueError(f"Expected 0 < threshold <= 1. Received: threshold={threshold}")
-        if not 0.0 < float(gap) <= 1.0 or int(gap_epochs) < 1:
-            raise ValueError(f"Expected 0 < gap <= 1 and gap_epochs >= 1. Received: gap={gap}, "
-                             f"gap_epochs={gap_epochs}")
+        if not (_real(gap) and 0.0 < float(gap) <= 1.0) or not (
+                _integer(gap_epochs) and gap_epochs >= 1):
+            raise ValueError(f"Expected a gap in (0, 1] and an integer gap_epochs >= 1. "
+                             f"Received: gap={gap!r}, gap_epochs={gap_epochs!r}")
+        if not (_integer(batch_size) and batch_size >= 1):
+            raise ValueError(f"Expected an integer batch_size >= 1. Received: {batch_size!r}")
         if on_overfit not in GUARD_ACTIONS:
             raise ValueError(f"Expected on_overfit in {GUARD_ACTIONS}. Received: {on_overfit!r}")
         if not 0.0 < float(step_factor) < 1.0:
             raise ValueError(f"Expected 0 < step_factor < 1. Received: step_factor={step_factor}")
         self.x = np.asarray(x, np.float32)
-        self.y = np.asarray(y).astype(np.int64).reshape(-1)
+        y = np.asarray(y)
+        if y.size and not np.array_equal(y, np.round(y)):
+            raise ValueError("Expected integer class labels y (not one-hot, not probabilities).")
+        self.y = y.astype(np.int64).reshape(-1)
         if len(self.x) != len(self.y) or len(self.x) == 0:
             raise ValueError(f"Expected x and y of one non-zero length. Received: "
                              f"{len(self.x)} and {len(self.y)}")
         self.attack = attack
         self.one_step = one_step
-        self.gap, self.gap_epochs, self.gap_streak = float(gap), int(gap_epochs), 0
+        self.gap, self.gap_epochs = float(gap), int(gap_epochs)
+        # Per epoch: did the gap exceed `gap`? Kept by epoch, so that an epoch trained again
+        # after a kill (its state saved, its backup not) is not counted twice.
+        self.gaps: dict[int, bool] = {}
         self.threshold = float(threshold)
         self.on_overfit = on_overfit
         self.step_factor = float(step_factor)
@@ -289,10 +307,41 @@ class CatastrophicOverfittingGuard(keras.callbacks.Callback):
         files.write_json(meta, {"best_accuracy": self.best_accuracy,
                                 "best_epoch": self.best_epoch,
                                 "step_scale": float(self.model.step_scale.numpy()),
-                                "gap_streak": self.gap_streak,
+                                "gaps": {str(k): v for k, v in sorted(self.gaps.items())},
                                 "events": self.events})
 
+    @property
+    def gap_streak(self) -> int:
+        """Epochs in a row, up to the last one measured and since the last event, whose gap
+        exceeded `gap`."""
+        since = max((e["epoch"] for e in self.events), default=-1)
+        streak, epoch = 0, max(self.gaps, default=-1)
+        while epoch > since and self.gaps.get(epoch):
+            streak, epoch = streak + 1, epoch - 1
+        return streak
+
+    @staticmethod
+    def stopped_after(state_dir) -> int | None:
+        """Epochs a run had trained when its guard stopped it (from `state_dir`), or None.
+
+        A stopped run killed before its final evaluation is resumed for this many epochs
+        (`fit(epochs=...)`): its backup holds the restored weights and nothing more is
+        trained.
+        """
+        path = os.path.join(os.fspath(state_dir), "guard.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            events = json.load(f).get("events") or []
+        stops = [e["epoch"] for e in events if e.get("action") == "stop"]
+        return max(stops) + 1 if stops else None
+
     def on_train_begin(self, logs=None):
+        if not (hasattr(self.model, "network") and hasattr(self.model, "step_scale")):
+            raise ValueError(
+                f"CatastrophicOverfittingGuard watches a tfadv trainer (AdversarialModel, "
+                f"EmbeddingAdversarialModel): its network and step_scale. Received a "
+                f"{type(self.model).__name__}; wrap the model in a trainer first.")
         network = self.model.network
         self._predict = {}
         if self.state_dir is None:
@@ -305,7 +354,7 @@ class CatastrophicOverfittingGuard(keras.callbacks.Callback):
         self.best_accuracy = float(state["best_accuracy"])
         self.best_epoch = state["best_epoch"]
         self.events = list(state["events"])
-        self.gap_streak = int(state.get("gap_streak", 0))
+        self.gaps = {int(k): bool(v) for k, v in (state.get("gaps") or {}).items()}
         self.model.step_scale.assign(float(state["step_scale"]))
         current = network.get_weights()
         network.load_weights(weights)
@@ -342,8 +391,11 @@ class CatastrophicOverfittingGuard(keras.callbacks.Callback):
         network = self.model.network
         dropped = (self.best_weights is not None
                    and accuracy < self.best_accuracy - self.threshold)
+        # A redone epoch (the run was killed after the guard saved it) replaces its record.
+        self.events = [e for e in self.events if e["epoch"] < epoch]
+        self.gaps = {k: v for k, v in self.gaps.items() if k < epoch}
         if one_step is not None:
-            self.gap_streak = self.gap_streak + 1 if one_step - accuracy > self.gap else 0
+            self.gaps[int(epoch)] = one_step - accuracy > self.gap
         masked = self.gap_streak >= self.gap_epochs
         detected = dropped or masked
         if logs is not None:
@@ -384,14 +436,15 @@ class CatastrophicOverfittingGuard(keras.callbacks.Callback):
             event["step_scale"] = scale
             then = f"training continues with the step times {scale:g}"
         self.events.append(event)
-        self.gap_streak = 0
         if rule == "drop":
             seen = (f"PGD accuracy on the guard batch fell to {accuracy:.3f} from "
                     f"{self.best_accuracy:.3f} (epoch {self.best_epoch + 1})")
         else:
             seen = (f"on the guard batch the one-step attack leaves {one_step:.3f} but PGD "
-                    f"{accuracy:.3f}, a gap above {self.gap:g} for {self.gap_epochs} epochs "
-                    "in a row: the model resists the adversary it trains against, not PGD")
+                    f"{accuracy:.3f}, a gap above {self.gap:g} "
+                    + (f"for {self.gap_epochs} epochs in a row" if self.gap_epochs > 1
+                       else "this epoch")
+                    + ": the model resists the adversary it trains against, not PGD")
         kept = (f"The weights of epoch {self.best_epoch + 1} (PGD accuracy "
                 f"{self.best_accuracy:.3f}) are restored" if restore
                 else "No earlier epoch was better; the weights are kept")
