@@ -323,8 +323,10 @@ def report(summary, target):
             + ("  [stopped by the guard]" if s["guard_stopped"] else ""))
     pgd = (summary.get("pgd") or {}).get("reached")
     art = (summary.get("art") or {}).get("reached")
+    # PGD-10 is the yardstick, not a candidate.
     fast = [(s["reached"]["cpu_s"], n) for n, s in summary.items()
-            if n in TFADV_METHODS and s["reached"] and s["reached"]["clean"] >= CLEAN_TARGET]
+            if n in TFADV_METHODS and n != "pgd" and s["reached"]
+            and s["reached"]["clean"] >= CLEAN_TARGET]
     if fast:
         cpu, name = min(fast)
         if pgd:
@@ -334,7 +336,8 @@ def report(summary, target):
             log(f"fastest tfadv method ({name}) / ART PGD-10, CPU: {cpu / art['cpu_s']:.3f} "
                 f"(target <= 0.1)")
     else:
-        log(f"no tfadv method reached {target:.2f} at clean accuracy >= {CLEAN_TARGET}")
+        log(f"no tfadv method but PGD-10 reached {target:.2f} at clean accuracy >= "
+            f"{CLEAN_TARGET}: the speed target is missed")
 
 
 def main(argv=None):
