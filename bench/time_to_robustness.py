@@ -28,7 +28,8 @@ Every finished epoch is kept in `--state DIR/METHOD/` (the training backup and
 `epochs.json`); a killed run resumes at the epoch it was in, and a method
 whose epochs are all done is not trained again: a finished method's
 `epochs.json` and `run.json` alone (without the backup) carry it to another
-machine (copy them into `--state DIR/METHOD/`).
+machine (copy them into `--state DIR/METHOD/`); the finished methods' records
+behind the README's table are in bench/results/time_to_robustness/.
 
     python bench/time_to_robustness.py --state runs/bench-ttr --json runs/bench-ttr/summary.json
 """
