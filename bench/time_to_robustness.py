@@ -303,7 +303,8 @@ def summarize(rows, target):
             "final": None if final is None else {
                 "epoch": final["epoch"] + 1, "clean": final["clean"],
                 "art_pgd40": final["art_pgd40"], "worst": final["worst"],
-                "autoattack_run": final.get("autoattack") is not None},
+                "autoattack_run": final.get("autoattack") is not None,
+                "stopped_after": final.get("stopped_after")},
             "train_wall_s": wall, "train_cpu_s": cpu,
             "guard_stopped": any(r.get("catastrophic_overfitting") for r in rows)}
 
@@ -318,8 +319,12 @@ def report(summary, target):
         reach = (f"{r['epoch']:5d} {r['wall_s']:8.0f} {r['cpu_s']:8.0f} {r['clean']:6.3f}"
                  if r else f"{'never':>5s} {'-':>8s} {'-':>8s} {'-':>6s}")
         robust = f.get("worst")
-        robust = "-" if robust is None else (
-            f"{robust:.3f}" + ("" if f.get("autoattack_run") else " (PGD)"))
+        if robust is not None and f.get("stopped_after"):
+            robust = f"<= {robust:.3f} (AA)"  # the cascade stopped below the target
+        elif robust is not None:
+            robust = f"{robust:.3f}" + ("" if f.get("autoattack_run") else " (PGD)")
+        else:
+            robust = "-"
         log(f"{name:8s} {reach} {f.get('clean', float('nan')):11.3f} {robust:>12s}"
             + ("  [stopped by the guard]" if s["guard_stopped"] else ""))
     pgd = (summary.get("pgd") or {}).get("reached")
