@@ -20,6 +20,8 @@ GENERATE_ATTACKS = ("fgsm", "pgd", "apgd", "cw", "cleverhans_fgsm", "cleverhans_
 DEFAULT_GENERATE_ATTACKS = ("fgsm", "pgd", "cw", "cleverhans_fgsm", "cleverhans_pgd")
 IMAGE_FORMATS = ("raw", "png")
 DEFAULT_PRESET = "facenet-mscele1m-128"
+# The training methods of the face recipes: PGD and the fast ones.
+FACE_METHODS = ("pgd", *FAST_METHODS)
 
 _pos = argtypes.positive_int
 _nonneg = argtypes.nonneg_float
@@ -107,7 +109,7 @@ class FaceFinetuneConfig:
     train_steps: int = setting(10, help="PGD steps of the training attack")
     train_step_size: float | None = setting(None, type=_nonneg,
                                             help="its step (default 2.5 * train_eps / train_steps)")
-    method: str = setting("pgd", choices=("pgd", *FAST_METHODS),
+    method: str = setting("pgd", choices=FACE_METHODS,
                           help="training adversaries: PGD (--train-steps), or the fast fgsm_rs, "
                                "n_fgsm, free (one gradient pass; --train-eps is their budget)")
     fast_step: float | None = setting(None, type=_nonneg,
@@ -152,7 +154,7 @@ class FaceFinetuneConfig:
             raise ValueError(f"Expected holdout >= 0. Received: {self.holdout}")
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError("Expected epochs >= 0 and batch_size >= 1.")
-        if self.method not in ("pgd", *FAST_METHODS):
+        if self.method not in FACE_METHODS:
             raise ValueError(f"Expected method pgd, fgsm_rs, n_fgsm or free. "
                              f"Received: {self.method!r}")
         if self.method in FAST_METHODS and not self.train_eps > 0:
@@ -176,7 +178,7 @@ class SweepConfig:
     eps: tuple = setting((2.0, 4.0), type=comma_list(_nonneg), help="training budgets (pixels)")
     steps: tuple = setting((1, 3), type=comma_list(_pos), help="training PGD steps")
     lr: tuple = setting((1e-4,), type=comma_list(_nonneg), help="learning rates")
-    methods: tuple = setting(("pgd",), choices=("pgd", *FAST_METHODS),
+    methods: tuple = setting(("pgd",), choices=FACE_METHODS,
                              help="training methods, comma-separated (free: --steps are its "
                                   "replays; fgsm_rs and n_fgsm take one step whatever --steps "
                                   "says)")
@@ -195,9 +197,9 @@ class SweepConfig:
         if empty:
             raise ValueError(f"Expected at least one value of {', '.join(empty)}. Received an "
                              "empty list.")
-        bad = [m for m in self.methods if m not in ("pgd", *FAST_METHODS)]
+        bad = [m for m in self.methods if m not in FACE_METHODS]
         if bad:
-            raise ValueError(f"Expected methods from pgd, {', '.join(FAST_METHODS)}. "
+            raise ValueError(f"Expected methods from {', '.join(FACE_METHODS)}. "
                              f"Received: {self.methods}")
         if self.ensemble < 0 or self.ensemble == 1:
             raise ValueError(f"Expected ensemble 0 (none) or at least 2 members. "

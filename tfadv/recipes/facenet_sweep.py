@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 
 from tfadv import runs
-from tfadv.config.core import FAST_METHODS
-from tfadv.config.faces import FaceEvalConfig, FaceFinetuneConfig
+from tfadv.config.faces import FACE_METHODS, FaceEvalConfig, FaceFinetuneConfig
 from tfadv.files import atomic_path, output_dir, write_json, write_text
 from tfadv.recipes import facenet
 from tfadv.reports.facenet import sweep_row, sweep_table
+from tfadv.trainers.fast import ONE_STEP_METHODS
 
 
 def sweep(out, *, preset="facenet-mscele1m-128", faces=None, eps_list=(2.0, 4.0),
@@ -31,7 +31,7 @@ def sweep(out, *, preset="facenet-mscele1m-128", faces=None, eps_list=(2.0, 4.0)
     Args:
         out: the sweep's folder.
         eps_list: training budgets, Linf pixels (0-255).
-        methods: from "pgd" and `FAST_METHODS`.
+        methods: from `FACE_METHODS` ("pgd" and the fast methods).
         ensemble: when >= 2, also write `out/ensemble.keras`, the mean embedding
             (`tfadv.models.ensemble`) of the `ensemble` points with the lowest
             fine-tuned PGD dodging success among those whose verification
@@ -95,12 +95,12 @@ def sweep(out, *, preset="facenet-mscele1m-128", faces=None, eps_list=(2.0, 4.0)
 
 def _grid(methods, eps_list, steps_list, lr_list) -> dict:
     """{key: (method, eps, steps, lr)}, one per distinct fine-tuning (and folder)."""
+    bad = [m for m in methods if m not in FACE_METHODS]
+    if bad:
+        raise ValueError(f"Expected methods from {', '.join(FACE_METHODS)}. Received: {bad}")
     grid = {}
     for method, eps, steps, lr in itertools.product(methods, eps_list, steps_list, lr_list):
-        if method not in ("pgd", *FAST_METHODS):
-            raise ValueError(f"Expected methods from pgd, {', '.join(FAST_METHODS)}. "
-                             f"Received: {method!r}")
-        point = (method, eps, 1 if method in ("fgsm_rs", "n_fgsm") else steps, lr)
+        point = (method, eps, 1 if method in ONE_STEP_METHODS else steps, lr)
         grid.setdefault(sweep_key(*point), point)
     return grid
 

@@ -105,6 +105,11 @@ def build_training_model(cfg: MnistTrainConfig, steps_per_epoch=None) -> Adversa
     return model
 
 
+def _guard_dir(cfg: MnistTrainConfig) -> str:
+    """Where the chief keeps the guard's state (read back by a resumed run)."""
+    return os.path.join(cfg.out, "guard")
+
+
 def _guard(cfg: MnistTrainConfig, x_tr, y_tr, chief):
     """The catastrophic-overfitting guard of `cfg.guard_action`, or None.
 
@@ -116,7 +121,7 @@ def _guard(cfg: MnistTrainConfig, x_tr, y_tr, chief):
     after a finished one) starts the guard afresh: another run's best weights
     must not be restored into it.
     """
-    state = os.path.join(cfg.out, "guard")
+    state = _guard_dir(cfg)
     if chief and not os.path.isdir(os.path.join(cfg.out, "backup")):
         shutil.rmtree(state, ignore_errors=True)
     if cfg.guard_action is None:
@@ -195,7 +200,7 @@ def train_mnist(cfg: MnistTrainConfig, strategy=None) -> dict:
         if history_cb:
             callbacks.append(history_cb)
         epochs = cfg.epochs
-        stopped = (CatastrophicOverfittingGuard.stopped_after(os.path.join(cfg.out, "guard"))
+        stopped = (CatastrophicOverfittingGuard.stopped_after(_guard_dir(cfg))
                    if guard is not None else None)
         if stopped is not None and stopped < epochs:
             # The guard stopped this run and it was killed before its final evaluation:

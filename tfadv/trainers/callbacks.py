@@ -292,8 +292,10 @@ class CatastrophicOverfittingGuard(keras.callbacks.Callback):
         self._predict = {}
 
     # -- state -----------------------------------------------------------------
+    STATE_FILE = "guard.json"
+
     def _paths(self):
-        return (os.path.join(self.state_dir, "guard.json"),
+        return (os.path.join(self.state_dir, self.STATE_FILE),
                 os.path.join(self.state_dir, "best.weights.h5"))
 
     def _save_state(self, weights_changed):
@@ -328,7 +330,7 @@ class CatastrophicOverfittingGuard(keras.callbacks.Callback):
         (`fit(epochs=...)`): its backup holds the restored weights and nothing more is
         trained.
         """
-        path = os.path.join(os.fspath(state_dir), "guard.json")
+        path = os.path.join(os.fspath(state_dir), CatastrophicOverfittingGuard.STATE_FILE)
         if not os.path.exists(path):
             return None
         with open(path) as f:
